@@ -1,0 +1,55 @@
+"""Engine counters published through the Python backend's custom metrics API (Triton's metrics port)."""
+
+from __future__ import annotations
+
+import triton_python_backend_utils as pb_utils
+
+
+class TritonEngineMetrics:
+    """Implements `EngineObserver`; names follow Prometheus conventions, labelled by Triton model name."""
+
+    def __init__(self, model_name: str):
+        self._labels = {"model": model_name}
+        # Triton invalidates a Metric once its MetricFamily is garbage-collected: keep the families.
+        self._families: list = []
+        self._finished_family = self._family(
+            "multilora_llm_requests_finished_total",
+            "Finished generation requests by finish reason (stop, length, abort)",
+            pb_utils.MetricFamily.COUNTER,
+        )
+        self._finished: dict[str, object] = {}
+        self._prompt_tokens = self._metric(
+            "multilora_llm_prompt_tokens_total", "Prompt tokens processed", pb_utils.MetricFamily.COUNTER
+        )
+        self._generation_tokens = self._metric(
+            "multilora_llm_generation_tokens_total", "Tokens generated", pb_utils.MetricFamily.COUNTER
+        )
+        self._waiting = self._metric(
+            "multilora_llm_num_requests_waiting", "Requests queued, not started", pb_utils.MetricFamily.GAUGE
+        )
+        self._running = self._metric(
+            "multilora_llm_num_requests_running", "Requests being generated", pb_utils.MetricFamily.GAUGE
+        )
+
+    def _family(self, name: str, description: str, kind):
+        family = pb_utils.MetricFamily(name=name, description=description, kind=kind)
+        self._families.append(family)
+        return family
+
+    def _metric(self, name: str, description: str, kind):
+        return self._family(name, description, kind).Metric(labels=self._labels)
+
+    def on_finished(self, finish_reason: str, num_input_tokens: int, num_output_tokens: int) -> None:
+        metric = self._finished.get(finish_reason)
+        if metric is None:
+            metric = self._finished_family.Metric(labels={**self._labels, "finish_reason": finish_reason})
+            self._finished[finish_reason] = metric
+        metric.increment(1)
+        self._prompt_tokens.increment(num_input_tokens)
+
+    def on_tokens(self, count: int) -> None:
+        self._generation_tokens.increment(count)
+
+    def on_queue(self, waiting: int, running: int) -> None:
+        self._waiting.set(waiting)
+        self._running.set(running)

@@ -1,0 +1,88 @@
+"""Generation request and sampling parameters: parsed, defaulted and validated before anything is queued."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from backends.errors import InvalidArgument
+
+MAX_STOP_STRINGS = 16
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0  # 0 -> greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 -> disabled
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class GenerationRequest:
+    request_id: str
+    prompt: str
+    params: SamplingParams
+    stream: bool = False
+    prompt_token_ids: list[int] = field(default_factory=list)
+
+
+def build_sampling_params(
+    *,
+    max_tokens: int | None,
+    temperature: float | None,
+    top_p: float | None,
+    top_k: int | None,
+    seed: int | None,
+    stop: list[str] | None,
+    default_max_tokens: int,
+) -> SamplingParams:
+    """Validate client values (None = not given) and fill defaults; raises InvalidArgument naming the field."""
+    if max_tokens is None:
+        max_tokens = default_max_tokens
+    if max_tokens <= 0:
+        raise InvalidArgument(f"max_tokens must be at least 1, got {max_tokens}")
+
+    if temperature is None:
+        temperature = 1.0
+    if not math.isfinite(temperature) or temperature < 0:
+        raise InvalidArgument(f"temperature must be a finite number >= 0, got {temperature}")
+
+    if top_p is None:
+        top_p = 1.0
+    if not math.isfinite(top_p) or not 0.0 < top_p <= 1.0:
+        raise InvalidArgument(f"top_p must be in (0, 1], got {top_p}")
+
+    if top_k is None:
+        top_k = 0
+    if top_k < 0:
+        raise InvalidArgument(f"top_k must be >= 0 (0 disables it), got {top_k}")
+
+    if seed is not None and not 0 <= seed < 2**63:
+        raise InvalidArgument(f"seed must be in [0, 2^63), got {seed}")
+
+    stops = tuple(stop or ())
+    if len(stops) > MAX_STOP_STRINGS:
+        raise InvalidArgument(f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(stops)}")
+    if any(s == "" for s in stops):
+        raise InvalidArgument("stop strings must not be empty")
+
+    return SamplingParams(
+        max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stops
+    )
+
+
+def check_context_length(num_prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:
+    """vLLM's rule and wording: prompt + completion must fit the context window."""
+    if num_prompt_tokens + max_tokens > max_model_len:
+        raise InvalidArgument(
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the messages, {max_tokens} in the "
+            f"completion). Please reduce the length of the messages or completion."
+        )

@@ -1,0 +1,49 @@
+"""Next-token choice for a batch of rows, each with its own parameters and random generator.
+
+Each sampled row draws from its own `torch.Generator`, seeded from the request, so a seeded request gets the same
+tokens whatever other requests share its batch.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+
+from backends.llm.params import SamplingParams
+
+
+def make_generator(seed: int | None) -> torch.Generator:
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
+    return gen
+
+
+def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token once the mass before it already reaches top_p; the first token always stays.
+        drop = probs.cumsum(-1) - probs >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    return logits
+
+
+def sample_next_tokens(
+    logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator]
+) -> list[int]:
+    """logits: [batch, vocab] float; returns one token id per row."""
+    logits = logits.float()
+    chosen = logits.argmax(-1).tolist()
+    for row, (p, gen) in enumerate(zip(params, generators)):
+        if p.greedy:
+            continue
+        row_logits = _filter_top_k_top_p(logits[row] / p.temperature, p.top_k, p.top_p)
+        probs = row_logits.softmax(-1)
+        chosen[row] = int(torch.multinomial(probs, 1, generator=gen).item())
+    return chosen

@@ -1,0 +1,109 @@
+"""`TritonLLMModel`: the decoupled Triton Python model behind model_repository/llm (its model.py only delegates).
+
+`execute` parses and validates each request, answers bad ones at once with an INVALID_ARG error, and queues good
+ones on the engine; the engine thread streams responses back through each request's response sender.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import triton_python_backend_utils as pb_utils
+
+from backends import triton_io as tio
+from backends.errors import BackendError, InvalidArgument
+from backends.llm.engine import GenerationChunk, LLMEngine
+from backends.llm.metrics import TritonEngineMetrics
+from backends.llm.params import GenerationRequest, build_sampling_params
+from backends.llm.runner import ModelRunner
+from backends.settings import LLM_MODEL_PATH_ENV, default_llm_model_path
+
+log = logging.getLogger(__name__)
+
+
+class TritonResponseSink:
+    """Engine output -> Triton responses for one request."""
+
+    def __init__(self, request):
+        self._sender = request.get_response_sender()
+        self._request = request
+
+    def send(self, chunk: GenerationChunk, final: bool) -> None:
+        response = pb_utils.InferenceResponse(
+            output_tensors=[
+                tio.string_tensor("text_output", chunk.text),
+                tio.string_tensor("finish_reason", chunk.finish_reason or ""),
+                tio.int_tensor("num_input_tokens", chunk.num_input_tokens),
+                tio.int_tensor("num_output_tokens", chunk.num_output_tokens),
+            ]
+        )
+        flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
+        self._sender.send(response, flags=flags)
+
+    def fail(self, error: Exception) -> None:
+        tio.send_error(self._sender, error)
+
+    def is_cancelled(self) -> bool:
+        return self._sender.is_cancelled()
+
+
+class TritonLLMModel:
+    def initialize(self, args: dict) -> None:
+        logging.basicConfig(level=os.environ.get("MULTILORA_LOG_LEVEL", "INFO"),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        model_config = json.loads(args["model_config"])
+        if not pb_utils.using_decoupled_model_transaction_policy(model_config):
+            raise pb_utils.TritonModelException(
+                f"model '{args['model_name']}' must set model_transaction_policy {{ decoupled: true }}"
+            )
+        params = tio.model_parameters(model_config)
+        model_path = Path(params.get("model_path") or default_llm_model_path()).expanduser()
+        device = "cpu"
+        if args.get("model_instance_kind") == "GPU":
+            device = f"cuda:{args['model_instance_device_id']}"
+        log.info("model '%s' serving %s on %s (set parameter model_path or %s to change)",
+                 args["model_name"], model_path, device, LLM_MODEL_PATH_ENV)
+        runner = ModelRunner(model_path, device=device)
+        self.engine = LLMEngine(
+            runner,
+            default_max_tokens=int(params.get("default_max_tokens") or 256),
+            max_model_len=int(params["max_model_len"]) if params.get("max_model_len") else None,
+            observer=TritonEngineMetrics(args["model_name"]),
+        )
+
+    def _parse(self, request) -> GenerationRequest:
+        prompt = tio.get_string(request, "text_input")
+        if prompt is None:
+            raise InvalidArgument("missing required input 'text_input'")
+        if not prompt:
+            raise InvalidArgument("input 'text_input' must be a non-empty string")
+        sampling = build_sampling_params(
+            max_tokens=tio.get_int(request, "max_tokens"),
+            temperature=tio.get_float(request, "temperature"),
+            top_p=tio.get_float(request, "top_p"),
+            top_k=tio.get_int(request, "top_k"),
+            seed=tio.get_int(request, "seed"),
+            stop=tio.get_strings(request, "stop"),
+            default_max_tokens=self.engine.default_max_tokens,
+        )
+        stream = tio.get_bool(request, "stream")
+        return GenerationRequest(request.request_id() or "", prompt, sampling, stream=bool(stream))
+
+    def execute(self, requests: list) -> None:
+        for request in requests:
+            sink = TritonResponseSink(request)
+            try:
+                self.engine.submit(self.engine.prepare(self._parse(request)), sink)
+            except BackendError as exc:
+                log.info("rejected request %s: %s", request.request_id(), exc)
+                sink.fail(exc)
+            except Exception as exc:
+                log.exception("request %s could not be queued", request.request_id())
+                sink.fail(exc)
+        return None
+
+    def finalize(self) -> None:
+        self.engine.shutdown()

@@ -1,0 +1,94 @@
+"""Triton request tensors -> Python values, and our typed errors -> `pb_utils.TritonError` with the right code.
+
+Only imported inside the Triton Python-backend stub, where `triton_python_backend_utils` exists.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from backends.errors import BackendError, InvalidArgument, NotFound, Unavailable
+
+
+def _array(request, name: str) -> np.ndarray | None:
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else tensor.as_numpy()
+
+
+def _one(array: np.ndarray, name: str) -> Any:
+    if array.size != 1:
+        raise InvalidArgument(f"input '{name}' must hold exactly one value, got shape {list(array.shape)}")
+    return array.reshape(-1)[0]
+
+
+def _text(raw: Any, name: str) -> str:
+    if not isinstance(raw, (bytes, np.bytes_)):
+        return str(raw)
+    try:
+        return bytes(raw).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidArgument(f"input '{name}' is not valid UTF-8: {exc}") from None
+
+
+def get_string(request, name: str) -> str | None:
+    array = _array(request, name)
+    return None if array is None else _text(_one(array, name), name)
+
+
+def get_strings(request, name: str) -> list[str] | None:
+    array = _array(request, name)
+    return None if array is None else [_text(v, name) for v in array.reshape(-1)]
+
+
+def get_int(request, name: str) -> int | None:
+    array = _array(request, name)
+    return None if array is None else int(_one(array, name))
+
+
+def get_float(request, name: str) -> float | None:
+    array = _array(request, name)
+    return None if array is None else float(_one(array, name))
+
+
+def get_bool(request, name: str) -> bool | None:
+    array = _array(request, name)
+    return None if array is None else bool(_one(array, name))
+
+
+def string_tensor(name: str, value: str) -> "pb_utils.Tensor":
+    return pb_utils.Tensor(name, np.array([value.encode("utf-8")], dtype=np.object_))
+
+
+def int_tensor(name: str, value: int) -> "pb_utils.Tensor":
+    return pb_utils.Tensor(name, np.array([value], dtype=np.int32))
+
+
+_CODES = {
+    InvalidArgument: "INVALID_ARG",
+    NotFound: "NOT_FOUND",
+    Unavailable: "UNAVAILABLE",
+}
+
+
+def to_triton_error(exc: Exception) -> "pb_utils.TritonError":
+    """Our errors keep their message and get their code; anything else is an INTERNAL error naming its type."""
+    for cls, code in _CODES.items():
+        if isinstance(exc, cls):
+            return pb_utils.TritonError(str(exc), getattr(pb_utils.TritonError, code))
+    message = str(exc) if isinstance(exc, BackendError) else f"{type(exc).__name__}: {exc}"
+    return pb_utils.TritonError(message, pb_utils.TritonError.INTERNAL)
+
+
+def send_error(response_sender, exc: Exception) -> None:
+    response_sender.send(
+        pb_utils.InferenceResponse(output_tensors=[], error=to_triton_error(exc)),
+        flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
+    )
+
+
+def model_parameters(model_config: dict) -> dict[str, str]:
+    """config.pbtxt `parameters { key: ... value { string_value: ... } }` as a plain dict."""
+    return {k: v.get("string_value", "") for k, v in model_config.get("parameters", {}).items()}

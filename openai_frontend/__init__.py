@@ -1,0 +1,1 @@
+"""OpenAI-compatible FastAPI frontend over Triton (routes arrive with the frontend work)."""

@@ -1,0 +1,218 @@
+"""Start and stop a real tritonserver (from the nvidia-pytriton wheel) on our model repository.
+
+Used by scripts/serve and the test fixtures. Run with the project's venv interpreter: the Python backend stub
+takes its `sys.path` from the first `python3` on PATH and must load that interpreter's own libpython (see
+ARCHITECTURE.md), so both come from `sys.executable` here.
+
+    python -m scripts.triton_launcher layout      # lay out the backend folder (scripts/setup does this)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from backends.settings import REPO_ROOT, cache_dir
+
+log = logging.getLogger(__name__)
+
+STUB_NAME = "triton_python_backend_stub"
+PY_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def _pytriton_server_dir() -> Path:
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("nvidia-pytriton is not installed in this interpreter; run scripts/setup")
+    return Path(spec.origin).parent / "tritonserver"
+
+
+def tritonserver_binary() -> Path:
+    return _pytriton_server_dir() / "bin" / "tritonserver"
+
+
+def backend_dir() -> Path:
+    return cache_dir() / "tritonserver" / "backends"
+
+
+def layout_backend_dir() -> Path:
+    """Copy the wheel's python backend and put the stub for our Python version beside it (idempotent)."""
+    src = _pytriton_server_dir()
+    stub = src / "python_backend_stubs" / PY_VERSION / STUB_NAME
+    if not stub.is_file():
+        raise FileNotFoundError(f"nvidia-pytriton ships no Python backend stub for Python {PY_VERSION} ({stub})")
+    dst = backend_dir() / "python"
+    dst.mkdir(parents=True, exist_ok=True)
+    for item in [*(src / "backends" / "python").glob("*.so"), *(src / "backends" / "python").glob("*.py"), stub]:
+        target = dst / item.name
+        if not target.exists() or target.stat().st_size != item.stat().st_size:
+            shutil.copy2(item, target)
+    (dst / STUB_NAME).chmod(0o755)
+    return backend_dir()
+
+
+def libpython_dir() -> Path:
+    """Folder holding this interpreter's libpython3.X.so.1.0, for the stub's loader."""
+    libdir = Path(sysconfig.get_config_var("LIBDIR") or "")
+    lib = libdir / f"libpython{PY_VERSION}.so.1.0"
+    if not lib.exists():
+        raise FileNotFoundError(
+            f"{lib} not found: the Python backend stub needs the shared libpython of {sys.executable}; "
+            f"use a Python built with --enable-shared (pyenv's or Debian's python{PY_VERSION})"
+        )
+    return libdir
+
+
+def server_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ if base is None else base)
+    venv_bin = str(Path(sys.executable).parent)  # not resolved: the venv's bin, not the base interpreter's
+    env["PATH"] = os.pathsep.join([venv_bin, env.get("PATH", "")])
+    # The copied stub lost its RPATH to the wheel's bundled libraries (libcudart etc.).
+    wheel_libs = _pytriton_server_dir().parents[1] / "nvidia_pytriton.libs"
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(
+        p for p in [str(libpython_dir()), str(wheel_libs), env.get("LD_LIBRARY_PATH")] if p
+    )
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [str(REPO_ROOT), env.get("PYTHONPATH")] if p)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class TritonServer:
+    model_repository: Path = REPO_ROOT / "model_repository"
+    models: list[str] = field(default_factory=lambda: ["llm"])
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    host: str = "127.0.0.1"  # bind address; 0.0.0.0 serves every interface
+    log_file: Path | None = None  # None: inherit our stdout/stderr
+    extra_args: list[str] = field(default_factory=list)
+    env: dict[str, str] | None = None
+    process: subprocess.Popen | None = None
+
+    @property
+    def _client_host(self) -> str:
+        return "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+
+    @property
+    def http_url(self) -> str:
+        return f"{self._client_host}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self._client_host}:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self._client_host}:{self.metrics_port}/metrics"
+
+    def command(self) -> list[str]:
+        cmd = [
+            str(tritonserver_binary()),
+            f"--model-repository={self.model_repository}",
+            f"--backend-directory={layout_backend_dir()}",
+            "--model-control-mode=explicit",
+            f"--http-address={self.host}",
+            f"--http-port={self.http_port}",
+            f"--grpc-address={self.host}",
+            f"--grpc-port={self.grpc_port}",
+            f"--metrics-address={self.host}",
+            f"--metrics-port={self.metrics_port}",
+            "--allow-gpu-metrics=false",
+            "--log-info=true",
+        ]
+        cmd += [f"--load-model={m}" for m in self.models]
+        return cmd + self.extra_args
+
+    def start(self, timeout: float = 300.0) -> "TritonServer":
+        cmd = self.command()
+        log.info("starting %s", " ".join(cmd))
+        out = open(self.log_file, "ab") if self.log_file else None
+        # Own session: stop() signals the whole group, so no stub process outlives the server.
+        self.process = subprocess.Popen(
+            cmd, env=server_env(self.env), stdout=out, stderr=subprocess.STDOUT if out else None,
+            start_new_session=True,
+        )
+        try:
+            self.wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        url = f"http://{self.http_url}/v2/health/ready"
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"tritonserver exited with code {self.process.returncode} before ready"
+                                   + self._log_hint())
+            try:
+                if httpx.get(url, timeout=2).status_code == 200:
+                    log.info("tritonserver ready (pid %d)", self.process.pid)
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"tritonserver not ready after {timeout:.0f} s" + self._log_hint())
+
+    def _log_hint(self) -> str:
+        if not self.log_file or not Path(self.log_file).exists():
+            return ""
+        tail = Path(self.log_file).read_text(errors="replace").splitlines()[-40:]
+        return f"; last lines of {self.log_file}:\n" + "\n".join(tail)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        proc = self.process
+        if proc is None:
+            return
+        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
+            if proc.poll() is not None:
+                break
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(wait)
+            except subprocess.TimeoutExpired:
+                log.warning("tritonserver did not stop on %s", sig.name)
+        # Stubs are in the server's process group; sweep any that are left.
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process = None
+
+    def __enter__(self) -> "TritonServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if sys.argv[1:] == ["layout"]:
+        print(layout_backend_dir())
+    else:
+        sys.exit(f"usage: {sys.argv[0]} layout")
