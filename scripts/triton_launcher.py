@@ -29,6 +29,7 @@ from backends.settings import REPO_ROOT, cache_dir
 log = logging.getLogger(__name__)
 
 STUB_NAME = "triton_python_backend_stub"
+TRITON_HOME_ENV = "MULTILORA_TRITONSERVER_HOME"
 PY_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
 
 
@@ -39,16 +40,26 @@ def _pytriton_server_dir() -> Path:
     return Path(spec.origin).parent / "tritonserver"
 
 
+def system_triton_home() -> Path | None:
+    """A full Triton install to use instead of the wheel's server (the Docker image sets /opt/tritonserver)."""
+    home = os.environ.get(TRITON_HOME_ENV)
+    return Path(home) if home else None
+
+
 def tritonserver_binary() -> Path:
-    return _pytriton_server_dir() / "bin" / "tritonserver"
+    home = system_triton_home()
+    return (home or _pytriton_server_dir()) / "bin" / "tritonserver"
 
 
 def backend_dir() -> Path:
-    return cache_dir() / "tritonserver" / "backends"
+    home = system_triton_home()
+    return home / "backends" if home else cache_dir() / "tritonserver" / "backends"
 
 
 def layout_backend_dir() -> Path:
     """Copy the wheel's python backend and put the stub for our Python version beside it (idempotent)."""
+    if system_triton_home():
+        return backend_dir()  # a real install already has its stub
     src = _pytriton_server_dir()
     stub = src / "python_backend_stubs" / PY_VERSION / STUB_NAME
     if not stub.is_file():
@@ -79,15 +90,24 @@ def server_env(base: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ if base is None else base)
     venv_bin = str(Path(sys.executable).parent)  # not resolved: the venv's bin, not the base interpreter's
     env["PATH"] = os.pathsep.join([venv_bin, env.get("PATH", "")])
-    # The copied stub lost its RPATH to the wheel's bundled libraries (libcudart etc.).
-    wheel_libs = _pytriton_server_dir().parents[1] / "nvidia_pytriton.libs"
-    env["LD_LIBRARY_PATH"] = os.pathsep.join(
-        p for p in [str(libpython_dir()), str(wheel_libs), env.get("LD_LIBRARY_PATH")] if p
-    )
+    if not system_triton_home():
+        # The copied stub lost its RPATH to the wheel's bundled libraries (libcudart etc.).
+        wheel_libs = _pytriton_server_dir().parents[1] / "nvidia_pytriton.libs"
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(
+            p for p in [str(libpython_dir()), str(wheel_libs), env.get("LD_LIBRARY_PATH")] if p
+        )
     env["PYTHONPATH"] = os.pathsep.join(p for p in [str(REPO_ROOT), env.get("PYTHONPATH")] if p)
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return env
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: the kernel sends SIGTERM to tritonserver if its launcher dies without stopping it."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def free_port() -> int:
@@ -150,7 +170,7 @@ class TritonServer:
         # Own session: stop() signals the whole group, so no stub process outlives the server.
         self.process = subprocess.Popen(
             cmd, env=server_env(self.env), stdout=out, stderr=subprocess.STDOUT if out else None,
-            start_new_session=True,
+            start_new_session=True, preexec_fn=_die_with_parent,
         )
         try:
             self.wait_ready(timeout)
