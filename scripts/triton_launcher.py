@@ -157,9 +157,10 @@ class TritonServer:
             f"--grpc-port={self.grpc_port}",
             f"--metrics-address={self.host}",
             f"--metrics-port={self.metrics_port}",
-            "--allow-gpu-metrics=false",
             "--log-info=true",
         ]
+        if not system_triton_home():
+            cmd.append("--allow-gpu-metrics=false")  # the wheel's server runs on CPU-only hosts here
         cmd += [f"--load-model={m}" for m in self.models]
         return cmd + self.extra_args
 
