@@ -106,6 +106,8 @@ BAD_INPUTS = {
     "negative temperature": (dict(text_input="hi", temperature=-0.5), r"temperature must be .*>= 0, got -0.5"),
     "top_p zero": (dict(text_input="hi", top_p=0.0), r"top_p must be in \(0, 1\], got 0.0"),
     "top_p above one": (dict(text_input="hi", top_p=1.5), r"top_p must be in \(0, 1\], got 1.5"),
+    "negative top_k": (dict(text_input="hi", top_k=-1), r"top_k must be >= 0"),
+    "negative seed": (dict(text_input="hi", seed=-7), r"seed must be in \[0, 2\^63\), got -7"),
     "non-UTF-8 text": (dict(text_input=b"caf\xe9 \xff"), r"'text_input' is not valid UTF-8"),
 }
 
@@ -127,3 +129,24 @@ def test_bad_input_is_rejected_and_server_keeps_serving(case, grpc_client, trito
 
     ok = generate(grpc_client, CAPITAL, temperature=0.0, max_tokens=8)
     assert ok.error is None and ok.text.startswith("The capital")
+
+
+def test_concurrent_streams_queue_and_each_gets_its_own_answer(grpc_client, triton_server):
+    import tritonclient.grpc as grpcclient
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = [CAPITAL, apply_chat_template("Name three primary colours."), STORY, CAPITAL]
+    alone = [generate(grpc_client, p, temperature=0.0, max_tokens=12).text for p in prompts]
+
+    def one(prompt: str) -> str:
+        client = grpcclient.InferenceServerClient(triton_server.grpc_url)
+        try:
+            out = generate(client, prompt, temperature=0.0, max_tokens=12, stream=True)
+            assert out.error is None, out.error
+            return out.text
+        finally:
+            client.close()
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        together = list(pool.map(one, prompts))
+    assert together == alone

@@ -34,7 +34,10 @@ class ModelRunner:
             )
         started = time.monotonic()
         self.device = torch.device(device)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)  # engine thread: detokenising
+        # Triton's execute thread encodes prompts while the engine thread decodes: a fast tokenizer shared between
+        # threads can fail with "Already borrowed", so each side has its own.
+        self._prompt_tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(self.device).eval()
         self.model_path = path
         self.max_model_len = int(getattr(self.model.config, "max_position_embeddings", 2048))
@@ -54,8 +57,8 @@ class ModelRunner:
         return ids
 
     def encode(self, text: str) -> list[int]:
-        # Chat templates already carry their special tokens; the raw text is the prompt.
-        return self.tokenizer(text, add_special_tokens=False).input_ids
+        """Prompt text -> ids, on Triton's execute thread. No special tokens added: chat templates carry them."""
+        return self._prompt_tokenizer(text, add_special_tokens=False).input_ids
 
     @torch.inference_mode()
     def prefill(self, token_ids: list[int]) -> ForwardResult:
