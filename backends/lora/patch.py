@@ -1,0 +1,143 @@
+"""Wrap a model's target `nn.Linear` layers in place with LoRA-aware layers that share one `LoRAContext`.
+
+The context holds the current forward's row -> slot mapping (set once per forward, read by every layer) and owns
+the stacked slot buffers of every wrapped layer. Base weights are never touched, so with no adapter (or scale 0)
+outputs are bit-identical to the unpatched model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from backends.lora.adapter import LoRAAdapter, TargetSpec
+from backends.lora.ops import LoRABatch, lora_apply, lora_apply_rows
+
+# Transformer-block linears of HF decoder LMs (Llama, Mistral, Qwen, ...): attention and MLP projections.
+DEFAULT_LLM_TARGETS = r".*\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Linear, context: "LoRAContext", name: str):
+        super().__init__()
+        self.base = base
+        self.name = name
+        self._context = [context]  # a list, so nn.Module does not register the context as a child
+        self.in_features, self.out_features = base.in_features, base.out_features
+        kw = dict(dtype=context.dtype, device=context.device)
+        # Not persistent: the model's state_dict stays the base model's.
+        self.register_buffer("lora_A", torch.zeros(context.max_loras, context.max_rank, base.in_features, **kw),
+                             persistent=False)
+        self.register_buffer("lora_B", torch.zeros(context.max_loras, base.out_features, context.max_rank, **kw),
+                             persistent=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        ctx = self._context[0]
+        if ctx.rows is not None:
+            lora_apply_rows(y.view(-1, self.out_features), x.reshape(-1, self.in_features), ctx.rows[0],
+                            ctx.rows[1], self.lora_A, self.lora_B)
+        elif ctx.batch is not None and not ctx.batch.empty:
+            lora_apply(y.view(-1, self.out_features), x.reshape(-1, self.in_features), ctx.batch,
+                       self.lora_A, self.lora_B)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"{self.name}, slots={self.lora_A.shape[0]}, max_rank={self.lora_A.shape[1]}"
+
+
+class LoRAContext:
+    """Shared per-model LoRA state: slot buffers of every wrapped layer and the active batch mapping."""
+
+    def __init__(self, max_loras: int, max_rank: int, dtype: torch.dtype, device: torch.device | str,
+                 model_name: str | None = None):
+        if max_loras < 1 or max_rank < 1:
+            raise ValueError(f"max_loras and max_lora_rank must be >= 1, got {max_loras}, {max_rank}")
+        self.max_loras, self.max_rank = max_loras, max_rank
+        self.dtype, self.device = dtype, torch.device(device)
+        self.model_name = model_name
+        self.layers: dict[str, LoRALinear] = {}
+        self.batch: LoRABatch | None = None
+        # Fixed-size per-row buffers for the CUDA-graph path (slot, scale); None = grouped path.
+        self.rows: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def spec(self) -> TargetSpec:
+        return TargetSpec({n: (m.in_features, m.out_features) for n, m in self.layers.items()}, self.model_name)
+
+    # -- per forward -----------------------------------------------------------------------------------------
+    def set_batch(self, slot_ids: Sequence[int], scales: Sequence[float], tokens_per_row: int = 1) -> None:
+        self.batch = LoRABatch.build(slot_ids, scales, tokens_per_row, device=self.device, dtype=self.dtype)
+
+    def clear(self) -> None:
+        self.batch = None
+
+    @contextlib.contextmanager
+    def use(self, slot_ids: Sequence[int], scales: Sequence[float], tokens_per_row: int = 1) -> Iterator[None]:
+        self.set_batch(slot_ids, scales, tokens_per_row)
+        try:
+            yield
+        finally:
+            self.clear()
+
+    # -- slot contents ---------------------------------------------------------------------------------------
+    def _check_slot(self, slot: int) -> None:
+        if not 0 <= slot < self.max_loras:
+            raise IndexError(f"slot {slot} outside 0..{self.max_loras - 1}")
+
+    @torch.no_grad()
+    def load_slot(self, slot: int, adapter: LoRAAdapter) -> None:
+        """Copy an adapter into `slot` of every layer (zero-padded to max_rank; untargeted layers zeroed)."""
+        self._check_slot(slot)
+        for name, layer in self.layers.items():
+            weights = adapter.modules.get(name)
+            layer.lora_A[slot].zero_()
+            layer.lora_B[slot].zero_()
+            if weights is not None:
+                r = weights.A.shape[0]
+                layer.lora_A[slot, :r].copy_(weights.A, non_blocking=True)
+                layer.lora_B[slot, :, :r].copy_(weights.B, non_blocking=True)
+
+    @torch.no_grad()
+    def clear_slot(self, slot: int) -> None:
+        self._check_slot(slot)
+        for layer in self.layers.values():
+            layer.lora_A[slot].zero_()
+            layer.lora_B[slot].zero_()
+
+
+def patch_model(
+    model: nn.Module,
+    max_loras: int,
+    max_rank: int,
+    targets: str | Callable[[str, nn.Module], bool] = DEFAULT_LLM_TARGETS,
+    dtype: torch.dtype | None = None,
+    model_name: str | None = None,
+) -> LoRAContext:
+    """Replace every `nn.Linear` whose name matches `targets` (regex, full match, or predicate) with `LoRALinear`."""
+    first = next(model.parameters())
+    model_name = model_name or getattr(getattr(model, "config", None), "name_or_path", None) or None
+    context = LoRAContext(max_loras, max_rank, dtype or first.dtype, first.device, model_name)
+    match = targets if callable(targets) else (lambda name, _m, rx=re.compile(targets): rx.fullmatch(name))
+    chosen = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and match(n, m)]
+    if not chosen:
+        raise ValueError(f"no nn.Linear of {type(model).__name__} matches the LoRA targets {targets!r}")
+    for name, module in chosen:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        layer = LoRALinear(module, context, name)
+        setattr(parent, attr, layer)
+        context.layers[name] = layer
+    return context

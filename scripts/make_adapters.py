@@ -1,0 +1,74 @@
+"""Make PEFT LoRA adapters with random weights (for tests and benchmarks) with PEFT's own save_pretrained.
+
+    .venv/bin/python -m scripts.make_adapters --out .cache/adapters/random --count 8 --rank 16
+
+Also holds `tiny_llama()`, the small randomly initialised Llama the tests use next to SmolLM2.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from backends.settings import cache_dir, default_llm_model_path
+
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_llama(seed: int = 0):
+    """A 2-layer Llama (hidden 64, GQA 4/2 heads) with random weights, built from a config: no download."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    model = LlamaForCausalLM(config).eval()
+    model.config.name_or_path = "tiny-random-llama"
+    return model
+
+
+def load_smollm2():
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(default_llm_model_path(), dtype=torch.float32).eval()
+
+
+def make_random_adapter(model_factory, out: Path, seed: int = 0, std: float = 0.02, base_name: str | None = None,
+                        **lora_config) -> Path:
+    """Wrap a fresh base model with PEFT's LoraConfig(**lora_config), randomise lora_A/B, save to `out`."""
+    from peft import LoraConfig, get_peft_model
+
+    model = model_factory()
+    peft_model = get_peft_model(model, LoraConfig(**lora_config))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+    if base_name is not None:
+        peft_model.peft_config["default"].base_model_name_or_path = base_name
+    peft_model.save_pretrained(out)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=cache_dir() / "adapters" / "random")
+    p.add_argument("--count", type=int, default=8)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--alpha", type=float, default=32)
+    p.add_argument("--targets", nargs="+", default=ALL_PROJECTIONS)
+    args = p.parse_args()
+    for i in tqdm(range(args.count), desc="adapters"):
+        out = args.out / f"lora{i}"
+        if not (out / "adapter_model.safetensors").is_file():
+            make_random_adapter(load_smollm2, out, seed=i, r=args.rank, lora_alpha=args.alpha,
+                                target_modules=args.targets)
+    print(args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""Our patched model against PEFT's own forward: same logits for mixed-adapter batches (fp32, within 1e-4)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from backends.lora.adapter import load_adapter
+from backends.lora.ops import LoRABatch, lora_apply, lora_apply_rows
+from backends.lora.patch import patch_model
+from scripts.make_adapters import ALL_PROJECTIONS, load_smollm2, make_random_adapter, tiny_llama
+
+ADAPTERS = {
+    "a": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"]),
+    "b": dict(r=16, lora_alpha=8, use_rslora=True, target_modules=r".*\.(k_proj|up_proj|o_proj)",
+              rank_pattern={"up_proj": 4}, alpha_pattern={"o_proj": 3}),
+    "c": dict(r=4, lora_alpha=4, target_modules=ALL_PROJECTIONS, layers_to_transform=[0, 1]),
+}
+
+
+def _half_scale_copy(src, dst):
+    """The same weights at scale 0.5, expressed the PEFT way: halve every alpha."""
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "adapter_config.json").read_text())
+    config["lora_alpha"] /= 2
+    config["alpha_pattern"] = {k: v / 2 for k, v in (config.get("alpha_pattern") or {}).items()}
+    (dst / "adapter_config.json").write_text(json.dumps(config))
+    return dst
+
+
+def _peft_reference(factory, folders, ids, names):
+    from peft import PeftModel
+
+    first, *rest = folders
+    model = PeftModel.from_pretrained(factory(), folders[first], adapter_name=first)
+    for name in rest:
+        model.load_adapter(folders[name], adapter_name=name)
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids, adapter_names=names).logits
+
+
+@pytest.mark.parametrize("factory", [tiny_llama, load_smollm2], ids=["tiny-llama", "smollm2"])
+def test_mixed_batch_matches_peft_per_row(factory, tmp_path):
+    folders = {n: make_random_adapter(factory, tmp_path / n, seed=i, **cfg) for i, (n, cfg) in enumerate(ADAPTERS.items())}
+    folders["a_half"] = _half_scale_copy(folders["a"], tmp_path / "a_half")
+    vocab = factory().config.vocab_size
+    ids = torch.randint(0, vocab, (6, 10), generator=torch.Generator().manual_seed(0))
+    rows = ["a", "b", "__base__", "a_half", "c", "a"]
+    expected = _peft_reference(factory, folders, ids, rows)
+
+    ours = factory()
+    ctx = patch_model(ours, max_loras=4, max_rank=16)
+    slots = {"a": 2, "b": 0, "c": 3}  # not in row order, and slot 1 left empty
+    for name, slot in slots.items():
+        ctx.load_slot(slot, load_adapter(folders[name], ctx.spec, max_rank=16))
+    row_slots = [slots["a"], slots["b"], -1, slots["a"], slots["c"], slots["a"]]
+    row_scales = [1.0, 1.0, 1.0, 0.5, 1.0, 1.0]
+    with torch.no_grad(), ctx.use(row_slots, row_scales, tokens_per_row=ids.shape[1]):
+        got = ours(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    assert not torch.allclose(got[0], got[2], atol=1e-3), "adapter a had no effect"
+
+
+def test_no_adapter_and_scale_zero_are_bit_identical_to_base(tmp_path):
+    folder = make_random_adapter(tiny_llama, tmp_path / "a", r=8, lora_alpha=16, target_modules=ALL_PROJECTIONS)
+    ids = torch.randint(0, 256, (3, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        base = tiny_llama()(input_ids=ids).logits
+    model = tiny_llama()
+    ctx = patch_model(model, max_loras=2, max_rank=8)
+    ctx.load_slot(0, load_adapter(folder, ctx.spec, max_rank=8))
+    with torch.no_grad():
+        unset = model(input_ids=ids).logits
+        with ctx.use([-1, -1, -1], [1.0, 1.0, 1.0], tokens_per_row=7):
+            none = model(input_ids=ids).logits
+        with ctx.use([0, 0, 0], [0.0, 0.0, 0.0], tokens_per_row=7):
+            zero = model(input_ids=ids).logits
+        with ctx.use([0, -1, 0], [0.0, 1.0, 1.0], tokens_per_row=7):
+            mixed = model(input_ids=ids).logits
+    assert torch.equal(unset, base) and torch.equal(none, base) and torch.equal(zero, base)
+    assert torch.equal(mixed[:2], base[:2]) and not torch.equal(mixed[2], base[2])
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2), (torch.float16, 3e-3)])
+def test_grouped_and_per_row_paths_agree_with_a_dense_reference(dtype, tol):
+    gen = torch.Generator().manual_seed(0)
+    K, R, n_in, n_out, N = 4, 8, 32, 24, 11
+    A = torch.randn(K, R, n_in, generator=gen).to(dtype)
+    B = torch.randn(K, n_out, R, generator=gen).to(dtype)
+    A[1, 5:] = 0  # slot 1 holds a rank-5 adapter, zero-padded
+    B[1, :, 5:] = 0
+    x = torch.randn(N, n_in, generator=gen).to(dtype)
+    y0 = torch.randn(N, n_out, generator=gen).to(dtype)
+    slots = [3, -1, 1, 1, 0, 3, -1, 2, 2, 2, 1]
+    scales = [1.0, 1.0, 0.5, 2.0, 1.0, 0.25, 0.0, 1.0, 1.0, 0.0, 1.0]
+
+    expected = y0.double().clone()
+    for i, (s, c) in enumerate(zip(slots, scales)):
+        if s >= 0:
+            expected[i] += c * (x[i].double() @ A[s].double().t()) @ B[s].double().t()
+
+    grouped = lora_apply(y0.clone(), x, LoRABatch.build(slots, scales, dtype=dtype), A, B)
+    per_row = lora_apply_rows(y0.clone(), x, torch.tensor([max(s, 0) for s in slots]),
+                              torch.tensor([c if s >= 0 else 0.0 for s, c in zip(slots, scales)]), A, B)
+    for got in (grouped, per_row):
+        torch.testing.assert_close(got.double(), expected, atol=tol * 10, rtol=tol)
+    assert torch.equal(grouped[[1, 6, 9]], y0[[1, 6, 9]]), "rows without LoRA (or scale 0) must be untouched"
