@@ -44,7 +44,7 @@ def parse_lora_modules(spec: str) -> list[AdapterEntry]:
             data = json.loads(spec)
         except json.JSONDecodeError as exc:
             raise InvalidArgument(f"lora_modules is not valid JSON: {exc}") from None
-        if isinstance(data, dict) and not {"name", "path"} <= set(data):
+        if isinstance(data, dict) and not {"name", "path"} & set(data):
             data = [{"name": k, "path": v} for k, v in data.items()]
         items = data if isinstance(data, list) else [data]
         entries = []
