@@ -14,6 +14,17 @@ from backends.settings import default_llm_model_path
 from scripts.triton_launcher import TritonServer, free_port
 
 
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def triton_server(tmp_path_factory):
     if not (default_llm_model_path() / "config.json").is_file():

@@ -70,14 +70,14 @@ def test_good_adapter_loads_with_scaling_folded_into_b(good, spec):
     assert len(adapter.modules) == 14 and adapter.rank == 8
     raw = load_file(good / WEIGHTS)
     key = "base_model.model.model.layers.1.mlp.up_proj.lora_B.weight"
-    torch.testing.assert_close(adapter.modules["model.layers.1.mlp.up_proj"].B, raw[key] * (16 / 8))
+    torch.testing.assert_close(adapter.modules["model.layers.1.mlp.up_proj"].Bt, raw[key].t() * (16 / 8))
 
 
 def test_bin_weights_load_like_safetensors(good, bad, spec):
     torch.save(load_file(bad / WEIGHTS), bad / "adapter_model.bin")
     (bad / WEIGHTS).unlink()
     a, b = load_adapter(good, spec, 16), load_adapter(bad, spec, 16)
-    assert all(torch.equal(a.modules[n].B, b.modules[n].B) for n in a.modules)
+    assert all(torch.equal(a.modules[n].Bt, b.modules[n].Bt) for n in a.modules)
 
 
 def test_missing_folder_is_not_found(tmp_path, spec):

@@ -102,7 +102,7 @@ class LoRACache:
             adapter = self._loader(ref)
             if self.context.device.type == "cuda":  # pinned host memory: fast, async host -> device copies
                 for m in adapter.modules.values():
-                    m.A, m.B = m.A.pin_memory(), m.B.pin_memory()
+                    m.A, m.Bt = m.A.pin_memory(), m.Bt.pin_memory()
         except BaseException as exc:
             with self._lock:
                 del self._loading[ref.int_id]

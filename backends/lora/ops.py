@@ -1,16 +1,18 @@
 """Batched mixed-adapter LoRA: y[i] += scale_i * (x[i] A_s^T) B_s^T for every row i whose slot s is not -1.
 
-Slot buffers are stacked and zero-padded: A [max_loras, max_rank, in], B [max_loras, out, max_rank], with alpha/r
-already in B, so mixed ranks share one batch. Two paths over the same buffers:
+Slot buffers are stacked and zero-padded: `A` [max_loras, max_rank, in] and `Bt` [max_loras, max_rank, out]
+(B transposed, alpha/r folded in), so mixed ranks share one batch and any run of slots is a plain view.
 
-- `lora_apply` (CPU, and GPU prefill): rows are grouped by adapter once per forward (`LoRABatch`), then each module
-  costs one gather, two batched matmuls over the k active adapters and one index_add, whatever k is. No Python loop
-  per row or per adapter.
-- `lora_apply_rows` (GPU decode under CUDA graphs): fixed shapes only, driven by per-row slot/scale buffers of a
-  fixed size that are overwritten in place before each replay.
+`LoRABatch.build` looks at the batch once per forward; each patched module then runs one of:
 
-Rows without an adapter, or with scale 0, are left out of the grouped path entirely, so their outputs are
-bit-identical to the base layer.
+- "dense" (decode, few rows): one shrink against the run of slots the batch touches, a row x rank mask holding
+  each row's scale in its own adapter's columns, one addmm expand. Three ops per module, no gather, no scatter.
+- "segments" (inputs of T tokens per sequence: prefill, diffusion): each sequence's A/B gathered once (tiny),
+  one batched matmul over the sequence blocks and a baddbmm straight into y. Activations are never copied.
+- "grouped" (many single-token rows): rows grouped by adapter, two batched matmuls over the k adapters.
+
+`lora_apply_rows` is the fixed-shape variant for CUDA graphs: per-row slot/scale buffers of a fixed size.
+Rows without an adapter or with scale 0 get exactly +0 (or nothing), so their outputs equal the base layer's.
 """
 
 from __future__ import annotations
@@ -21,100 +23,115 @@ from typing import Sequence
 import torch
 
 NO_LORA = -1
+# Up to this many rows x slots, a dense shrink over the touched slots beats gathering (decode steps).
+DENSE_MAX_ROW_SLOTS = 512
 
 
 @dataclass(frozen=True)
 class LoRABatch:
-    """Row -> adapter mapping for one forward, shared by every patched module."""
+    """Sequence -> adapter mapping for one forward, shared by every patched module.
 
-    num_rows: int
-    active: torch.Tensor  # [k] slot ids in use
-    gather_idx: torch.Tensor  # [k * max_n] row of each grouped position (padding -> row 0 with scale 0)
-    scales: torch.Tensor  # [k, max_n, 1] scale per grouped position (0 for padding)
-    max_n: int
-    identity: bool  # one adapter, every row, in order: no gather/scatter needed
-    active_is_prefix: bool  # active == 0..k-1: slice the slot buffers instead of gathering them
+    A layer input of S rows (one token per sequence: decode) runs the row path chosen at build time ("dense" or
+    "grouped"); an input of S * T rows (T tokens per sequence, any T: prefill, image and text tokens of a
+    diffusion transformer) runs "segments".
+    """
+
+    num_seqs: int
+    row_mode: str  # "empty" | "dense" | "grouped"
+    seq_slots: torch.Tensor  # [S], clamped to >= 0 (rows without LoRA have scale 0)
+    seq_scales: torch.Tensor  # [S, 1, 1]
+    lo: int = 0  # the live rows use slots [lo, hi)
+    hi: int = 0
+    # dense: mask [S, (hi - lo) * R], each row's scale in its own adapter's columns
+    mask: torch.Tensor | None = None
+    # grouped: active slots [k], gather index [k * max_n], scales [k, max_n, 1]
+    active: torch.Tensor | None = None
+    gather_idx: torch.Tensor | None = None
+    group_scales: torch.Tensor | None = None
+    max_n: int = 0
 
     @property
     def empty(self) -> bool:
-        return self.active.numel() == 0
+        return self.row_mode == "empty"
 
     @classmethod
     def build(
         cls,
         slot_ids: Sequence[int] | torch.Tensor,
         scales: Sequence[float] | torch.Tensor,
-        tokens_per_row: int = 1,
+        max_rank: int = 16,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> "LoRABatch":
-        """slot_ids/scales per sequence; each sequence owns `tokens_per_row` consecutive rows of the flattened input."""
+        """One slot id (-1 = none) and one scale per sequence of the batch."""
         slots = torch.as_tensor(slot_ids, dtype=torch.long).reshape(-1)
         scale = torch.as_tensor(scales, dtype=torch.float64).reshape(-1)
         if slots.shape != scale.shape:
             raise ValueError(f"{slots.numel()} slot ids but {scale.numel()} scales")
-        if tokens_per_row > 1:
-            slots = slots.repeat_interleave(tokens_per_row)
-            scale = scale.repeat_interleave(tokens_per_row)
-        n = slots.numel()
         live = (slots != NO_LORA) & (scale != 0)
+        scale = torch.where(live, scale, torch.zeros_like(scale))
+        slots = torch.where(live, slots, torch.zeros_like(slots))
+        common = dict(num_seqs=slots.numel(), seq_slots=slots.to(device),
+                      seq_scales=scale.view(-1, 1, 1).to(device=device, dtype=dtype))
+        if not bool(live.any()):
+            return cls(row_mode="empty", **common)
         rows = torch.nonzero(live).reshape(-1)
+        lo, hi = int(slots[rows].min()), int(slots[rows].max()) + 1
+        common.update(lo=lo, hi=hi)
+        n = slots.numel()
+        if n * (hi - lo) <= DENSE_MAX_ROW_SLOTS:
+            mask = torch.zeros(n, hi - lo, max_rank, dtype=torch.float64)
+            mask[rows, slots[rows] - lo] = scale[rows].unsqueeze(-1)
+            return cls(row_mode="dense", mask=mask.view(n, -1).to(device=device, dtype=dtype), **common)
         active, counts = torch.unique(slots[rows], sorted=True, return_counts=True)
-        k = active.numel()
-        if k == 0:
-            empty = torch.empty(0, dtype=torch.long, device=device)
-            return cls(n, empty, empty, torch.empty(0, 0, 1, dtype=dtype, device=device), 0, False, True)
-        max_n = int(counts.max())
-        # Stable sort by slot keeps each adapter's rows in order; position within the group via cumulative counts.
+        k, max_n = active.numel(), int(counts.max())
+        # Stable sort keeps each adapter's rows in order; position in the group from cumulative counts.
         order = rows[torch.argsort(slots[rows], stable=True)]
         group = torch.repeat_interleave(torch.arange(k), counts)
-        starts = torch.cumsum(counts, 0) - counts
-        pos = torch.arange(order.numel()) - starts[group]
+        pos = torch.arange(order.numel()) - (torch.cumsum(counts, 0) - counts)[group]
         gather = torch.zeros(k, max_n, dtype=torch.long)
         grouped_scale = torch.zeros(k, max_n, 1, dtype=torch.float64)
         gather[group, pos] = order
         grouped_scale[group, pos, 0] = scale[order]
-        identity = k == 1 and order.numel() == n
-        return cls(
-            num_rows=n,
-            active=active.to(device),
-            gather_idx=gather.reshape(-1).to(device),
-            scales=grouped_scale.to(device=device, dtype=dtype),
-            max_n=max_n,
-            identity=identity,
-            active_is_prefix=bool(torch.equal(active, torch.arange(k))),
-        )
+        return cls(row_mode="grouped", active=active.to(device), gather_idx=gather.reshape(-1).to(device),
+                   group_scales=grouped_scale.to(device=device, dtype=dtype), max_n=max_n, **common)
 
 
-def _active(stack: torch.Tensor, batch: LoRABatch) -> torch.Tensor:
-    k = batch.active.numel()
-    return stack[:k] if batch.active_is_prefix else stack.index_select(0, batch.active)
-
-
-def lora_apply(y: torch.Tensor, x: torch.Tensor, batch: LoRABatch, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """In place on y [N, out] for x [N, in]; A [K, R, in], B [K, out, R]. Returns y."""
-    if batch.empty:
+def lora_apply(y: torch.Tensor, x: torch.Tensor, batch: LoRABatch, A: torch.Tensor, Bt: torch.Tensor) -> torch.Tensor:
+    """In place on y [N, out] for x [N, in] (N = S rows, or S * T); A [K, R, in], Bt [K, R, out]. Returns y."""
+    if batch.row_mode == "empty":
         return y
-    if x.shape[0] != batch.num_rows:
-        raise ValueError(f"LoRA batch maps {batch.num_rows} rows but the layer input has {x.shape[0]}")
+    n, s = x.shape[0], batch.num_seqs
+    if n != s:
+        if n % s:
+            raise ValueError(f"LoRA batch maps {s} sequences but the layer input has {n} rows")
+        if batch.hi - batch.lo == 1:  # one adapter for the whole batch: two plain GEMMs, nothing gathered
+            h = torch.mm(x, A[batch.lo].t())
+            h.view(s, -1, h.shape[1]).mul_(batch.seq_scales)
+            return y.addmm_(h, Bt[batch.lo])
+        a = A.index_select(0, batch.seq_slots)  # [S, R, in]: weights are small, activations are not copied
+        b = Bt.index_select(0, batch.seq_slots)  # [S, R, out]
+        h = torch.bmm(x.view(s, -1, x.shape[1]), a.transpose(1, 2)).mul_(batch.seq_scales)
+        y.view(s, -1, y.shape[1]).baddbmm_(h, b)
+        return y
+    if batch.row_mode == "dense":
+        a = A[batch.lo : batch.hi].reshape(-1, A.shape[2])  # views: slots are contiguous in the stack
+        b = Bt[batch.lo : batch.hi].reshape(-1, Bt.shape[2])
+        return y.addmm_(torch.mm(x, a.t()).mul_(batch.mask), b)
     k, max_n = batch.active.numel(), batch.max_n
-    a = _active(A, batch)
-    b = _active(B, batch)
-    if batch.identity:
-        h = torch.mm(x, a[0].t()).mul_(batch.scales[0])
-        return y.addmm_(h, b[0].t())
+    a = A.index_select(0, batch.active)
+    b = Bt.index_select(0, batch.active)
     xg = x.index_select(0, batch.gather_idx).view(k, max_n, x.shape[1])
-    h = torch.bmm(xg, a.transpose(1, 2)).mul_(batch.scales)
-    delta = torch.bmm(h, b.transpose(1, 2))
-    return y.index_add_(0, batch.gather_idx, delta.view(k * max_n, -1))
+    h = torch.bmm(xg, a.transpose(1, 2)).mul_(batch.group_scales)
+    return y.index_add_(0, batch.gather_idx, torch.bmm(h, b).view(k * max_n, -1))
 
 
 def lora_apply_rows(
     y: torch.Tensor, x: torch.Tensor, slot_per_row: torch.Tensor, scale_per_row: torch.Tensor,
-    A: torch.Tensor, B: torch.Tensor,
+    A: torch.Tensor, Bt: torch.Tensor,
 ) -> torch.Tensor:
-    """Fixed-shape variant for CUDA graphs: slot_per_row [N] (>= 0; rows without LoRA use any slot with scale 0)."""
+    """Fixed-shape variant for CUDA graphs: slot_per_row [N] (>= 0; rows without LoRA use any slot, scale 0)."""
     a = A.index_select(0, slot_per_row)  # [N, R, in]
-    b = B.index_select(0, slot_per_row)  # [N, out, R]
-    h = torch.bmm(a, x.unsqueeze(-1)) * scale_per_row.view(-1, 1, 1).to(x.dtype)  # [N, R, 1]
-    return y.add_(torch.bmm(b, h).squeeze(-1))
+    b = Bt.index_select(0, slot_per_row)  # [N, R, out]
+    h = torch.bmm(a, x.unsqueeze(-1)).mul_(scale_per_row.view(-1, 1, 1).to(x.dtype))  # [N, R, 1]
+    return y.add_(torch.bmm(h.transpose(1, 2), b).squeeze(1))

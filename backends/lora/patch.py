@@ -32,7 +32,8 @@ class LoRALinear(nn.Module):
         # Not persistent: the model's state_dict stays the base model's.
         self.register_buffer("lora_A", torch.zeros(context.max_loras, context.max_rank, base.in_features, **kw),
                              persistent=False)
-        self.register_buffer("lora_B", torch.zeros(context.max_loras, base.out_features, context.max_rank, **kw),
+        # B transposed ([slot, rank, out]) so a run of slots is one contiguous [slots * rank, out] matrix.
+        self.register_buffer("lora_B", torch.zeros(context.max_loras, context.max_rank, base.out_features, **kw),
                              persistent=False)
 
     @property
@@ -78,15 +79,16 @@ class LoRAContext:
         return TargetSpec({n: (m.in_features, m.out_features) for n, m in self.layers.items()}, self.model_name)
 
     # -- per forward -----------------------------------------------------------------------------------------
-    def set_batch(self, slot_ids: Sequence[int], scales: Sequence[float], tokens_per_row: int = 1) -> None:
-        self.batch = LoRABatch.build(slot_ids, scales, tokens_per_row, device=self.device, dtype=self.dtype)
+    def set_batch(self, slot_ids: Sequence[int], scales: Sequence[float]) -> None:
+        """One slot (-1 = none) and scale per sequence; layers see [S, ...] or [S, T, ...] inputs."""
+        self.batch = LoRABatch.build(slot_ids, scales, self.max_rank, self.device, self.dtype)
 
     def clear(self) -> None:
         self.batch = None
 
     @contextlib.contextmanager
-    def use(self, slot_ids: Sequence[int], scales: Sequence[float], tokens_per_row: int = 1) -> Iterator[None]:
-        self.set_batch(slot_ids, scales, tokens_per_row)
+    def use(self, slot_ids: Sequence[int], scales: Sequence[float]) -> Iterator[None]:
+        self.set_batch(slot_ids, scales)
         try:
             yield
         finally:
@@ -103,12 +105,13 @@ class LoRAContext:
         self._check_slot(slot)
         for name, layer in self.layers.items():
             weights = adapter.modules.get(name)
-            layer.lora_A[slot].zero_()
-            layer.lora_B[slot].zero_()
-            if weights is not None:
-                r = weights.A.shape[0]
+            r = 0 if weights is None else weights.A.shape[0]
+            if r:
                 layer.lora_A[slot, :r].copy_(weights.A, non_blocking=True)
-                layer.lora_B[slot, :, :r].copy_(weights.B, non_blocking=True)
+                layer.lora_B[slot, :r].copy_(weights.Bt, non_blocking=True)
+            if r < self.max_rank:  # zero the padding (or the whole slot for layers the adapter skips)
+                layer.lora_A[slot, r:].zero_()
+                layer.lora_B[slot, r:].zero_()
 
     @torch.no_grad()
     def clear_slot(self, slot: int) -> None:
