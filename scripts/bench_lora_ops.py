@@ -63,7 +63,6 @@ class Workload:
         self.prefill_ids = torch.randint(0, vocab, (batch, prefill_len), generator=gen)
         self.past_ids = self.prefill_ids[:, :past_len]
         self.step_ids = torch.randint(0, vocab, (batch, 1), generator=gen)
-        self.past_len = past_len
 
     def decode_fn(self, model, **kw):
         with torch.inference_mode():

@@ -15,7 +15,7 @@ import threading
 import time
 from collections import Counter, OrderedDict
 from concurrent.futures import Future
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator, Sequence
 
 
@@ -48,7 +48,7 @@ class CacheStats:
     device_loads: int = 0  # host -> slot copies
 
     def snapshot(self) -> "CacheStats":
-        return CacheStats(**{f.name: getattr(self, f.name) for f in fields(self)})
+        return replace(self)
 
 
 class NoFreeSlot(Unavailable):
