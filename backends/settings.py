@@ -24,3 +24,23 @@ def default_llm_model_path() -> Path:
     if env:
         return Path(env).expanduser().resolve()
     return cache_dir() / "models" / DEFAULT_LLM_NAME
+
+LORA_REGISTRY_ENV = "MULTILORA_LORA_REGISTRY"
+ALLOWED_LORA_ROOTS_ENV = "MULTILORA_ALLOWED_LORA_ROOTS"
+LORA_RESOLVER_DIRS_ENV = "MULTILORA_LORA_RESOLVER_DIRS"
+
+
+def adapters_dir() -> Path:
+    """Where our scripts put adapters (demo adapters, benchmark adapters); always an allowed LoRA root."""
+    return cache_dir() / "adapters"
+
+
+def lora_registry_file() -> Path:
+    """The dynamic adapter registry shared by the backends and the frontend's load/unload endpoints."""
+    env = os.environ.get(LORA_REGISTRY_ENV)
+    return Path(env).expanduser().resolve() if env else cache_dir() / "lora_registry.json"
+
+
+def env_paths(name: str) -> list[Path]:
+    """An os.pathsep-separated list of folders from the environment."""
+    return [Path(p).expanduser() for p in os.environ.get(name, "").split(os.pathsep) if p]

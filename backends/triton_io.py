@@ -5,12 +5,15 @@ Only imported inside the Triton Python-backend stub, where `triton_python_backen
 
 from __future__ import annotations
 
+import json
+import math
 from typing import Any
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from backends.errors import BackendError, InvalidArgument, NotFound, Unavailable
+from backends.lora.resolver import LoRAFields
 
 
 def _array(request, name: str) -> np.ndarray | None:
@@ -56,6 +59,46 @@ def get_float(request, name: str) -> float | None:
 def get_bool(request, name: str) -> bool | None:
     array = _array(request, name)
     return None if array is None else bool(_one(array, name))
+
+
+def request_parameters(request) -> dict[str, Any]:
+    """Triton request parameters (JSON), e.g. `perf_analyzer --request-parameter lora_name:x:string`."""
+    raw = request.parameters()
+    if not raw:
+        return {}
+    try:
+        params = json.loads(raw) if isinstance(raw, str) else dict(raw)
+    except (ValueError, TypeError):
+        raise InvalidArgument("request parameters are not a JSON object") from None
+    return params if isinstance(params, dict) else {}
+
+
+def _param(params: dict[str, Any], name: str, kind: type) -> Any:
+    if name not in params:
+        return None
+    value = params[name]
+    try:
+        converted = kind(value)
+    except (TypeError, ValueError):
+        raise InvalidArgument(f"request parameter '{name}' must be {kind.__name__}, got {value!r}") from None
+    if kind is int and isinstance(value, float) and not (math.isfinite(value) and value == converted):
+        raise InvalidArgument(f"request parameter '{name}' must be an integer, got {value!r}")
+    return converted
+
+
+def get_lora_fields(request) -> LoRAFields:
+    """The LoRA contract: input tensors first, then request parameters of the same names (vllm_backend style)."""
+    params = request_parameters(request)
+    name = get_string(request, "lora_name")
+    path = get_string(request, "lora_path")
+    scale = get_float(request, "lora_scale")
+    int_id = get_int(request, "lora_int_id")
+    return LoRAFields(
+        name=(name if name is not None else _param(params, "lora_name", str)) or None,
+        path=(path if path is not None else _param(params, "lora_path", str)) or None,
+        scale=scale if scale is not None else _param(params, "lora_scale", float),
+        int_id=int_id if int_id is not None else _param(params, "lora_int_id", int),
+    )
 
 
 def string_tensor(name: str, value: str) -> "pb_utils.Tensor":

@@ -1,9 +1,9 @@
-"""Generation engine: one thread owns the model; `submit` only queues, so Triton's `execute` returns at once.
+"""Continuous-batching generation engine: one thread owns the model; `submit` only queues.
 
-Each request becomes a `Sequence` that the loop advances token by token: sample, detokenise, check stop
-conditions, stream the delta, check cancellation. Today the loop runs one sequence at a time; the
-continuous-batching scheduler replaces `_run` and steps many sequences per forward through the same `Sequence`
-and `ModelRunner` interfaces.
+Every step the engine admits waiting requests (see `scheduler.py`), prefills the new ones in one left-padded
+forward, then decodes one token for every running sequence in one batched forward with mixed LoRA adapters. Each
+row samples with its own parameters and generator, streams its text, and leaves the batch as soon as it finishes
+or its client cancels (its KV rows and LoRA slot are freed at once).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -19,9 +20,12 @@ import torch
 
 from backends.errors import Unavailable
 from backends.llm.detokenizer import IncrementalDetokenizer
+from backends.llm.kv_cache import KVBatch
 from backends.llm.params import GenerationRequest, SamplingParams, check_context_length
-from backends.llm.runner import ModelRunner
+from backends.llm.runner import ModelRunner, RowLoRA
 from backends.llm.sampling import make_generator, sample_next_tokens
+from backends.llm.scheduler import Scheduler, SchedulerLimits
+from backends.lora.cache import LoRACache, NoFreeSlot
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +63,9 @@ class EngineObserver(Protocol):
 class Sequence:
     """One request's generation state."""
 
-    def __init__(self, request: GenerationRequest, tokenizer, eos_token_ids: set[int]):
+    def __init__(self, request: GenerationRequest, sink: OutputSink, tokenizer, eos_token_ids: set[int]):
         self.request = request
+        self.sink = sink
         self.params: SamplingParams = request.params
         self.generator = make_generator(self.params.seed)
         self.detok = IncrementalDetokenizer(tokenizer, self.params.stop)
@@ -68,6 +73,11 @@ class Sequence:
         self.output_ids: list[int] = []
         self.finish_reason: str | None = None
         self.pending_text = ""  # non-stream: everything; stream: the delta since the last send
+        self.num_prompt_tokens = len(request.prompt_token_ids)
+        self.adapter_key = request.lora.ref.int_id if request.lora else None
+        self.bypassed_steps = 0
+        self.row_lora = RowLoRA()
+        self.started = time.monotonic()
 
     def append(self, token_id: int) -> None:
         """Take one sampled token and decide whether the sequence is finished."""
@@ -86,11 +96,13 @@ class Sequence:
             self.pending_text += self.detok.flush()
 
     def take_chunk(self) -> GenerationChunk:
-        chunk = GenerationChunk(
-            self.pending_text, self.finish_reason, len(self.request.prompt_token_ids), len(self.output_ids)
-        )
+        chunk = GenerationChunk(self.pending_text, self.finish_reason, self.num_prompt_tokens, len(self.output_ids))
         self.pending_text = ""
         return chunk
+
+    @property
+    def last_token(self) -> int:
+        return self.output_ids[-1]
 
 
 class LLMEngine:
@@ -100,13 +112,20 @@ class LLMEngine:
         default_max_tokens: int = 256,
         max_model_len: int | None = None,
         observer: EngineObserver | None = None,
+        lora_cache: LoRACache | None = None,
+        limits: SchedulerLimits = SchedulerLimits(),
     ):
         self.runner = runner
         self.default_max_tokens = default_max_tokens
         self.max_model_len = min(max_model_len or runner.max_model_len, runner.max_model_len)
+        self.lora_cache = lora_cache
+        fits = lora_cache.fits if lora_cache else (lambda adapters: not adapters)
+        self.scheduler = Scheduler(limits, fits)
         self._observer = observer
-        self._queue: queue.Queue[tuple[GenerationRequest, OutputSink] | None] = queue.Queue()
-        self._running = 0
+        self._queue: queue.Queue[Sequence | None] = queue.Queue()
+        self._waiting: deque[Sequence] = deque()
+        self._running: list[Sequence] = []
+        self._batch: KVBatch | None = None
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="llm-engine", daemon=True)
         self._thread.start()
@@ -121,8 +140,9 @@ class LLMEngine:
     def submit(self, request: GenerationRequest, sink: OutputSink) -> None:
         if self._closed:
             raise Unavailable("the model is shutting down; retry on another instance")
-        self._queue.put((request, sink))
-        self._report_queue()
+        if request.lora and self.lora_cache is None:
+            raise Unavailable("LoRA is disabled for this model (max_loras is 0)")
+        self._queue.put(Sequence(request, sink, self.runner.tokenizer, self.runner.eos_token_ids))
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._closed = True
@@ -132,68 +152,122 @@ class LLMEngine:
     # -- engine thread --------------------------------------------------------------------------------------
     def _report_queue(self) -> None:
         if self._observer:
-            self._observer.on_queue(self._queue.qsize(), self._running)
+            self._observer.on_queue(len(self._waiting) + self._queue.qsize(), len(self._running))
+
+    def _pull_requests(self) -> bool:
+        """Move queued requests to `waiting`, blocking while there is nothing to do. False once shut down."""
+        block = not self._waiting and not self._running
+        while True:
+            try:
+                item = self._queue.get(block=block)
+            except queue.Empty:
+                return True
+            if item is None:
+                return False
+            self._waiting.append(item)
+            block = False
 
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
-        while True:
-            item = self._queue.get()
-            if item is None:
-                break
-            request, sink = item
-            if self._closed:
-                sink.fail(Unavailable("the model is shutting down; request not started"))
-                continue
-            self._running = 1
+        while self._pull_requests() and not self._closed:
+            try:
+                self._step()
+            except Exception as exc:  # a failed step fails its batch, never the engine
+                log.exception("engine step failed; failing %d running requests", len(self._running))
+                for seq in self._running:
+                    self._release(seq)
+                    seq.sink.fail(exc)
+                self._running, self._batch = [], None
             self._report_queue()
-            try:
-                self._run(request, sink)
-            except Exception as exc:  # a failed request must not take the engine down
-                log.exception("request %s failed", request.request_id)
-                sink.fail(exc)
-            finally:
-                self._running = 0
-                self._report_queue()
-        # Drain what arrived after shutdown began.
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is not None:
-                item[1].fail(Unavailable("the model is shutting down; request not started"))
+        for seq in [*self._running, *self._waiting]:
+            self._release(seq)
+            seq.sink.fail(Unavailable("the model is shutting down; request not finished"))
+        while (item := self._queue.get_nowait() if not self._queue.empty() else None) is not None:
+            item.sink.fail(Unavailable("the model is shutting down; request not started"))
 
-    def _run(self, request: GenerationRequest, sink: OutputSink) -> None:
-        seq = Sequence(request, self.runner.tokenizer, self.runner.eos_token_ids)
-        started = time.monotonic()
-        if sink.is_cancelled():
-            self._finish(seq, sink, FINISH_ABORT)
-            return
-        result = self.runner.prefill(request.prompt_token_ids)
-        while True:
-            token = sample_next_tokens(result.logits, [seq.params], [seq.generator])[0]
+    def _step(self) -> None:
+        for seq in [s for s in self._waiting if s.sink.is_cancelled()]:
+            self._waiting.remove(seq)
+            self._finish(seq, FINISH_ABORT)
+        admitted = self._admit()
+        if admitted:
+            logits, new_batch = self.runner.prefill(
+                [s.request.prompt_token_ids for s in admitted], [s.row_lora for s in admitted]
+            )
+            self._sample(admitted, logits)
+            if self._batch is None:
+                self._batch = new_batch
+            else:
+                self._batch.concat(new_batch)
+            self._running.extend(admitted)
+            self._retire()
+        if self._running:
+            logits = self.runner.decode(
+                self._batch, [s.last_token for s in self._running], [s.row_lora for s in self._running]
+            )
+            self._sample(self._running, logits)
+            self._retire()
+
+    def _admit(self) -> list[Sequence]:
+        chosen = self.scheduler.admit(self._waiting, self._running)
+        admitted = []
+        for seq in chosen:
+            lora = seq.request.lora
+            if lora is not None:
+                try:
+                    slot = self.lora_cache.acquire([lora.ref])[0]
+                except NoFreeSlot:
+                    continue  # slots pinned elsewhere; it stays waiting
+                except Exception as exc:  # e.g. the adapter file vanished since validation
+                    self._waiting.remove(seq)
+                    seq.sink.fail(exc)
+                    continue
+                seq.row_lora = RowLoRA(slot, lora.scale)
+            self._waiting.remove(seq)
+            admitted.append(seq)
+        return admitted
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        tokens = sample_next_tokens(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        for seq, token in zip(seqs, tokens):
             seq.append(token)
-            if self._observer:
-                self._observer.on_tokens(1)
-            if seq.finish_reason is not None:
-                break
-            if request.stream and seq.pending_text:
-                sink.send(seq.take_chunk(), final=False)
-            if sink.is_cancelled() or self._closed:
-                seq.finish_reason = FINISH_ABORT
-                break
-            result = self.runner.decode(token, result.kv_cache)
-        self._finish(seq, sink, seq.finish_reason)
-        log.info(
-            "request %s: %d prompt + %d generated tokens in %.2f s (%s)",
-            request.request_id, len(request.prompt_token_ids), len(seq.output_ids),
-            time.monotonic() - started, seq.finish_reason,
-        )
+            if seq.finish_reason is None and seq.request.stream and seq.pending_text:
+                seq.sink.send(seq.take_chunk(), final=False)
+        if self._observer:
+            self._observer.on_tokens(len(seqs))
 
-    def _finish(self, seq: Sequence, sink: OutputSink, reason: str) -> None:
+    def _retire(self) -> None:
+        keep = []
+        for row, seq in enumerate(self._running):
+            if seq.finish_reason is None and (self._closed or seq.sink.is_cancelled()):
+                seq.finish_reason = FINISH_ABORT
+            if seq.finish_reason is None:
+                keep.append(row)
+            else:
+                self._finish(seq, seq.finish_reason)
+        if len(keep) == len(self._running):
+            return
+        self._running = [self._running[i] for i in keep]
+        if keep:
+            self._batch.keep(keep)
+        else:
+            self._batch = None
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.row_lora.slot >= 0:
+            self.lora_cache.release([seq.request.lora.ref])
+            seq.row_lora = RowLoRA()
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self._release(seq)
         seq.finish_reason = reason
         if reason == FINISH_ABORT:
             seq.pending_text = ""  # nobody is listening
-        sink.send(seq.take_chunk(), final=True)
+        seq.sink.send(seq.take_chunk(), final=True)
         if self._observer:
-            self._observer.on_finished(reason, len(seq.request.prompt_token_ids), len(seq.output_ids))
+            self._observer.on_finished(reason, seq.num_prompt_tokens, len(seq.output_ids))
+        log.info(
+            "request %s: %d prompt + %d generated tokens in %.2f s (%s%s)",
+            seq.request.request_id, seq.num_prompt_tokens, len(seq.output_ids), time.monotonic() - seq.started,
+            reason, f", LoRA '{seq.request.lora.ref.name}'" if seq.request.lora else "",
+        )

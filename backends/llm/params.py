@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 
 from backends.errors import InvalidArgument
+from backends.lora.resolver import LoRASelection
 
 MAX_STOP_STRINGS = 16
 
@@ -31,6 +32,7 @@ class GenerationRequest:
     params: SamplingParams
     stream: bool = False
     prompt_token_ids: list[int] = field(default_factory=list)
+    lora: LoRASelection | None = None  # None = base model
 
 
 def build_sampling_params(

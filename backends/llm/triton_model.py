@@ -18,7 +18,9 @@ from backends.errors import BackendError, InvalidArgument
 from backends.llm.engine import GenerationChunk, LLMEngine
 from backends.llm.metrics import TritonEngineMetrics
 from backends.llm.params import GenerationRequest, build_sampling_params
-from backends.llm.runner import ModelRunner
+from backends.llm.runner import LoRASettings, ModelRunner
+from backends.llm.scheduler import SchedulerLimits
+from backends.lora.serving import LoRAServingConfig, build_resolver
 from backends.settings import LLM_MODEL_PATH_ENV, default_llm_model_path
 
 log = logging.getLogger(__name__)
@@ -66,12 +68,23 @@ class TritonLLMModel:
             device = f"cuda:{args['model_instance_device_id']}"
         log.info("model '%s' serving %s on %s (set parameter model_path or %s to change)",
                  args["model_name"], model_path, device, LLM_MODEL_PATH_ENV)
-        runner = ModelRunner(model_path, device=device)
+        lora = LoRAServingConfig.from_parameters(params)
+        runner = ModelRunner(
+            model_path, device=device,
+            lora=LoRASettings(lora.max_loras, lora.max_lora_rank) if lora.enabled else None,
+        )
+        self.lora = build_resolver(runner.lora, lora) if lora.enabled else None
+        defaults = SchedulerLimits()
         self.engine = LLMEngine(
             runner,
             default_max_tokens=int(params.get("default_max_tokens") or 256),
             max_model_len=int(params["max_model_len"]) if params.get("max_model_len") else None,
             observer=TritonEngineMetrics(args["model_name"]),
+            lora_cache=self.lora.cache if self.lora else None,
+            limits=SchedulerLimits(
+                max_num_seqs=int(params.get("max_num_seqs") or defaults.max_num_seqs),
+                max_num_batched_tokens=int(params.get("max_num_batched_tokens") or defaults.max_num_batched_tokens),
+            ),
         )
 
     def _parse(self, request) -> GenerationRequest:
@@ -90,7 +103,14 @@ class TritonLLMModel:
             default_max_tokens=self.engine.default_max_tokens,
         )
         stream = tio.get_bool(request, "stream")
-        return GenerationRequest(request.request_id() or "", prompt, sampling, stream=bool(stream))
+        fields = tio.get_lora_fields(request)
+        if self.lora is not None:
+            lora = self.lora.select(fields)
+        elif not fields.empty:
+            raise InvalidArgument("this model serves no LoRA adapters (max_loras is 0)")
+        else:
+            lora = None
+        return GenerationRequest(request.request_id() or "", prompt, sampling, stream=bool(stream), lora=lora)
 
     def execute(self, requests: list) -> None:
         for request in requests:

@@ -240,6 +240,11 @@ class LoRACache:
             return found
 
     # -- introspection -----------------------------------------------------------------------------------------
+    def fits(self, int_ids: set) -> bool:
+        """Whether these adapters can hold device slots at the same time, next to the pinned ones."""
+        with self._lock:
+            return len(set(int_ids) | self._pinned) <= self.max_loras
+
     def stats(self) -> CacheStats:
         with self._lock:
             return self._stats.snapshot()

@@ -1,0 +1,95 @@
+"""Build a model's LoRA stack (registry, cache, resolver) from its config.pbtxt parameters.
+
+Every model that serves adapters uses the same parameters, defaults and environment variables, so the LLM and the
+diffusion models behave alike and the frontend can share their registry file.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from backends.lora.adapter import load_adapter
+from backends.lora.cache import AdapterRef, LoRACache
+from backends.lora.patch import LoRAContext
+from backends.lora.registry import AdapterEntry, LoRARegistry, parse_lora_modules
+from backends.lora.resolver import AdapterResolver
+from backends.settings import (
+    ALLOWED_LORA_ROOTS_ENV, LORA_RESOLVER_DIRS_ENV, adapters_dir, cache_dir, env_paths, lora_registry_file,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _int(params: dict[str, str], key: str, default: int | None) -> int | None:
+    raw = (params.get(key) or "").strip()
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"model parameter '{key}' must be an integer, got {raw!r}") from None
+
+
+def _paths(params: dict[str, str], key: str) -> list[Path]:
+    return [Path(p.strip()).expanduser() for p in (params.get(key) or "").split(",") if p.strip()]
+
+
+@dataclass(frozen=True)
+class LoRAServingConfig:
+    max_loras: int = 16  # device slots: distinct adapters in one batch; 0 disables LoRA
+    max_lora_rank: int = 16
+    max_cpu_loras: int = 64
+    max_cpu_lora_bytes: int | None = None
+    static: tuple[AdapterEntry, ...] = ()
+    registry_file: Path = field(default_factory=lora_registry_file)
+    allowed_roots: tuple[Path, ...] = ()
+    resolver_dirs: tuple[Path, ...] = ()
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_loras > 0
+
+    @classmethod
+    def from_parameters(cls, params: dict[str, str]) -> "LoRAServingConfig":
+        """Model parameters: lora_modules (vLLM --lora-modules forms; relative paths are under the project cache),
+        max_loras, max_lora_rank, max_cpu_loras, max_cpu_lora_bytes, lora_registry_file, allowed_lora_roots and
+        lora_resolver_dirs (comma-separated; the env lists MULTILORA_ALLOWED_LORA_ROOTS and
+        MULTILORA_LORA_RESOLVER_DIRS add to them). The adapters folder of the project cache is always allowed."""
+        static = tuple(
+            replace(e, path=str(p if (p := Path(e.path).expanduser()).is_absolute() else cache_dir() / p))
+            for e in parse_lora_modules(params.get("lora_modules") or "")
+        )
+        max_loras = _int(params, "max_loras", cls.max_loras)
+        max_cpu = _int(params, "max_cpu_loras", cls.max_cpu_loras)
+        registry = (params.get("lora_registry_file") or "").strip()
+        return cls(
+            max_loras=max_loras,
+            max_lora_rank=_int(params, "max_lora_rank", cls.max_lora_rank),
+            max_cpu_loras=max(max_cpu, max_loras),
+            max_cpu_lora_bytes=_int(params, "max_cpu_lora_bytes", None),
+            static=static,
+            registry_file=Path(registry).expanduser() if registry else lora_registry_file(),
+            allowed_roots=(adapters_dir(), *_paths(params, "allowed_lora_roots"), *env_paths(ALLOWED_LORA_ROOTS_ENV)),
+            resolver_dirs=(*_paths(params, "lora_resolver_dirs"), *env_paths(LORA_RESOLVER_DIRS_ENV)),
+        )
+
+
+def build_resolver(context: LoRAContext, config: LoRAServingConfig) -> AdapterResolver:
+    """Registry + cache + resolver over a patched model's context; static adapters are loaded and pinned."""
+    spec = context.spec
+
+    def loader(ref: AdapterRef):
+        return load_adapter(ref.path, spec, config.max_lora_rank, dtype=context.dtype)
+
+    registry = LoRARegistry(config.static, config.registry_file, config.resolver_dirs, config.allowed_roots)
+    cache = LoRACache(context, loader, config.max_cpu_loras, config.max_cpu_lora_bytes)
+    resolver = AdapterResolver(registry, cache)
+    resolver.pin_static()
+    log.info("LoRA: %d slots, max rank %d, host cache %d adapters; registry %s; allowed roots %s",
+             config.max_loras, config.max_lora_rank, config.max_cpu_loras, config.registry_file,
+             [str(r) for r in registry.paths.roots])
+    return resolver
