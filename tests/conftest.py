@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -10,7 +13,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
-from backends.settings import default_llm_model_path
+from backends.settings import ALLOWED_LORA_ROOTS_ENV, LORA_REGISTRY_ENV, REPO_ROOT, default_llm_model_path
 from scripts.triton_launcher import TritonServer, free_port
 
 
@@ -26,12 +29,36 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def triton_server(tmp_path_factory):
+def lora_root(tmp_path_factory) -> Path:
+    """Adapters the tests make live here; the session's server allows this root and keeps its registry here."""
+    return tmp_path_factory.mktemp("lora_root")
+
+
+TIGHT_MODEL = "llm_tight"  # the llm model with 2 LoRA slots and no static adapters, loaded by the tests needing it
+
+
+def _tight_repository(root: Path) -> Path:
+    repo = root / "extra_models"
+    shutil.copytree(REPO_ROOT / "model_repository" / "llm", repo / TIGHT_MODEL)
+    config = repo / TIGHT_MODEL / "config.pbtxt"
+    text = re.sub(r'name: "llm"', f'name: "{TIGHT_MODEL}"', config.read_text(), count=1)
+    for key, value in {"max_loras": "2", "max_cpu_loras": "2", "lora_modules": "", "max_num_seqs": "8"}.items():
+        text, n = re.subn(rf'(key: "{key}", value: {{ string_value: )"[^"]*"', rf'\1"{value}"', text)
+        assert n == 1, f"parameter {key} not found in the llm config"
+    config.write_text(text)
+    return repo
+
+
+@pytest.fixture(scope="session")
+def triton_server(tmp_path_factory, lora_root):
     if not (default_llm_model_path() / "config.json").is_file():
         pytest.fail(f"converted model missing at {default_llm_model_path()}: run scripts/setup first")
     log_file = tmp_path_factory.mktemp("triton") / "tritonserver.log"
     server = TritonServer(
-        http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(), log_file=log_file
+        http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(), log_file=log_file,
+        extra_args=[f"--model-repository={_tight_repository(tmp_path_factory.mktemp('repo'))}"],
+        env={**os.environ, ALLOWED_LORA_ROOTS_ENV: str(lora_root),
+             LORA_REGISTRY_ENV: str(lora_root / "registry.json")},
     )
     server.start(timeout=300)
     try:

@@ -13,7 +13,9 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 _DTYPES = {
     "max_tokens": np.int32, "top_k": np.int32, "seed": np.int64,
     "temperature": np.float32, "top_p": np.float32, "stream": np.bool_,
+    "lora_scale": np.float32, "lora_int_id": np.int64,
 }
+_STRINGS = {"lora_name", "lora_path"}
 
 
 def make_inputs(text_input: str | bytes | None = None, **params) -> list[grpcclient.InferInput]:
@@ -26,6 +28,8 @@ def make_inputs(text_input: str | bytes | None = None, **params) -> list[grpccli
             continue
         if name == "stop":
             values[name] = np.array([s.encode() for s in value], dtype=np.object_)
+        elif name in _STRINGS:
+            values[name] = np.array([str(value).encode()], dtype=np.object_)
         else:
             values[name] = np.array([value], dtype=_DTYPES[name])
     inputs = []
@@ -55,15 +59,19 @@ def generate(
     model: str = "llm",
     timeout: float = 120.0,
     cancel_after_chunks: int | None = None,
+    parameters: dict | None = None,
     **params,
 ) -> Generation:
-    """Send one request on a new stream and read until its final response (or an error, or a cancel)."""
+    """Send one request on a new stream and read until its final response (or an error, or a cancel).
+
+    `params` become input tensors; `parameters` are Triton request parameters."""
     responses: queue.Queue = queue.Queue()
     client.start_stream(callback=lambda result, error: responses.put((result, error)))
     out = Generation()
     try:
         client.async_stream_infer(
-            model, make_inputs(text_input, **params), request_id=uuid.uuid4().hex, enable_empty_final_response=True
+            model, make_inputs(text_input, **params), request_id=uuid.uuid4().hex, enable_empty_final_response=True,
+            parameters=parameters,
         )
         while True:
             result, error = responses.get(timeout=timeout)

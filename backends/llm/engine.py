@@ -25,7 +25,7 @@ from backends.llm.params import GenerationRequest, SamplingParams, check_context
 from backends.llm.runner import ModelRunner, RowLoRA
 from backends.llm.sampling import make_generator, sample_next_tokens
 from backends.llm.scheduler import Scheduler, SchedulerLimits
-from backends.lora.cache import LoRACache, NoFreeSlot
+from backends.lora.cache import CacheStats, LoRACache, NoFreeSlot
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,8 @@ class EngineObserver(Protocol):
     def on_tokens(self, count: int) -> None: ...
 
     def on_queue(self, waiting: int, running: int) -> None: ...
+
+    def on_lora(self, stats: CacheStats, slots_in_use: int, adapters_in_host: int) -> None: ...
 
 
 class Sequence:
@@ -153,6 +155,9 @@ class LLMEngine:
     def _report_queue(self) -> None:
         if self._observer:
             self._observer.on_queue(len(self._waiting) + self._queue.qsize(), len(self._running))
+            if self.lora_cache is not None:
+                self._observer.on_lora(self.lora_cache.stats(), self.lora_cache.slots_in_use(),
+                                       len(self.lora_cache.host_ids()))
 
     def _pull_requests(self) -> bool:
         """Move queued requests to `waiting`, blocking while there is nothing to do. False once shut down."""
@@ -182,8 +187,10 @@ class LLMEngine:
         for seq in [*self._running, *self._waiting]:
             self._release(seq)
             seq.sink.fail(Unavailable("the model is shutting down; request not finished"))
-        while (item := self._queue.get_nowait() if not self._queue.empty() else None) is not None:
-            item.sink.fail(Unavailable("the model is shutting down; request not started"))
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if item is not None:
+                item.sink.fail(Unavailable("the model is shutting down; request not started"))
 
     def _step(self) -> None:
         for seq in [s for s in self._waiting if s.sink.is_cancelled()]:

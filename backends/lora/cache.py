@@ -249,6 +249,11 @@ class LoRACache:
         with self._lock:
             return self._stats.snapshot()
 
+    def slots_in_use(self) -> int:
+        """Slots held by in-flight batches (pinned but idle slots are not counted)."""
+        with self._lock:
+            return len(self._in_use)
+
     def slot_of(self, int_id: int) -> int | None:
         return self._slot_of.get(int_id)
 
