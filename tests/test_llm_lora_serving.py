@@ -243,3 +243,19 @@ def test_cancelled_lora_stream_frees_its_slot(grpc_client, triton_server, adapte
     # Both slots serve two other adapters at once now.
     for c in "bc":
         _ok(grpc_client, CAPITAL, model=tight_model, lora_path=str(adapters[f"rand_{c}"]))
+
+
+def test_adapter_rewritten_in_place_is_reloaded(grpc_client, lora_root, adapters):
+    """vLLM's load_inplace: same name and folder, new weights -> the next request uses the new weights."""
+    registry = LoRARegistry(registry_file=lora_root / "registry.json", allowed_roots=[lora_root])
+    folder = lora_root / "inplace"
+    shutil.copytree(adapters["rand_c"], folder)
+    registry.add(AdapterEntry("inplace", str(folder)))
+    want_c = _ok(grpc_client, CAPITAL, lora_path=str(adapters["rand_c"])).text
+    want_d = _ok(grpc_client, CAPITAL, lora_path=str(adapters["rand_d"])).text
+    assert want_c != want_d
+    assert _ok(grpc_client, CAPITAL, lora_name="inplace").text == want_c
+    shutil.copy(adapters["rand_d"] / "adapter_model.safetensors", folder / "adapter_model.safetensors")
+    registry.add(AdapterEntry("inplace", str(folder)), replace_existing=True)
+    assert _ok(grpc_client, CAPITAL, lora_name="inplace").text == want_d
+    registry.remove("inplace")
