@@ -39,19 +39,25 @@ def load_smollm2():
 def make_random_adapter(model_factory, out: Path, seed: int = 0, std: float = 0.02, base_name: str | None = None,
                         **lora_config) -> Path:
     """Wrap a fresh base model with PEFT's LoraConfig(**lora_config), randomise lora_A/B, save to `out`."""
+    return make_random_adapters(model_factory, [out], [seed], std, base_name, **lora_config)[0]
+
+
+def make_random_adapters(model_factory, outs: list[Path], seeds: list[int], std: float = 0.02,
+                         base_name: str | None = None, **lora_config) -> list[Path]:
+    """Many random adapters with the same config: one PEFT-wrapped model, re-randomised and saved per folder."""
     from peft import LoraConfig, get_peft_model
 
-    model = model_factory()
-    peft_model = get_peft_model(model, LoraConfig(**lora_config))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
+    peft_model = get_peft_model(model_factory(), LoraConfig(**lora_config))
     if base_name is not None:
         peft_model.peft_config["default"].base_model_name_or_path = base_name
-    peft_model.save_pretrained(out)
-    return out
+    for out, seed in zip(tqdm(outs, desc="random adapters", unit="adapter"), seeds):
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_" in name:
+                    p.copy_(torch.randn(p.shape, generator=gen) * std)
+        peft_model.save_pretrained(out)
+    return outs
 
 
 def main() -> None:
@@ -62,11 +68,10 @@ def main() -> None:
     p.add_argument("--alpha", type=float, default=32)
     p.add_argument("--targets", nargs="+", default=ALL_PROJECTIONS)
     args = p.parse_args()
-    for i in tqdm(range(args.count), desc="adapters"):
-        out = args.out / f"lora{i}"
-        if not (out / "adapter_model.safetensors").is_file():
-            make_random_adapter(load_smollm2, out, seed=i, r=args.rank, lora_alpha=args.alpha,
-                                target_modules=args.targets)
+    todo = [i for i in range(args.count) if not (args.out / f"lora{i}" / "adapter_model.safetensors").is_file()]
+    if todo:
+        make_random_adapters(load_smollm2, [args.out / f"lora{i}" for i in todo], todo, r=args.rank,
+                             lora_alpha=args.alpha, target_modules=args.targets)
     print(args.out)
 
 

@@ -13,8 +13,9 @@ import queue
 import threading
 import time
 from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol, TypeVar
 
 import torch
 
@@ -28,6 +29,7 @@ from backends.llm.scheduler import Scheduler, SchedulerLimits
 from backends.lora.cache import CacheStats, LoRACache, NoFreeSlot
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 FINISH_STOP = "stop"  # EOS or a stop string
 FINISH_LENGTH = "length"  # max_tokens reached
@@ -107,30 +109,69 @@ class Sequence:
         return self.output_ids[-1]
 
 
+@dataclass
+class _Call:
+    fn: Callable[[], object]
+    future: Future
+
+    def run(self) -> None:
+        try:
+            self.future.set_result(self.fn())
+        except BaseException as exc:
+            self.future.set_exception(exc)
+
+
 class LLMEngine:
     def __init__(
         self,
-        runner: ModelRunner,
+        setup: Callable[["LLMEngine"], tuple[ModelRunner, LoRACache | None]],
         default_max_tokens: int = 256,
         max_model_len: int | None = None,
         observer: EngineObserver | None = None,
-        lora_cache: LoRACache | None = None,
         limits: SchedulerLimits = SchedulerLimits(),
+        load_timeout: float = 600.0,
     ):
-        self.runner = runner
+        """`setup` runs on the engine thread and returns the runner and the LoRA cache (None = no LoRA).
+
+        All torch work happens on that one thread: measured here (2 cores), once a second thread has run torch
+        parallel regions, every forward on the engine thread runs ~1.6x slower (each thread gets its own OpenMP
+        pool and they fight over the cores). Other threads hand their torch work over with `call`."""
         self.default_max_tokens = default_max_tokens
-        self.max_model_len = min(max_model_len or runner.max_model_len, runner.max_model_len)
-        self.lora_cache = lora_cache
-        fits = lora_cache.fits if lora_cache else (lambda adapters: not adapters)
-        self.scheduler = Scheduler(limits, fits)
+        self._requested_max_len = max_model_len
+        self._limits = limits
         self._observer = observer
-        self._queue: queue.Queue[Sequence | None] = queue.Queue()
+        self._queue: queue.Queue[Sequence | _Call | None] = queue.Queue()
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []
         self._batch: KVBatch | None = None
         self._closed = False
-        self._thread = threading.Thread(target=self._loop, name="llm-engine", daemon=True)
+        self._setup_done: Future = Future()
+        self._thread = threading.Thread(target=self._main, args=(setup,), name="llm-engine", daemon=True)
         self._thread.start()
+        self._setup_done.result(timeout=load_timeout)  # re-raises a failed model/adapter load
+
+    def _main(self, setup) -> None:
+        torch.set_grad_enabled(False)
+        try:
+            self.runner, self.lora_cache = setup(self)
+            self.max_model_len = min(self._requested_max_len or self.runner.max_model_len, self.runner.max_model_len)
+            fits = self.lora_cache.fits if self.lora_cache else (lambda adapters: not adapters)
+            self.scheduler = Scheduler(self._limits, fits)
+        except BaseException as exc:
+            self._setup_done.set_exception(exc)
+            return
+        self._setup_done.set_result(None)
+        self._loop()
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on the engine thread (between steps) and return its result; direct when already there."""
+        if threading.current_thread() is self._thread:
+            return fn()
+        if self._closed:
+            raise Unavailable("the model is shutting down; retry on another instance")
+        task = _Call(fn, Future())
+        self._queue.put(task)
+        return task.future.result()
 
     # -- called from Triton's execute thread ------------------------------------------------------------------
     def prepare(self, request: GenerationRequest) -> GenerationRequest:
@@ -160,7 +201,8 @@ class LLMEngine:
                                        len(self.lora_cache.host_ids()))
 
     def _pull_requests(self) -> bool:
-        """Move queued requests to `waiting`, blocking while there is nothing to do. False once shut down."""
+        """Move queued requests to `waiting` and run handed-over calls, blocking while there is nothing to do.
+        False once shut down."""
         block = not self._waiting and not self._running
         while True:
             try:
@@ -169,11 +211,13 @@ class LLMEngine:
                 return True
             if item is None:
                 return False
+            if isinstance(item, _Call):
+                item.run()
+                continue
             self._waiting.append(item)
             block = False
 
     def _loop(self) -> None:
-        torch.set_grad_enabled(False)
         while self._pull_requests() and not self._closed:
             try:
                 self._step()
@@ -189,7 +233,9 @@ class LLMEngine:
             seq.sink.fail(Unavailable("the model is shutting down; request not finished"))
         while not self._queue.empty():
             item = self._queue.get_nowait()
-            if item is not None:
+            if isinstance(item, _Call):
+                item.future.set_exception(Unavailable("the model is shutting down"))
+            elif item is not None:
                 item.sink.fail(Unavailable("the model is shutting down; request not started"))
 
     def _step(self) -> None:

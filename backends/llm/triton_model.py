@@ -69,18 +69,24 @@ class TritonLLMModel:
         log.info("model '%s' serving %s on %s (set parameter model_path or %s to change)",
                  args["model_name"], model_path, device, LLM_MODEL_PATH_ENV)
         lora = LoRAServingConfig.from_parameters(params)
-        runner = ModelRunner(
-            model_path, device=device,
-            lora=LoRASettings(lora.max_loras, lora.max_lora_rank) if lora.enabled else None,
-        )
-        self.lora = build_resolver(runner.lora, lora) if lora.enabled else None
+        self.lora = None
+
+        def setup(engine: LLMEngine):  # on the engine thread, which does all torch work
+            runner = ModelRunner(
+                model_path, device=device,
+                lora=LoRASettings(lora.max_loras, lora.max_lora_rank) if lora.enabled else None,
+            )
+            if not lora.enabled:
+                return runner, None
+            self.lora = build_resolver(runner.lora, lora, run=engine.call)
+            return runner, self.lora.cache
+
         defaults = SchedulerLimits()
         self.engine = LLMEngine(
-            runner,
+            setup,
             default_max_tokens=int(params.get("default_max_tokens") or 256),
             max_model_len=int(params["max_model_len"]) if params.get("max_model_len") else None,
             observer=TritonEngineMetrics(args["model_name"]),
-            lora_cache=self.lora.cache if self.lora else None,
             limits=SchedulerLimits(
                 max_num_seqs=int(params.get("max_num_seqs") or defaults.max_num_seqs),
                 max_num_batched_tokens=int(params.get("max_num_batched_tokens") or defaults.max_num_batched_tokens),

@@ -81,6 +81,15 @@ class LoRACache:
         self._stats = CacheStats()
 
     # -- host tier ---------------------------------------------------------------------------------------------
+    def lookup(self, ref: AdapterRef) -> LoRAAdapter | None:
+        """The adapter if it is in host memory (counted as a hit), else None; never loads."""
+        with self._lock:
+            adapter = self._host.get(ref.int_id)
+            if adapter is not None:
+                self._host.move_to_end(ref.int_id)
+                self._stats.hits += 1
+            return adapter
+
     def get(self, ref: AdapterRef) -> LoRAAdapter:
         """The adapter in host memory, loading it from disk once however many threads ask at the same time."""
         with self._lock:

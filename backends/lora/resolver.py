@@ -13,6 +13,7 @@ import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from backends.errors import InvalidArgument, Unavailable
 from backends.lora.adapter import BIN_FILE, CONFIG_FILE, SAFETENSORS_FILE
@@ -55,10 +56,12 @@ def _files_signature(path: str) -> tuple:
 
 
 class AdapterResolver:
-    def __init__(self, registry: LoRARegistry, cache: LoRACache, ids: IdBook | None = None):
+    def __init__(self, registry: LoRARegistry, cache: LoRACache, ids: IdBook | None = None,
+                 run: Callable[[Callable], object] = lambda fn: fn()):
         self.registry = registry
         self.cache = cache
         self.ids = ids or IdBook()
+        self._run = run  # where cold loads execute (the thread that owns torch work, for the LLM engine)
         self._lock = threading.Lock()
         self._seen_version = registry.version
         self._loaded: dict[int, tuple[str, str, tuple]] = {}  # int_id -> (name, path, files signature at load)
@@ -95,7 +98,8 @@ class AdapterResolver:
         else:
             raise InvalidArgument("lora_int_id was given without lora_name or lora_path")
         ref = AdapterRef(self.ids.assign(path, int_id), name, path)
-        self.cache.get(ref)  # validates; a cold adapter is read here, not in the engine's step
+        if self.cache.lookup(ref) is None:  # validate a cold adapter now: a broken one never reaches a batch
+            self._run(lambda: self.cache.get(ref))
         with self._lock:
             self._loaded.setdefault(ref.int_id, (name, path, _files_signature(path)))
         return LoRASelection(ref, scale)

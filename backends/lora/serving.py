@@ -9,10 +9,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
-import torch
 
-from backends.lora.adapter import load_adapter
+from backends.lora.adapter import LoRAAdapter, load_adapter
 from backends.lora.cache import AdapterRef, LoRACache
 from backends.lora.patch import LoRAContext
 from backends.lora.registry import AdapterEntry, LoRARegistry, parse_lora_modules
@@ -78,16 +78,20 @@ class LoRAServingConfig:
         )
 
 
-def build_resolver(context: LoRAContext, config: LoRAServingConfig) -> AdapterResolver:
-    """Registry + cache + resolver over a patched model's context; static adapters are loaded and pinned."""
+def build_resolver(context: LoRAContext, config: LoRAServingConfig,
+                   run: Callable[[Callable], object] = lambda fn: fn()) -> AdapterResolver:
+    """Registry + cache + resolver over a patched model's context; static adapters are loaded and pinned.
+
+    `run` executes adapter loads for the resolver: models that keep all torch work on one thread pass its
+    hand-over."""
     spec = context.spec
 
-    def loader(ref: AdapterRef):
+    def loader(ref: AdapterRef) -> LoRAAdapter:
         return load_adapter(ref.path, spec, config.max_lora_rank, dtype=context.dtype)
 
     registry = LoRARegistry(config.static, config.registry_file, config.resolver_dirs, config.allowed_roots)
     cache = LoRACache(context, loader, config.max_cpu_loras, config.max_cpu_lora_bytes)
-    resolver = AdapterResolver(registry, cache)
+    resolver = AdapterResolver(registry, cache, run=run)
     resolver.pin_static()
     log.info("LoRA: %d slots, max rank %d, host cache %d adapters; registry %s; allowed roots %s",
              config.max_loras, config.max_lora_rank, config.max_cpu_loras, config.registry_file,
