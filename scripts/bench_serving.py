@@ -34,7 +34,7 @@ from backends.settings import REPO_ROOT, adapters_dir
 from scripts.make_adapters import load_smollm2, make_random_adapters
 from scripts.triton_launcher import TritonServer, free_port
 
-console = Console()
+console = Console(width=160)
 TOPICS = ["a dragon who bakes bread", "a lighthouse keeper", "a robot learning to paint", "the first snow",
           "a lost cat in Paris", "two friends on a train", "a garden on Mars", "an old violin"]
 PEFT_MODEL = "llm_peft"
