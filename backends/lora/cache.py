@@ -92,11 +92,9 @@ class LoRACache:
 
     def get(self, ref: AdapterRef) -> LoRAAdapter:
         """The adapter in host memory, loading it from disk once however many threads ask at the same time."""
-        with self._lock:
-            adapter = self._host.get(ref.int_id)
+        with self._lock:  # re-entrant: the hit check and the load registration are one atomic step
+            adapter = self.lookup(ref)
             if adapter is not None:
-                self._host.move_to_end(ref.int_id)
-                self._stats.hits += 1
                 return adapter
             future = self._loading.get(ref.int_id)
             owner = future is None
