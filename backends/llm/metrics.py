@@ -5,18 +5,7 @@ from __future__ import annotations
 import triton_python_backend_utils as pb_utils
 
 from backends.lora.cache import CacheStats
-
-# CacheStats field -> (counter name, help). Counters advance by the change since the last report.
-_LORA_COUNTERS = {
-    "hits": ("multilora_lora_cache_hits_total", "LoRA adapter lookups served from host memory or a device slot"),
-    "misses": ("multilora_lora_cache_misses_total", "LoRA adapter lookups that had to read the adapter from disk"),
-    "loads": ("multilora_lora_loads_total", "LoRA adapters read from disk and validated"),
-    "load_failures": ("multilora_lora_load_failures_total", "LoRA adapter loads that failed (bad or missing files)"),
-    "load_seconds": ("multilora_lora_load_seconds_total", "Time spent reading and validating LoRA adapters"),
-    "host_evictions": ("multilora_lora_host_evictions_total", "LoRA adapters evicted from host memory"),
-    "device_evictions": ("multilora_lora_device_evictions_total", "LoRA adapters evicted from a device slot"),
-    "device_loads": ("multilora_lora_device_loads_total", "LoRA adapters copied into a device slot"),
-}
+from backends.lora.metrics import TritonLoRAMetrics
 
 
 class TritonEngineMetrics:
@@ -45,18 +34,7 @@ class TritonEngineMetrics:
             "multilora_llm_num_requests_running", "Requests being generated", pb_utils.MetricFamily.GAUGE
         )
 
-        self._lora_counters = {
-            field: self._metric(name, help_, pb_utils.MetricFamily.COUNTER)
-            for field, (name, help_) in _LORA_COUNTERS.items()
-        }
-        self._lora_seen = CacheStats()
-        self._slots_in_use = self._metric(
-            "multilora_lora_slots_in_use", "LoRA device slots held by running sequences", pb_utils.MetricFamily.GAUGE
-        )
-        self._adapters_resident = self._metric(
-            "multilora_lora_adapters_in_host_memory", "LoRA adapters cached in host memory",
-            pb_utils.MetricFamily.GAUGE,
-        )
+        self._lora = TritonLoRAMetrics(model_name)
 
     def _family(self, name: str, description: str, kind):
         family = pb_utils.MetricFamily(name=name, description=description, kind=kind)
@@ -82,10 +60,4 @@ class TritonEngineMetrics:
         self._running.set(running)
 
     def on_lora(self, stats: CacheStats, slots_in_use: int, adapters_in_host: int) -> None:
-        for field, metric in self._lora_counters.items():
-            delta = getattr(stats, field) - getattr(self._lora_seen, field)
-            if delta:
-                metric.increment(delta)
-        self._lora_seen = stats
-        self._slots_in_use.set(slots_in_use)
-        self._adapters_resident.set(adapters_in_host)
+        self._lora.report(stats, slots_in_use, adapters_in_host)

@@ -14,7 +14,7 @@ import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -220,6 +220,24 @@ def _read_bin(file: Path, problems: list[str]) -> dict[str, torch.Tensor] | None
     return state
 
 
+def finalize_modules(modules: dict[str, ModuleLoRA], scaling: Callable[[str], float],
+                     dtype: torch.dtype) -> list[str]:
+    """In place: `Bt` (given as B [out, r]) becomes B^T * scaling in `dtype`, `A` contiguous in `dtype`.
+    Returns the modules holding NaN/Inf values (checked before any rounding)."""
+    not_finite: list[str] = []
+    # One float64 sum per tensor (cannot overflow for fp16/bf16/fp32 data) is finite iff every value is: far
+    # cheaper than an elementwise isfinite per tensor, and the slow search runs only when something is wrong.
+    tensors = [t for m in modules.values() for t in (m.A, m.Bt)]
+    if tensors and not bool(torch.isfinite(torch.stack([t.sum(dtype=torch.float64) for t in tensors])).all()):
+        not_finite = [n for n, m in modules.items()
+                      if not (torch.isfinite(m.A).all() and torch.isfinite(m.Bt).all())]
+    for name, m in modules.items():
+        m.A = m.A.to(dtype).contiguous()
+        # One transposing copy at load makes every later host -> slot promotion a plain memcpy.
+        m.Bt = torch.empty(m.Bt.shape[::-1], dtype=dtype).copy_(m.Bt.t()).mul_(scaling(name))
+    return not_finite
+
+
 def _same_model(a: str, b: str) -> bool:
     norm = lambda s: s.rstrip("/").split("/")[-1].lower()  # noqa: E731
     return a == b or norm(a) == norm(b)
@@ -307,7 +325,6 @@ def load_adapter(
     modules: dict[str, ModuleLoRA] = {}
     bad_shape: list[str] = []
     too_big: list[str] = []
-    not_finite: list[str] = []
     for name in sorted(expected - missing):
         a, b = found[name]["A"], found[name]["B"]
         r, _ = config.rank_and_alpha(name)
@@ -319,16 +336,7 @@ def load_adapter(
         if r > max_rank:
             too_big.append(f"{name} (rank {r})")
         modules[name] = ModuleLoRA(A=a, Bt=b)
-    # One float64 sum per tensor (cannot overflow for fp16/bf16/fp32 data) is finite iff every value is: far
-    # cheaper than an elementwise isfinite per tensor, and the slow search runs only when something is wrong.
-    tensors = [t for m in modules.values() for t in (m.A, m.Bt)]
-    if tensors and not bool(torch.isfinite(torch.stack([t.sum(dtype=torch.float64) for t in tensors])).all()):
-        not_finite = [n for n, m in modules.items()
-                      if not (torch.isfinite(m.A).all() and torch.isfinite(m.Bt).all())]
-    for name, m in modules.items():
-        m.A = m.A.to(dtype).contiguous()
-        # One transposing copy at load makes every later host -> slot promotion a plain memcpy.
-        m.Bt = torch.empty(m.Bt.shape[::-1], dtype=dtype).copy_(m.Bt.t()).mul_(config.scaling(name))
+    not_finite = finalize_modules(modules, config.scaling, dtype)
     if bad_shape:
         problems.append(f"shape mismatch with the served model at {len(bad_shape)} modules, e.g. {bad_shape[0]}")
     if too_big and config.r <= max_rank:

@@ -41,6 +41,7 @@ class LoRABatch:
     seq_slots: torch.Tensor  # [S], clamped to >= 0 (rows without LoRA have scale 0)
     seq_scales: torch.Tensor  # [S, 1, 1]
     lo: int = 0  # the live rows use slots [lo, hi)
+    live_slots: frozenset = frozenset()  # slots of rows with an adapter and a non-zero scale
     hi: int = 0
     # dense: mask [S, (hi - lo) * R], each row's scale in its own adapter's columns
     mask: torch.Tensor | None = None
@@ -77,7 +78,7 @@ class LoRABatch:
             return cls(row_mode="empty", **common)
         rows = torch.nonzero(live).reshape(-1)
         lo, hi = int(slots[rows].min()), int(slots[rows].max()) + 1
-        common.update(lo=lo, hi=hi)
+        common.update(lo=lo, hi=hi, live_slots=frozenset(slots[rows].tolist()))
         n = slots.numel()
         if n * (hi - lo) <= DENSE_MAX_ROW_SLOTS:
             mask = torch.zeros(n, hi - lo, max_rank, dtype=torch.float64)

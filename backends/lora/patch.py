@@ -35,6 +35,9 @@ class LoRALinear(nn.Module):
         # B transposed ([slot, rank, out]) so a run of slots is one contiguous [slots * rank, out] matrix.
         self.register_buffer("lora_B", torch.zeros(context.max_loras, context.max_rank, base.out_features, **kw),
                              persistent=False)
+        # Slots holding weights for this layer: a batch whose adapters all skip it costs nothing here (adapters
+        # usually target a subset, e.g. only attention, of the patched layers).
+        self.loaded_slots: set[int] = set()
 
     @property
     def weight(self) -> torch.Tensor:
@@ -50,7 +53,7 @@ class LoRALinear(nn.Module):
         if ctx.rows is not None:
             lora_apply_rows(y.view(-1, self.out_features), x.reshape(-1, self.in_features), ctx.rows[0],
                             ctx.rows[1], self.lora_A, self.lora_B)
-        elif ctx.batch is not None and not ctx.batch.empty:
+        elif ctx.batch is not None and not ctx.batch.empty and not self.loaded_slots.isdisjoint(ctx.batch.live_slots):
             lora_apply(y.view(-1, self.out_features), x.reshape(-1, self.in_features), ctx.batch,
                        self.lora_A, self.lora_B)
         return y
@@ -112,6 +115,7 @@ class LoRAContext:
             if r < self.max_rank:  # zero the padding (or the whole slot for layers the adapter skips)
                 layer.lora_A[slot, r:].zero_()
                 layer.lora_B[slot, r:].zero_()
+            (layer.loaded_slots.add if r else layer.loaded_slots.discard)(slot)
 
     @torch.no_grad()
     def clear_slot(self, slot: int) -> None:
@@ -119,6 +123,7 @@ class LoRAContext:
         for layer in self.layers.values():
             layer.lora_A[slot].zero_()
             layer.lora_B[slot].zero_()
+            layer.loaded_slots.discard(slot)
 
 
 def patch_model(

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Callable
 
 from backends.errors import InvalidArgument, Unavailable
-from backends.lora.adapter import BIN_FILE, CONFIG_FILE, SAFETENSORS_FILE
 from backends.lora.cache import AdapterRef, LoRACache
 from backends.lora.ids import IdBook
 from backends.lora.registry import LoRARegistry
@@ -45,14 +44,13 @@ class LoRASelection:
 
 
 def _files_signature(path: str) -> tuple:
-    sig = []
-    for name in (CONFIG_FILE, SAFETENSORS_FILE, BIN_FILE):
-        try:
-            st = (Path(path) / name).stat()
-            sig.append((name, st.st_mtime_ns, st.st_size, st.st_ino))
-        except FileNotFoundError:
-            pass
-    return tuple(sig)
+    """Identity of an adapter's files (a folder's files, or a single-file adapter) to notice in-place rewrites."""
+    p = Path(path)
+    try:
+        files = [p] if p.is_file() else sorted(f for f in p.iterdir() if f.is_file())
+        return tuple((f.name, st.st_mtime_ns, st.st_size, st.st_ino) for f in files for st in [f.stat()])
+    except OSError:
+        return ()
 
 
 class AdapterResolver:

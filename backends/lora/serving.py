@@ -79,15 +79,17 @@ class LoRAServingConfig:
 
 
 def build_resolver(context: LoRAContext, config: LoRAServingConfig,
-                   run: Callable[[Callable], object] = lambda fn: fn()) -> AdapterResolver:
+                   run: Callable[[Callable], object] = lambda fn: fn(),
+                   load: Callable[[str], LoRAAdapter] | None = None) -> AdapterResolver:
     """Registry + cache + resolver over a patched model's context; static adapters are loaded and pinned.
 
     `run` executes adapter loads for the resolver: models that keep all torch work on one thread pass its
-    hand-over."""
+    hand-over. `load` reads one adapter (path -> validated adapter); default: a PEFT folder for `context`."""
     spec = context.spec
+    load = load or (lambda path: load_adapter(path, spec, config.max_lora_rank, dtype=context.dtype))
 
     def loader(ref: AdapterRef) -> LoRAAdapter:
-        return load_adapter(ref.path, spec, config.max_lora_rank, dtype=context.dtype)
+        return load(ref.path)
 
     registry = LoRARegistry(config.static, config.registry_file, config.resolver_dirs, config.allowed_roots)
     cache = LoRACache(context, loader, config.max_cpu_loras, config.max_cpu_lora_bytes)

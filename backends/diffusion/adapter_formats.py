@@ -1,0 +1,175 @@
+"""Diffusion LoRA files -> one validated `LoRAAdapter` keyed by pipeline module names (`transformer.x`, `unet.x`,
+`text_encoder.x`, `text_encoder_2.x`), the names `PipelineLoRA` patches.
+
+Accepted, in the forms people download or train:
+- a PEFT folder (`adapter_config.json` + `adapter_model.safetensors`) trained on the denoiser (transformer/UNet):
+  validated by the same code as LLM adapters;
+- diffusers LoRA files (`pytorch_lora_weights.safetensors`, PEFT-style or the older `lora.down/up` keys, with
+  alphas from the file's `lora_adapter_metadata`) and kohya/A1111 files (`lora_unet_*`, `lora_te*_*` keys with
+  `.alpha`), given as the file or its folder. Non-PEFT keys are converted by diffusers' own utilities: the
+  pipeline class's `lora_state_dict`, then diffusers' key mappings to PEFT names.
+Everything wrong is collected into one `AdapterError` naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import torch
+
+from backends.lora.adapter import (
+    CONFIG_FILE, AdapterError, AdapterNotFoundError, LoRAAdapter, LoRAConfig, ModuleLoRA, TargetSpec,
+    _listed, _read_safetensors, finalize_modules, load_adapter,
+)
+
+DIFFUSERS_WEIGHT_FILE = "pytorch_lora_weights.safetensors"
+_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[A-Za-z0-9_-]+)?\.weight$")
+_ALPHA = re.compile(r"^(?P<module>.+?)(?:\.lora_A(?:\.[A-Za-z0-9_-]+)?\.weight)?\.alpha$")
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+
+
+def weights_file(path: Path) -> Path | None:
+    """The single LoRA file of a diffusers/kohya adapter given as a file or as a folder holding one."""
+    if path.is_file():
+        return path
+    preferred = path / DIFFUSERS_WEIGHT_FILE
+    if preferred.is_file():
+        return preferred
+    files = sorted(path.glob("*.safetensors"))
+    return files[0] if len(files) == 1 else None
+
+
+def _to_peft_names(state: dict, alphas: dict, denoiser: str) -> tuple[dict, dict]:
+    """diffusers/kohya-converted keys -> `<component>.<module>.lora_A/B.weight` with diffusers' mappings."""
+    from diffusers.utils.state_dict_utils import (
+        DIFFUSERS_OLD_TO_PEFT, convert_state_dict, convert_unet_state_dict_to_peft,
+    )
+
+    def convert(d: dict) -> dict:
+        te = {k: v for k, v in d.items() if k.split(".", 1)[0] in TEXT_ENCODERS}
+        rest = {k: v for k, v in d.items() if k not in te}
+        return {**convert_unet_state_dict_to_peft(rest), **convert_state_dict(te, DIFFUSERS_OLD_TO_PEFT)}
+
+    # diffusers' kohya conversion names the denoiser "unet"; a transformer pipeline's modules live elsewhere.
+    rename = (lambda k: k) if denoiser == "unet" else (lambda k: re.sub(r"^unet\.", f"{denoiser}.", k))
+    return ({rename(k): v for k, v in convert(state).items()},
+            {rename(k): v for k, v in convert(alphas).items()})
+
+
+def _metadata_alphas(file: Path) -> dict[str, dict]:
+    """diffusers' `lora_adapter_metadata` (LoraConfig fields prefixed by component) per component."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            raw = (f.metadata() or {}).get("lora_adapter_metadata")
+        packed = json.loads(raw) if raw else {}
+    except (OSError, ValueError):
+        return {}
+    out: dict[str, dict] = {}
+    for key, value in packed.items() if isinstance(packed, dict) else ():
+        component, _, field = key.partition(".")
+        out.setdefault(component, {})[field] = value
+    return out
+
+
+def _load_single_file(file: Path, spec: TargetSpec, denoiser: str, pipeline_cls, max_rank: int,
+                      dtype: torch.dtype) -> LoRAAdapter:
+    problems: list[str] = []
+    raw = _read_safetensors(file, problems)
+    if raw is None:
+        raise AdapterError(file, problems)
+    if any("dora_scale" in k or "lora_magnitude_vector" in k for k in raw):
+        raise AdapterError(file, ["DoRA weights (dora_scale) are not supported"])
+    try:
+        converted = pipeline_cls.lora_state_dict(dict(raw))
+    except (ValueError, KeyError) as exc:  # diffusers' converters reject keys they cannot rename
+        raise AdapterError(file, [f"not a LoRA file diffusers can read for {pipeline_cls.__name__}: {exc}"]) from None
+    state, alphas = (converted[0], converted[1] or {}) if isinstance(converted, tuple) else (converted, {})
+    # Alphas left as tensors in a PEFT-style file ("<module>.alpha") count as alphas too.
+    alphas = {**{k: v for k, v in state.items() if k.endswith(".alpha")}, **alphas}
+    state = {k: v for k, v in state.items() if not k.endswith(".alpha")}
+    state, alphas = _to_peft_names(state, alphas, denoiser)
+
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    unexpected = []
+    for key, tensor in state.items():
+        match = _KEY.match(key)
+        if match is None or not isinstance(tensor, torch.Tensor):
+            unexpected.append(key)
+        else:
+            found.setdefault(match["module"], {})[match["ab"]] = tensor
+    if unexpected:
+        problems.append(f"unexpected tensors (not LoRA down/up weights): {_listed(unexpected)}")
+    alpha_of = {}
+    for key, value in alphas.items():
+        match = _ALPHA.match(key)
+        if match:
+            alpha_of[match["module"]] = float(value.item() if isinstance(value, torch.Tensor) else value)
+    meta = _metadata_alphas(file)
+
+    unknown = set(found) - set(spec.modules)
+    if unknown:
+        problems.append(f"weights for modules this pipeline does not have or does not LoRA-enable (only linear "
+                        f"layers of the denoiser and text encoders are): {_listed(unknown)}")
+    incomplete = {m for m, ab in found.items() if set(ab) != {"A", "B"}}
+    if incomplete:
+        problems.append(f"down/up (lora_A/lora_B) pair incomplete for {len(incomplete)} modules: "
+                        f"{_listed(incomplete)}")
+    if not found:
+        problems.append("no LoRA weights found")
+    modules: dict[str, ModuleLoRA] = {}
+    scaling: dict[str, float] = {}
+    bad_shape, too_big = [], []
+    for name in sorted(set(found) - unknown - incomplete):
+        a, b = found[name]["A"], found[name]["B"]
+        fan_in, fan_out = spec.modules[name]
+        r = a.shape[0]
+        if a.dim() != 2 or b.dim() != 2 or tuple(a.shape) != (r, fan_in) or tuple(b.shape) != (fan_out, r):
+            bad_shape.append(f"{name}: down {list(a.shape)}, up {list(b.shape)}, expected [r, {fan_in}] and "
+                             f"[{fan_out}, r]")
+            continue
+        if r > max_rank:
+            too_big.append(f"{name} (rank {r})")
+        cfg = meta.get(name.split(".", 1)[0], {})
+        alpha = alpha_of.get(name, cfg.get("lora_alpha", r))
+        scaling[name] = float(alpha) / (math.sqrt(r) if cfg.get("use_rslora") else r)
+        modules[name] = ModuleLoRA(A=a, Bt=b)
+    if bad_shape:
+        problems.append(f"shape mismatch with the served pipeline at {len(bad_shape)} modules, e.g. {bad_shape[0]}")
+    if too_big:
+        problems.append(f"rank exceeds max_lora_rank {max_rank}: {_listed(too_big)}")
+    not_finite = finalize_modules(modules, scaling.__getitem__, dtype)
+    if not_finite:
+        problems.append(f"NaN or Inf values in the weights of {len(not_finite)} modules: {_listed(not_finite)}")
+    if problems:
+        raise AdapterError(file, problems)
+    rank = max(m.A.shape[0] for m in modules.values())
+    config = LoRAConfig(r=rank, lora_alpha=float(rank), target_modules=tuple(sorted(modules)))
+    return LoRAAdapter(path=file, config=config, modules=modules)
+
+
+def load_diffusion_adapter(path: str | Path, spec: TargetSpec, denoiser: str, pipeline_cls, max_rank: int,
+                           dtype: torch.dtype = torch.float32) -> LoRAAdapter:
+    """A PEFT folder (denoiser), or a diffusers/kohya single file (or its folder), for the pipeline `spec`."""
+    path = Path(path)
+    if not path.exists():
+        raise AdapterNotFoundError(path, "no such file or folder")
+    if path.is_dir() and (path / CONFIG_FILE).is_file():
+        prefix = denoiser + "."
+        sub = TargetSpec({n[len(prefix):]: d for n, d in spec.modules.items() if n.startswith(prefix)},
+                         spec.model_name)
+        adapter = load_adapter(path, sub, max_rank, dtype=dtype)
+        adapter.modules = {prefix + n: m for n, m in adapter.modules.items()}
+        return adapter
+    file = weights_file(path)
+    if file is None:
+        raise AdapterError(path, [f"neither a PEFT folder ({CONFIG_FILE}) nor a folder with {DIFFUSERS_WEIGHT_FILE} "
+                                  f"or exactly one .safetensors LoRA file"])
+    if file.suffix != ".safetensors":
+        raise AdapterError(file, ["only .safetensors LoRA files are accepted (pickled .bin/.ckpt files can run "
+                                  "code when loaded)"])
+    return _load_single_file(file, spec, denoiser, pipeline_cls, max_rank, dtype)

@@ -1,0 +1,73 @@
+"""Per-row LoRA for a whole diffusers pipeline: one `LoRAContext` over the denoiser and the text encoders.
+
+Every `nn.Linear` of those components is patched (adapters choose which ones they train; a layer no loaded
+adapter targets costs nothing). The pipeline itself runs unchanged: a forward pre-hook on each component maps the
+batch it is called with onto the generation's rows. Text encoders see the B prompts (and, separately, the B
+negative prompts); the denoiser sees B rows, or 2B under classifier-free guidance, where diffusers stacks
+[negative; positive] in row order, so row i and row B + i both get row i's adapter and scale. That is what each
+row would get with the adapter loaded alone (diffusers applies text-encoder and denoiser LoRA to both halves).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from backends.diffusion.adapter_formats import load_diffusion_adapter
+from backends.diffusion.pipeline import LoadedPipeline
+from backends.lora.adapter import LoRAAdapter
+from backends.lora.ops import LoRABatch
+from backends.lora.patch import LoRAContext, patch_model
+
+
+def _batch_size(args: tuple, kwargs: dict) -> int:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.shape[0]
+    raise ValueError("LoRA hook: the component was called without a batched tensor")
+
+
+class PipelineLoRA:
+    def __init__(self, loaded: LoadedPipeline, max_loras: int, max_rank: int):
+        self.loaded = loaded
+        names = (loaded.denoiser, *loaded.text_encoders)
+        root = nn.ModuleDict({n: getattr(loaded.pipe, n) for n in names})
+        self.context: LoRAContext = patch_model(root, max_loras, max_rank, targets=lambda _n, _m: True,
+                                                model_name=loaded.name)
+        self._rows: tuple[list[int], list[float]] | None = None
+        self._batches: dict[int, LoRABatch] = {}
+        for n in names:
+            getattr(loaded.pipe, n).register_forward_pre_hook(self._before_forward, with_kwargs=True)
+
+    def load(self, path: str) -> LoRAAdapter:
+        """Read and validate an adapter for this pipeline (any supported format); the cache's loader."""
+        return load_diffusion_adapter(path, self.context.spec, self.loaded.denoiser, type(self.loaded.pipe),
+                                      self.context.max_rank, dtype=self.context.dtype)
+
+    def _before_forward(self, _module, args, kwargs):
+        if self._rows is None:
+            return None
+        n = _batch_size(args, kwargs)
+        batch = self._batches.get(n)
+        if batch is None:
+            slots, scales = self._rows
+            if n % len(slots):
+                raise ValueError(f"LoRA rows: a component got a batch of {n} for {len(slots)} rows")
+            reps = n // len(slots)
+            batch = self._batches[n] = LoRABatch.build(slots * reps, scales * reps, self.context.max_rank,
+                                                       self.context.device, self.context.dtype)
+        self.context.batch = batch
+        return None
+
+    @contextlib.contextmanager
+    def rows(self, slots: Sequence[int], scales: Sequence[float]) -> Iterator[None]:
+        """Within the block, pipeline calls run row i (of the prompt list) with slot[i] (-1: none) and scale[i]."""
+        self._rows, self._batches = (list(slots), list(scales)), {}
+        try:
+            yield
+        finally:
+            self._rows, self._batches = None, {}
+            self.context.clear()

@@ -1,0 +1,74 @@
+"""Load a diffusers text-to-image pipeline (local folder or Hugging Face cache id) and describe what it accepts."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from backends.settings import cache_dir
+
+log = logging.getLogger(__name__)
+
+DIFFUSION_MODEL_PATH_ENV = "MULTILORA_DIFFUSION_MODEL_PATH"
+DEFAULT_DIFFUSION_NAME = "tiny-random-sd3"
+DENOISERS = ("transformer", "unet")
+
+
+def default_diffusion_model_path() -> str:
+    return os.environ.get(DIFFUSION_MODEL_PATH_ENV) or str(cache_dir() / "models" / DEFAULT_DIFFUSION_NAME)
+
+
+@dataclass
+class LoadedPipeline:
+    pipe: object  # a diffusers DiffusionPipeline
+    name: str  # what the server reports: the folder name or the Hugging Face id
+    denoiser: str  # "transformer" or "unet"
+    text_encoders: tuple[str, ...]
+    size_factor: int  # height and width must be multiples of this (VAE downscale x patch size)
+    default_size: int
+
+    @property
+    def kind(self) -> str:
+        return type(self.pipe).__name__
+
+
+def _null_components(path: Path) -> dict[str, None]:
+    """Components saved as [null, null] (e.g. SD3 without T5): diffusers only skips those its class lists as
+    optional, so pass them as None explicitly."""
+    index = path / "model_index.json"
+    if not index.is_file():
+        return {}
+    return {k: None for k, v in json.loads(index.read_text()).items()
+            if isinstance(v, list) and len(v) == 2 and v[0] is None}
+
+
+def load_pipeline(model: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> LoadedPipeline:
+    from diffusers import DiffusionPipeline
+
+    path = Path(model).expanduser()
+    local = path.is_dir()
+    if not local and (model.startswith((".", "/", "~")) or os.sep in model.strip("/").replace("/", "", 1)):
+        raise FileNotFoundError(f"diffusion pipeline folder {model} does not exist (run scripts/setup to build the "
+                                f"tiny test pipelines, or set model_path / ${DIFFUSION_MODEL_PATH_ENV})")
+    source = str(path) if local else model
+    pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype, **(_null_components(path) if local else {}))
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    denoiser = next((d for d in DENOISERS if getattr(pipe, d, None) is not None), None)
+    if denoiser is None:
+        raise ValueError(f"{type(pipe).__name__} at {source} has neither a transformer nor a unet to serve LoRA on")
+    text_encoders = tuple(n for n in ("text_encoder", "text_encoder_2", "text_encoder_3")
+                          if isinstance(getattr(pipe, n, None), torch.nn.Module))
+    vae_factor = int(getattr(pipe, "vae_scale_factor", 8))
+    net_config = getattr(pipe, denoiser).config
+    patch = int(getattr(net_config, "patch_size", None) or 1)
+    default_size = int(net_config.sample_size) * vae_factor
+    name = path.name if local else model
+    log.info("diffusion pipeline %s (%s) from %s on %s: sizes in multiples of %d, default %dx%d",
+             name, type(pipe).__name__, source, device, vae_factor * patch, default_size, default_size)
+    return LoadedPipeline(pipe, name, denoiser, text_encoders, vae_factor * patch, default_size)

@@ -1,0 +1,148 @@
+"""`TritonDiffusionModel`: the Triton Python model behind model_repository/diffusion (its model.py only delegates).
+
+Triton's dynamic batcher hands over the requests that arrived together; `execute` validates each (a bad one gets
+its own INVALID_ARG/NOT_FOUND error, the rest go on), plans mixed-adapter batches and answers every request with
+its PNG images. All torch work runs on the stub's execute thread.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+from backends import triton_io as tio
+from backends.diffusion.generate import DiffusionGenerator, ImageLimits, ImageRequest, build_request
+from backends.diffusion.lora import PipelineLoRA
+from backends.diffusion.pipeline import DIFFUSION_MODEL_PATH_ENV, default_diffusion_model_path, load_pipeline
+from backends.errors import BackendError, InvalidArgument
+from backends.lora.metrics import TritonLoRAMetrics
+from backends.lora.serving import LoRAServingConfig, build_resolver
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _optional_int(params: dict[str, str], key: str, default: int | None) -> int | None:
+    raw = (params.get(key) or "").strip()
+    return int(raw) if raw else default
+
+
+class _Metrics:
+    def __init__(self, model_name: str):
+        labels = {"model": model_name}
+        kinds = pb_utils.MetricFamily
+        self._families = [
+            pb_utils.MetricFamily(name=n, description=d, kind=kinds.COUNTER) for n, d in (
+                ("multilora_diffusion_images_total", "Images generated"),
+                ("multilora_diffusion_batches_total", "Denoising batches run (each mixes any adapters)"),
+                ("multilora_diffusion_batch_seconds_total", "Time spent denoising and encoding batches"),
+            )
+        ]
+        self.images, self.batches, self.seconds = (f.Metric(labels=labels) for f in self._families)
+        self.lora = TritonLoRAMetrics(model_name)
+
+
+class TritonDiffusionModel:
+    def initialize(self, args: dict) -> None:
+        logging.basicConfig(level=os.environ.get("MULTILORA_LOG_LEVEL", "INFO"),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        model_config = json.loads(args["model_config"])
+        params = tio.model_parameters(model_config)
+        device = "cpu"
+        if args.get("model_instance_kind") == "GPU":
+            device = f"cuda:{args['model_instance_device_id']}"
+        dtype_name = (params.get("dtype") or "").strip() or ("float16" if device != "cpu" else "float32")
+        if dtype_name not in _DTYPES:
+            raise pb_utils.TritonModelException(f"parameter dtype must be one of {sorted(_DTYPES)}, got {dtype_name}")
+        model_path = (params.get("model_path") or "").strip() or default_diffusion_model_path()
+        log.info("model '%s' serving %s on %s in %s (set parameter model_path or %s to change)",
+                 args["model_name"], model_path, device, dtype_name, DIFFUSION_MODEL_PATH_ENV)
+        self.loaded = load_pipeline(model_path, device, _DTYPES[dtype_name])
+        defaults = ImageLimits()
+        guidance = (params.get("default_guidance_scale") or "").strip()
+        self.limits = ImageLimits(
+            max_image_size=_optional_int(params, "max_image_size", defaults.max_image_size),
+            max_inference_steps=_optional_int(params, "max_inference_steps", defaults.max_inference_steps),
+            max_num_images=_optional_int(params, "max_num_images", defaults.max_num_images),
+            max_batch_rows=_optional_int(params, "max_batch_rows", defaults.max_batch_rows),
+            default_inference_steps=_optional_int(params, "default_inference_steps", None),
+            default_guidance_scale=float(guidance) if guidance else None,
+        )
+        lora = LoRAServingConfig.from_parameters(params)
+        self.resolver = None
+        pipe_lora = None
+        if lora.enabled:
+            pipe_lora = PipelineLoRA(self.loaded, lora.max_loras, lora.max_lora_rank)
+            self.resolver = build_resolver(pipe_lora.context, lora, load=pipe_lora.load)
+        self.generator = DiffusionGenerator(self.loaded, self.limits, pipe_lora,
+                                            self.resolver.cache if self.resolver else None)
+        self.metrics = _Metrics(args["model_name"])
+
+    def _parse(self, request) -> ImageRequest:
+        fields = tio.get_lora_fields(request)
+        if self.resolver is not None:
+            lora = self.resolver.select(fields)
+        elif not fields.empty:
+            raise InvalidArgument("this model serves no LoRA adapters (max_loras is 0)")
+        else:
+            lora = None
+        return build_request(
+            self.loaded, self.limits,
+            prompt=tio.get_string(request, "prompt"),
+            negative_prompt=tio.get_string(request, "negative_prompt"),
+            height=tio.get_int(request, "height"), width=tio.get_int(request, "width"),
+            steps=tio.get_int(request, "num_inference_steps"),
+            guidance_scale=tio.get_float(request, "guidance_scale"),
+            seed=tio.get_int(request, "seed"), num_images=tio.get_int(request, "num_images"),
+            lora=lora,
+        )
+
+    def _response(self, request: ImageRequest, images: list[bytes]) -> "pb_utils.InferenceResponse":
+        return pb_utils.InferenceResponse(output_tensors=[
+            pb_utils.Tensor("images", np.array([images], dtype=np.object_)),
+            pb_utils.Tensor("seed", np.array([[request.seed]], dtype=np.int64)),
+            pb_utils.Tensor("pipeline", np.array([[self.loaded.name.encode()]], dtype=np.object_)),
+        ])
+
+    def execute(self, requests: list) -> list:
+        responses: list = [None] * len(requests)
+        parsed: list[tuple[int, ImageRequest]] = []
+        for i, request in enumerate(requests):
+            try:
+                parsed.append((i, self._parse(request)))
+            except BackendError as exc:
+                log.info("rejected request %s: %s", request.request_id(), exc)
+                responses[i] = pb_utils.InferenceResponse(output_tensors=[], error=tio.to_triton_error(exc))
+            except Exception as exc:
+                log.exception("request %s could not be parsed", request.request_id())
+                responses[i] = pb_utils.InferenceResponse(output_tensors=[], error=tio.to_triton_error(exc))
+        items = [req for _, req in parsed]
+        for chunk in self.generator.plan(items):
+            batch = [items[j] for j in chunk]
+            try:
+                result = self.generator.run(batch)
+            except Exception as exc:
+                if not isinstance(exc, BackendError):
+                    log.exception("denoising batch of %d requests failed", len(batch))
+                for j in chunk:
+                    responses[parsed[j][0]] = pb_utils.InferenceResponse(
+                        output_tensors=[], error=tio.to_triton_error(exc))
+                continue
+            for j, images in zip(chunk, result.images):
+                responses[parsed[j][0]] = self._response(items[j], images)
+            self.metrics.images.increment(sum(len(i) for i in result.images))
+            self.metrics.batches.increment(1)
+            self.metrics.seconds.increment(result.seconds)
+        if self.resolver is not None:
+            cache = self.resolver.cache
+            self.metrics.lora.report(cache.stats(), cache.slots_in_use(), len(cache.host_ids()))
+        return responses
+
+    def finalize(self) -> None:
+        log.info("diffusion model %s unloaded", self.loaded.name)
