@@ -32,8 +32,10 @@ COPY scripts/ scripts/
 COPY model_repository/ model_repository/
 COPY README.md pyproject.toml ./
 
-# Convert the bundled SmolLM2 GGUF and train the demo adapters once at build time; mount or point MULTILORA_LLM_MODEL_PATH at another model.
+# Convert the bundled SmolLM2 GGUF, build the tiny diffusion pipelines and train the demo adapters once at build
+# time; mount or point MULTILORA_LLM_MODEL_PATH / MULTILORA_DIFFUSION_MODEL_PATH at other models.
 RUN python3 -m backends.llm.convert \
+ && python3 -m scripts.make_fixtures \
  && python3 -m scripts.train_demo_adapters \
  && sed -i "s/kind: KIND_CPU/kind: ${INSTANCE_KIND}/" model_repository/*/config.pbtxt
 

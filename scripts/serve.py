@@ -32,8 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model-repository", type=Path,
                    default=Path(_env("MODEL_REPOSITORY", str(REPO_ROOT / "model_repository"))),
                    help="[MULTILORA_MODEL_REPOSITORY]")
-    p.add_argument("--models", default=_env("MODELS", "llm"),
-                   help="comma-separated models to load at start [MULTILORA_MODELS, llm]")
+    p.add_argument("--models", default=_env("MODELS", "llm,diffusion"),
+                   help="comma-separated models to load at start [MULTILORA_MODELS, llm,diffusion]")
     p.add_argument("--llm-model-path", default=os.environ.get(LLM_MODEL_PATH_ENV),
                    help=f"Hugging Face model folder for the llm model [{LLM_MODEL_PATH_ENV}, converted SmolLM2]")
     p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for the models to load")
@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         server.start(timeout=args.ready_timeout)
         print(
             f"\ntritonserver is ready (models: {', '.join(server.models)})\n"
-            f"  HTTP     http://{server.http_url}   (KServe v2; /v2/models/llm/generate_stream)\n"
+            f"  HTTP     http://{server.http_url}   (KServe v2; /v2/models/llm/generate_stream, "
+            f"/v2/models/diffusion/infer)\n"
             f"  gRPC     {server.grpc_url}   (tritonclient.grpc streaming)\n"
             f"  metrics  {server.metrics_url}\n"
             "Ctrl-C to stop.\n",

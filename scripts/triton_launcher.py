@@ -119,7 +119,7 @@ def free_port() -> int:
 @dataclass
 class TritonServer:
     model_repository: Path = REPO_ROOT / "model_repository"
-    models: list[str] = field(default_factory=lambda: ["llm"])
+    models: list[str] = field(default_factory=lambda: ["llm", "diffusion"])
     http_port: int = 8000
     grpc_port: int = 8001
     metrics_port: int = 8002

@@ -13,7 +13,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
-from backends.settings import ALLOWED_LORA_ROOTS_ENV, LORA_REGISTRY_ENV, REPO_ROOT, default_llm_model_path
+from backends.settings import ALLOWED_LORA_ROOTS_ENV, LORA_REGISTRY_ENV, REPO_ROOT, cache_dir, default_llm_model_path
+from scripts.make_fixtures import TINY_SD15, TINY_SD3
 from scripts.triton_launcher import TritonServer, free_port
 
 
@@ -35,17 +36,35 @@ def lora_root(tmp_path_factory) -> Path:
 
 
 TIGHT_MODEL = "llm_tight"  # the llm model with 2 LoRA slots and no static adapters, loaded by the tests needing it
+SD15_MODEL = "diffusion_sd15"  # the diffusion model serving the tiny SD1.5-style pipeline
+BATCHED_MODEL = "diffusion_batched"  # the diffusion model whose batcher waits for 4 requests (mixed-batch proof)
 
 
-def _tight_repository(root: Path) -> Path:
-    repo = root / "extra_models"
-    shutil.copytree(REPO_ROOT / "model_repository" / "llm", repo / TIGHT_MODEL)
-    config = repo / TIGHT_MODEL / "config.pbtxt"
-    text = re.sub(r'name: "llm"', f'name: "{TIGHT_MODEL}"', config.read_text(), count=1)
-    for key, value in {"max_loras": "2", "max_cpu_loras": "2", "lora_modules": "", "max_num_seqs": "8"}.items():
+def _copy_model(repo: Path, source: str, name: str, params: dict[str, str], edits: dict[str, str] = {}) -> None:
+    """A copy of a model of model_repository under another name, with parameters changed and text replaced."""
+    shutil.copytree(REPO_ROOT / "model_repository" / source, repo / name)
+    config = repo / name / "config.pbtxt"
+    text = re.sub(rf'name: "{source}"', f'name: "{name}"', config.read_text(), count=1)
+    for key, value in params.items():
         text, n = re.subn(rf'(key: "{key}", value: {{ string_value: )"[^"]*"', rf'\1"{value}"', text)
-        assert n == 1, f"parameter {key} not found in the llm config"
+        assert n == 1, f"parameter {key} not found in the {source} config"
+    for old, new in edits.items():
+        assert old in text, f"{old!r} not found in the {source} config"
+        text = text.replace(old, new)
     config.write_text(text)
+
+
+def _extra_repository(root: Path) -> Path:
+    repo = root / "extra_models"
+    _copy_model(repo, "llm", TIGHT_MODEL,
+                {"max_loras": "2", "max_cpu_loras": "2", "lora_modules": "", "max_num_seqs": "8"})
+    _copy_model(repo, "diffusion", SD15_MODEL, {
+        "model_path": str(cache_dir() / "models" / TINY_SD15),
+        "lora_modules": "tiny-sd15-a=adapters/diffusion/tiny-sd15-a",
+    })
+    # Triton's batcher waits until 4 requests are queued (or 5 s): 4 concurrent requests form one batch.
+    _copy_model(repo, "diffusion", BATCHED_MODEL, {}, {
+        "max_queue_delay_microseconds: 20000": "max_queue_delay_microseconds: 5000000\n  preferred_batch_size: [ 4 ]"})
     return repo
 
 
@@ -53,10 +72,13 @@ def _tight_repository(root: Path) -> Path:
 def triton_server(tmp_path_factory, lora_root):
     if not (default_llm_model_path() / "config.json").is_file():
         pytest.fail(f"converted model missing at {default_llm_model_path()}: run scripts/setup first")
+    for name in (TINY_SD3, TINY_SD15):
+        if not (cache_dir() / "models" / name / "model_index.json").is_file():
+            pytest.fail(f"tiny diffusion pipeline {name} missing: run scripts/setup first")
     log_file = tmp_path_factory.mktemp("triton") / "tritonserver.log"
     server = TritonServer(
         http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(), log_file=log_file,
-        extra_args=[f"--model-repository={_tight_repository(tmp_path_factory.mktemp('repo'))}"],
+        extra_args=[f"--model-repository={_extra_repository(tmp_path_factory.mktemp('repo'))}"],
         env={**os.environ, ALLOWED_LORA_ROOTS_ENV: str(lora_root),
              LORA_REGISTRY_ENV: str(lora_root / "registry.json")},
     )
