@@ -84,15 +84,20 @@ def _load_single_file(file: Path, spec: TargetSpec, denoiser: str, pipeline_cls,
         raise AdapterError(file, problems)
     if any("dora_scale" in k or "lora_magnitude_vector" in k for k in raw):
         raise AdapterError(file, ["DoRA weights (dora_scale) are not supported"])
-    try:
-        converted = pipeline_cls.lora_state_dict(dict(raw))
-    except (ValueError, KeyError) as exc:  # diffusers' converters reject keys they cannot rename
-        raise AdapterError(file, [f"not a LoRA file diffusers can read for {pipeline_cls.__name__}: {exc}"]) from None
-    state, alphas = (converted[0], converted[1] or {}) if isinstance(converted, tuple) else (converted, {})
+    components = (denoiser, *TEXT_ENCODERS)
+    if all(k.endswith(".alpha") or (_KEY.match(k) and k.split(".", 1)[0] in components) for k in raw):
+        state, alphas = raw, {}  # already PEFT names under our component names: nothing to convert
+    else:
+        try:
+            converted = pipeline_cls.lora_state_dict(dict(raw))
+        except (ValueError, KeyError) as exc:  # diffusers' converters reject keys they cannot rename
+            raise AdapterError(file, [f"not a LoRA file diffusers can read for {pipeline_cls.__name__}: "
+                                      f"{exc}"]) from None
+        state, alphas = (converted[0], converted[1] or {}) if isinstance(converted, tuple) else (converted, {})
+        state, alphas = _to_peft_names(state, alphas, denoiser)
     # Alphas left as tensors in a PEFT-style file ("<module>.alpha") count as alphas too.
     alphas = {**{k: v for k, v in state.items() if k.endswith(".alpha")}, **alphas}
     state = {k: v for k, v in state.items() if not k.endswith(".alpha")}
-    state, alphas = _to_peft_names(state, alphas, denoiser)
 
     found: dict[str, dict[str, torch.Tensor]] = {}
     unexpected = []

@@ -112,7 +112,9 @@ class LoRAContext:
             if r:
                 layer.lora_A[slot, :r].copy_(weights.A, non_blocking=True)
                 layer.lora_B[slot, :r].copy_(weights.Bt, non_blocking=True)
-            if r < self.max_rank:  # zero the padding (or the whole slot for layers the adapter skips)
+            # Invariant: a slot outside `loaded_slots` is all zeros (the CUDA-graph path reads every layer), so
+            # only a slot the previous adapter used needs its padding (or, if skipped now, all of it) zeroed.
+            if r < self.max_rank and slot in layer.loaded_slots:
                 layer.lora_A[slot, r:].zero_()
                 layer.lora_B[slot, r:].zero_()
             (layer.loaded_slots.add if r else layer.loaded_slots.discard)(slot)

@@ -1,0 +1,253 @@
+"""Mixed-adapter diffusion batches: ours (the served code path) vs diffusers' own LoRA API, one process, same inputs.
+
+For each pipeline (the tiny test pipeline and a larger random SD3-shaped one), a batch of 4 requests with
+0, 1 and 4 distinct adapters (r=16 on the attention projections, diffusers-format files as people download them):
+- ours: `DiffusionGenerator.run` (what Triton's `execute` calls): one denoising batch, rows mixed freely;
+- diffusers by hand: `load_lora_weights` once per adapter, then `set_adapters([name])` and one pipeline call per
+  request (diffusers applies one adapter set to the whole batch, so 4 distinct adapters mean 4 calls); with one
+  adapter, one call for the batch. Both encode PNGs, as the server does.
+Then the adapter switch: ours cold (read + validate + copy into a slot) and cached (host -> slot copy) vs
+diffusers `load_lora_weights` (cold) and `set_adapters` (cached), next to the time to read the file itself.
+Prints a table; writes CSV and PNG.
+
+    .venv/bin/python -m scripts.bench_diffusion [--repeats 5] [--pipelines tiny-random-sd3 bench-random-sd3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from tqdm import tqdm
+
+from backends.diffusion.generate import DiffusionGenerator, ImageLimits, build_request, encode_png
+from backends.diffusion.lora import PipelineLoRA
+from backends.diffusion.pipeline import load_pipeline
+from backends.lora.cache import AdapterRef, LoRACache
+from backends.lora.resolver import LoRASelection
+from backends.settings import REPO_ROOT, adapters_dir
+from scripts.make_fixtures import BENCH_SD3, TINY_SD3, _random_lora, fixtures_dir, make_pipeline
+
+console = Console(width=150)
+RANK = 16
+ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+
+
+@dataclass(frozen=True)
+class Setting:
+    size: int
+    steps: int
+
+
+SETTINGS = {TINY_SD3: Setting(64, 4), BENCH_SD3: Setting(256, 4)}
+
+
+def bench_adapters(pipeline: str, n: int) -> list[Path]:
+    """n random diffusers-format adapters for `pipeline` (made once, cached)."""
+    out = []
+    for i in tqdm(range(n), desc=f"adapters for {pipeline}"):
+        folder = adapters_dir() / "bench_diffusion" / pipeline / f"lora{i}"
+        file = folder / "pytorch_lora_weights.safetensors"
+        if not file.is_file():
+            loaded = load_pipeline(str(fixtures_dir() / pipeline))
+            config, state = _random_lora(loaded.pipe.transformer, RANK, RANK, ATTENTION, seed=100 + i, std=0.05)
+            meta = {"r": RANK, "lora_alpha": RANK, "target_modules": list(ATTENTION)}
+            type(loaded.pipe).save_lora_weights(folder, transformer_lora_layers=state,
+                                                transformer_lora_adapter_metadata=meta)
+        out.append(folder)
+    return out
+
+
+def timed(fn, repeats: int) -> list[float]:
+    fn()  # warm-up
+    samples = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - started)
+    return samples
+
+
+def pct(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def run_pipeline(name: str, repeats: int) -> tuple[list[dict], list[dict]]:
+    setting = SETTINGS[name]
+    make_pipeline(name)
+    paths = bench_adapters(name, 5)
+    prompts = ["a red cat", "a blue dog", "a green tree", "a yellow house"]
+    common = dict(height=setting.size, width=setting.size, num_inference_steps=setting.steps)
+
+    # --- ours: the served code path ---
+    loaded = load_pipeline(str(fixtures_dir() / name))
+    lora = PipelineLoRA(loaded, max_loras=8, max_rank=RANK)
+    cache = LoRACache(lora.context, lambda ref: lora.load(ref.path), max_cpu_loras=16)
+    gen = DiffusionGenerator(loaded, ImageLimits(), lora, cache)
+    refs = [AdapterRef(i + 1, f"lora{i}", str(p)) for i, p in enumerate(paths)]
+
+    def ours(adapters: list[int | None]):
+        batch = [build_request(loaded, gen.limits, prompt=p, height=setting.size, width=setting.size,
+                               steps=setting.steps, seed=i,
+                               lora=None if a is None else LoRASelection(refs[a], 1.0))
+                 for i, (p, a) in enumerate(zip(prompts, adapters))]
+        return lambda: gen.run(batch)
+
+    # --- diffusers, as a user writes it by hand ---
+    ref_loaded = load_pipeline(str(fixtures_dir() / name))
+    pipe = ref_loaded.pipe
+    plain = load_pipeline(str(fixtures_dir() / name)).pipe  # never had LoRA layers injected
+
+    def gens(n):
+        return [torch.Generator().manual_seed(i) for i in range(n)]
+
+    def diffusers_base():
+        for img in plain(prompts, generator=gens(4), **common).images:
+            encode_png(img)
+
+    def diffusers_one():
+        pipe.set_adapters(["lora0"])
+        for img in pipe(prompts, generator=gens(4), **common).images:
+            encode_png(img)
+
+    def diffusers_four():
+        for i, p in enumerate(prompts):
+            pipe.set_adapters([f"lora{i}"])
+            encode_png(pipe(p, generator=torch.Generator().manual_seed(i), **common).images[0])
+
+    for i in range(4):
+        pipe.load_lora_weights(str(paths[i]), adapter_name=f"lora{i}")
+
+    cases = [
+        ("ours", 0, ours([None] * 4)), ("ours", 1, ours([0] * 4)), ("ours", 4, ours([0, 1, 2, 3])),
+        ("diffusers", 0, diffusers_base), ("diffusers", 1, diffusers_one), ("diffusers", 4, diffusers_four),
+    ]
+    rows = []
+    for system, k, fn in tqdm(cases, desc=f"{name} batches"):
+        samples = timed(fn, repeats)
+        rows.append(dict(pipeline=name, system=system, adapters=k, p50_s=statistics.median(samples),
+                         p99_s=pct(samples, 0.99), images_per_s=4 / statistics.median(samples)))
+    base = {r["system"]: r["p50_s"] for r in rows if r["adapters"] == 0}
+    for r in rows:
+        r["vs_own_base"] = r["p50_s"] / base[r["system"]]
+        r["vs_ours_base"] = r["p50_s"] / base["ours"]
+
+    # --- adapter switch ---
+    from safetensors.torch import load_file
+
+    file = paths[4] / "pytorch_lora_weights.safetensors"
+    read_ms = statistics.median(timed(lambda: load_file(str(file)), repeats)) * 1e3
+    def switch_to(c: LoRACache, ref: AdapterRef) -> float:
+        started = time.perf_counter()
+        c.acquire([ref])
+        c.release([ref])
+        return time.perf_counter() - started
+
+    cold = []
+    for i in range(repeats):  # a fresh id each time: read, validate, convert, copy into a slot
+        ref = AdapterRef(1000 + i, "cold", str(paths[4]))
+        cold.append(switch_to(cache, ref))
+        cache.remove(ref.int_id)
+    # One slot: every switch between two host-cached adapters evicts the other from the slot and copies in.
+    one_slot_lora = PipelineLoRA(load_pipeline(str(fixtures_dir() / name)), max_loras=1, max_rank=RANK)
+    one_slot = LoRACache(one_slot_lora.context, lambda ref: one_slot_lora.load(ref.path), max_cpu_loras=16)
+    for r in refs[:2]:
+        one_slot.get(r)
+    switches = [switch_to(one_slot, refs[i % 2]) for i in range(repeats * 2)]
+    d_cold = []
+    for i in range(min(repeats, 3)):
+        started = time.perf_counter()
+        pipe.load_lora_weights(str(paths[4]), adapter_name=f"cold{i}")
+        d_cold.append(time.perf_counter() - started)
+        pipe.delete_adapters([f"cold{i}"])
+    d_switch = timed(lambda: pipe.set_adapters(["lora1"]) or pipe.set_adapters(["lora0"]), repeats)
+    switch = [
+        dict(pipeline=name, what="file read (safetensors load_file)", ms=read_ms),
+        dict(pipeline=name, what="ours: cold load (read, validate, convert, into a slot)",
+             ms=statistics.median(cold) * 1e3),
+        dict(pipeline=name, what="ours: cached switch (host -> slot copy)", ms=statistics.median(switches) * 1e3),
+        dict(pipeline=name, what="diffusers: load_lora_weights (cold)", ms=statistics.median(d_cold) * 1e3),
+        dict(pipeline=name, what="diffusers: set_adapters (cached switch)",
+             ms=statistics.median(d_switch) * 1e3 / 2),
+    ]
+    return rows, switch
+
+
+def plot(rows: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pipelines = list(dict.fromkeys(r["pipeline"] for r in rows))
+    fig, axes = plt.subplots(1, len(pipelines), figsize=(6 * len(pipelines), 4))
+    for ax, name in zip(axes if len(pipelines) > 1 else [axes], pipelines):
+        for offset, system in ((-0.2, "ours"), (0.2, "diffusers")):
+            sel = [r for r in rows if r["pipeline"] == name and r["system"] == system]
+            ax.bar([i + offset for i in range(len(sel))], [r["images_per_s"] for r in sel], width=0.4,
+                   label=system)
+        ax.set_xticks(range(3), ["no LoRA", "1 adapter", "4 distinct adapters"])
+        ax.set_ylabel("images/s (batch of 4)")
+        ax.set_title(name)
+        ax.legend()
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pipelines", nargs="+", default=[TINY_SD3, BENCH_SD3], choices=list(SETTINGS))
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", type=Path, default=REPO_ROOT / "bench_out")
+    args = p.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import warnings
+
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()  # "no LoRA keys for the text encoder" per load: expected here
+    warnings.filterwarnings("ignore", category=UserWarning, module="peft")
+    console.print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch of 4, r={RANK}")
+    rows, switch = [], []
+    for name in args.pipelines:
+        r, s = run_pipeline(name, args.repeats)
+        rows += r
+        switch += s
+
+    table = Table(title="Diffusion: batch of 4 requests (p50/p99 over repeats)")
+    for col in ("pipeline", "system", "adapters", "p50 s", "p99 s", "images/s", "vs own base", "vs ours base"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(r["pipeline"], r["system"], str(r["adapters"]), f"{r['p50_s']:.3f}", f"{r['p99_s']:.3f}",
+                      f"{r['images_per_s']:.2f}", f"{r['vs_own_base']:.2f}x", f"{r['vs_ours_base']:.2f}x")
+    console.print(table)
+    table = Table(title="Adapter switch (median ms)")
+    for col in ("pipeline", "what", "ms"):
+        table.add_column(col)
+    for s in switch:
+        table.add_row(s["pipeline"], s["what"], f"{s['ms']:.2f}")
+    console.print(table)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    for file, data in (("diffusion.csv", rows), ("diffusion_switch.csv", switch)):
+        with open(args.out / file, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(data[0]))
+            writer.writeheader()
+            writer.writerows(data)
+    plot(rows, args.out / "diffusion.png")
+    console.print(f"wrote {args.out / 'diffusion.csv'}, {args.out / 'diffusion_switch.csv'}, "
+                  f"{args.out / 'diffusion.png'}")
+
+
+if __name__ == "__main__":
+    main()
