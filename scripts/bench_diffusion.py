@@ -8,7 +8,8 @@ For each pipeline (the tiny test pipeline and a larger random SD3-shaped one), a
   adapter, one call for the batch. Both encode PNGs, as the server does.
 Then the adapter switch: ours cold (read + validate + copy into a slot) and cached (host -> slot copy) vs
 diffusers `load_lora_weights` (cold) and `set_adapters` (cached), next to the time to read the file itself.
-Prints a table; writes CSV and PNG.
+With --triton (default: the tiny pipeline) the same batches also run end to end through tritonserver. Prints a
+table; writes CSV and PNG.
 
     .venv/bin/python -m scripts.bench_diffusion [--repeats 5] [--pipelines tiny-random-sd3 bench-random-sd3]
 """
@@ -19,6 +20,7 @@ import argparse
 import csv
 import os
 import statistics
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,6 +184,63 @@ def run_pipeline(name: str, repeats: int) -> tuple[list[dict], list[dict]]:
     return rows, switch
 
 
+def run_triton(name: str, repeats: int) -> list[dict]:
+    """The same batches end to end: 4 clients send at once, Triton's dynamic batcher hands them to the diffusion
+    model together (preferred batch 4), LoRA fields travel as request parameters. Latency = until all 4 answered."""
+    import tempfile
+    from concurrent.futures import ThreadPoolExecutor
+
+    import tritonclient.http as httpclient
+
+    from scripts.diffusion_client import generate
+    from scripts.triton_launcher import TritonServer, copy_model, free_port
+
+    setting = SETTINGS[name]
+    paths = bench_adapters(name, 4)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        copy_model(Path(tmp), "diffusion", "diffusion", {
+            "model_path": str(fixtures_dir() / name), "max_lora_rank": str(RANK),
+            "lora_modules": " ".join(f"lora{i}={p}" for i, p in enumerate(paths)),
+        }, {"max_queue_delay_microseconds: 20000":
+            "max_queue_delay_microseconds: 2000000\n  preferred_batch_size: [ 4 ]"})
+        server = TritonServer(model_repository=Path(tmp), models=["diffusion"], http_port=free_port(),
+                              grpc_port=free_port(), metrics_port=free_port(), log_file=Path(tmp) / "triton.log",
+                              env=dict(os.environ))
+        local = threading.local()  # tritonclient.http (gevent) clients must stay on the thread that made them
+
+        def client():
+            if not hasattr(local, "client"):
+                local.client = httpclient.InferenceServerClient(server.http_url, network_timeout=600)
+            return local.client
+
+        with server, ThreadPoolExecutor(4) as pool:
+            prompts = ["a red cat", "a blue dog", "a green tree", "a yellow house"]
+
+            def batch(adapters: list[int | None]):
+                def one(i: int):
+                    lora = {} if adapters[i] is None else {"lora_name": f"lora{adapters[i]}"}
+                    generate(client(), prompt=prompts[i], seed=i, height=setting.size, width=setting.size,
+                             num_inference_steps=setting.steps, **lora)
+                return lambda: list(pool.map(one, range(4)))
+
+            for k, adapters in ((0, [None] * 4), (1, [0] * 4), (4, [0, 1, 2, 3])):
+                samples = timed(batch(adapters), repeats)
+                rows.append(dict(pipeline=name, system="ours via Triton", adapters=k,
+                                 p50_s=statistics.median(samples), p99_s=pct(samples, 0.99),
+                                 images_per_s=4 / statistics.median(samples)))
+            barrier = threading.Barrier(4)  # one task per thread: each closes its own client
+
+            def close(_):
+                barrier.wait()
+                client().close()
+            list(pool.map(close, range(4)))
+    base = rows[0]["p50_s"]
+    for r in rows:
+        r["vs_own_base"] = r["p50_s"] / base
+    return rows
+
+
 def plot(rows: list[dict], out: Path) -> None:
     import matplotlib
 
@@ -191,10 +250,13 @@ def plot(rows: list[dict], out: Path) -> None:
     pipelines = list(dict.fromkeys(r["pipeline"] for r in rows))
     fig, axes = plt.subplots(1, len(pipelines), figsize=(6 * len(pipelines), 4))
     for ax, name in zip(axes if len(pipelines) > 1 else [axes], pipelines):
-        for offset, system in ((-0.2, "ours"), (0.2, "diffusers")):
+        systems = [s for s in ("ours", "ours via Triton", "diffusers")
+                   if any(r["pipeline"] == name and r["system"] == s for r in rows)]
+        width = 0.8 / len(systems)
+        for j, system in enumerate(systems):
             sel = [r for r in rows if r["pipeline"] == name and r["system"] == system]
-            ax.bar([i + offset for i in range(len(sel))], [r["images_per_s"] for r in sel], width=0.4,
-                   label=system)
+            ax.bar([i + (j - (len(systems) - 1) / 2) * width for i in range(len(sel))],
+                   [r["images_per_s"] for r in sel], width=width, label=system)
         ax.set_xticks(range(3), ["no LoRA", "1 adapter", "4 distinct adapters"])
         ax.set_ylabel("images/s (batch of 4)")
         ax.set_title(name)
@@ -208,6 +270,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pipelines", nargs="+", default=[TINY_SD3, BENCH_SD3], choices=list(SETTINGS))
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--triton", nargs="*", default=[TINY_SD3], choices=list(SETTINGS),
+                   help="pipelines to also run end to end through tritonserver (default: the tiny one)")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "bench_out")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -223,6 +287,12 @@ def main() -> None:
         r, s = run_pipeline(name, args.repeats)
         rows += r
         switch += s
+    for name in args.triton:
+        ours_base = next(r["p50_s"] for r in rows if r["pipeline"] == name and r["system"] == "ours" and
+                         r["adapters"] == 0) if name in args.pipelines else None
+        for r in run_triton(name, args.repeats):
+            r["vs_ours_base"] = r["p50_s"] / ours_base if ours_base else float("nan")
+            rows.append(r)
 
     table = Table(title="Diffusion: batch of 4 requests (p50/p99 over repeats)")
     for col in ("pipeline", "system", "adapters", "p50 s", "p99 s", "images/s", "vs own base", "vs ours base"):

@@ -19,7 +19,6 @@ import csv
 import json
 import random
 import re
-import shutil
 import statistics
 import subprocess
 import tempfile
@@ -32,7 +31,7 @@ from rich.table import Table
 from backends.llm.chat import apply_chat_template
 from backends.settings import REPO_ROOT, adapters_dir
 from scripts.make_adapters import load_smollm2, make_random_adapters
-from scripts.triton_launcher import TritonServer, free_port
+from scripts.triton_launcher import TritonServer, copy_model, free_port
 
 console = Console(width=160)
 TOPICS = ["a dragon who bakes bread", "a lighthouse keeper", "a robot learning to paint", "the first snow",
@@ -89,14 +88,9 @@ def warmup_data(adapters: list[Path]) -> dict:
 
 def write_repository(root: Path, max_loras: int, max_cpu_loras: int, max_num_seqs: int) -> Path:
     repo = root / "repo"
-    shutil.copytree(REPO_ROOT / "model_repository" / "llm", repo / "llm")
-    config = repo / "llm" / "config.pbtxt"
-    text = config.read_text()
     overrides = {"lora_modules": "", "max_loras": str(max_loras), "max_cpu_loras": str(max_cpu_loras),
                  "max_num_seqs": str(max_num_seqs)}
-    for key, value in overrides.items():
-        text = re.sub(rf'(key: "{key}", value: {{ string_value: )"[^"]*"', rf'\g<1>"{value}"', text)
-    config.write_text(text)
+    text = (copy_model(repo, "llm", "llm", overrides) / "config.pbtxt").read_text()
     peft = repo / PEFT_MODEL
     (peft / "1").mkdir(parents=True)
     (peft / "config.pbtxt").write_text(re.sub(r'name: "llm"', f'name: "{PEFT_MODEL}"', text, count=1))

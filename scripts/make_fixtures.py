@@ -116,7 +116,8 @@ def build_sd3(name: str, tmp: Path):
     )
     # text_encoder_3 (T5) is optional in SD3: without it the pipeline feeds zeros for the T5 part.
     return StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_vae(shape.vae_channels, sd3=True),
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_vae(shape.vae_channels, sd3=True),
         text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer,
         text_encoder_3=None, tokenizer_3=None,
     )

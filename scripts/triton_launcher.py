@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -114,6 +115,24 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def copy_model(repo: Path, source: str, name: str, params: dict[str, str],
+               edits: dict[str, str] | None = None) -> Path:
+    """A copy of a model of model_repository under another name, with parameters changed and text replaced."""
+    shutil.copytree(REPO_ROOT / "model_repository" / source, repo / name)
+    config = repo / name / "config.pbtxt"
+    text = re.sub(rf'name: "{source}"', f'name: "{name}"', config.read_text(), count=1)
+    for key, value in params.items():
+        text, n = re.subn(rf'(key: "{key}", value: {{ string_value: )"[^"]*"', rf'\1"{value}"', text)
+        if n != 1:
+            raise ValueError(f"parameter {key} not found in the {source} config")
+    for old, new in (edits or {}).items():
+        if old not in text:
+            raise ValueError(f"{old!r} not found in the {source} config")
+        text = text.replace(old, new)
+    config.write_text(text)
+    return repo / name
 
 
 @dataclass

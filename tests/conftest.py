@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
-import shutil
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -13,9 +11,9 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
-from backends.settings import ALLOWED_LORA_ROOTS_ENV, LORA_REGISTRY_ENV, REPO_ROOT, cache_dir, default_llm_model_path
+from backends.settings import ALLOWED_LORA_ROOTS_ENV, LORA_REGISTRY_ENV, cache_dir, default_llm_model_path
 from scripts.make_fixtures import TINY_SD15, TINY_SD3
-from scripts.triton_launcher import TritonServer, free_port
+from scripts.triton_launcher import TritonServer, copy_model, free_port
 
 
 def pytest_collection_modifyitems(config, items):
@@ -40,30 +38,16 @@ SD15_MODEL = "diffusion_sd15"  # the diffusion model serving the tiny SD1.5-styl
 BATCHED_MODEL = "diffusion_batched"  # the diffusion model whose batcher waits for 4 requests (mixed-batch proof)
 
 
-def _copy_model(repo: Path, source: str, name: str, params: dict[str, str], edits: dict[str, str] = {}) -> None:
-    """A copy of a model of model_repository under another name, with parameters changed and text replaced."""
-    shutil.copytree(REPO_ROOT / "model_repository" / source, repo / name)
-    config = repo / name / "config.pbtxt"
-    text = re.sub(rf'name: "{source}"', f'name: "{name}"', config.read_text(), count=1)
-    for key, value in params.items():
-        text, n = re.subn(rf'(key: "{key}", value: {{ string_value: )"[^"]*"', rf'\1"{value}"', text)
-        assert n == 1, f"parameter {key} not found in the {source} config"
-    for old, new in edits.items():
-        assert old in text, f"{old!r} not found in the {source} config"
-        text = text.replace(old, new)
-    config.write_text(text)
-
-
 def _extra_repository(root: Path) -> Path:
     repo = root / "extra_models"
-    _copy_model(repo, "llm", TIGHT_MODEL,
+    copy_model(repo, "llm", TIGHT_MODEL,
                 {"max_loras": "2", "max_cpu_loras": "2", "lora_modules": "", "max_num_seqs": "8"})
-    _copy_model(repo, "diffusion", SD15_MODEL, {
+    copy_model(repo, "diffusion", SD15_MODEL, {
         "model_path": str(cache_dir() / "models" / TINY_SD15),
         "lora_modules": "tiny-sd15-a=adapters/diffusion/tiny-sd15-a",
     })
     # Triton's batcher waits until 4 requests are queued (or 5 s): 4 concurrent requests form one batch.
-    _copy_model(repo, "diffusion", BATCHED_MODEL, {}, {
+    copy_model(repo, "diffusion", BATCHED_MODEL, {}, {
         "max_queue_delay_microseconds: 20000": "max_queue_delay_microseconds: 5000000\n  preferred_batch_size: [ 4 ]"})
     return repo
 

@@ -1,7 +1,9 @@
 """Per-row LoRA for a whole diffusers pipeline: one `LoRAContext` over the denoiser and the text encoders.
 
 Every `nn.Linear` of those components is patched (adapters choose which ones they train; a layer no loaded
-adapter targets costs nothing). The pipeline itself runs unchanged: a forward pre-hook on each component maps the
+adapter targets costs no compute, only its slot memory), except T5 text encoders, which LoRA files practically never
+train and whose slots would take gigabytes; `targets` (a regex over pipeline module names) narrows it further. The
+pipeline itself runs unchanged: a forward pre-hook on each component maps the
 batch it is called with onto the generation's rows. Text encoders see the B prompts (and, separately, the B
 negative prompts); the denoiser sees B rows, or 2B under classifier-free guidance, where diffusers stacks
 [negative; positive] in row order, so row i and row B + i both get row i's adapter and scale. That is what each
@@ -11,6 +13,7 @@ row would get with the adapter loaded alone (diffusers applies text-encoder and 
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Iterator, Sequence
 
 import torch
@@ -22,6 +25,8 @@ from backends.lora.adapter import LoRAAdapter
 from backends.lora.ops import LoRABatch
 from backends.lora.patch import LoRAContext, patch_model
 
+log = logging.getLogger(__name__)
+
 
 def _batch_size(args: tuple, kwargs: dict) -> int:
     for value in (*args, *kwargs.values()):
@@ -30,13 +35,21 @@ def _batch_size(args: tuple, kwargs: dict) -> int:
     raise ValueError("LoRA hook: the component was called without a batched tensor")
 
 
+def _default_components(loaded: LoadedPipeline) -> tuple[str, ...]:
+    encoders = tuple(n for n in loaded.text_encoders if not type(getattr(loaded.pipe, n)).__name__.startswith("T5"))
+    return (loaded.denoiser, *encoders)
+
+
 class PipelineLoRA:
-    def __init__(self, loaded: LoadedPipeline, max_loras: int, max_rank: int):
+    def __init__(self, loaded: LoadedPipeline, max_loras: int, max_rank: int, targets: str | None = None):
         self.loaded = loaded
-        names = (loaded.denoiser, *loaded.text_encoders)
+        names = _default_components(loaded)
         root = nn.ModuleDict({n: getattr(loaded.pipe, n) for n in names})
-        self.context: LoRAContext = patch_model(root, max_loras, max_rank, targets=lambda _n, _m: True,
+        self.context: LoRAContext = patch_model(root, max_loras, max_rank, targets=targets or (lambda _n, _m: True),
                                                 model_name=loaded.name)
+        slot_bytes = sum(layer.lora_A.nbytes + layer.lora_B.nbytes for layer in self.context.layers.values())
+        log.info("LoRA on %s: %d linear layers of %s, %d slots x rank %d = %.1f MB of slot buffers",
+                 loaded.name, len(self.context.layers), ", ".join(names), max_loras, max_rank, slot_bytes / 2**20)
         self._rows: tuple[list[int], list[float]] | None = None
         self._batches: dict[int, LoRABatch] = {}
         for n in names:

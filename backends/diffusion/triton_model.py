@@ -78,7 +78,8 @@ class TritonDiffusionModel:
         self.resolver = None
         pipe_lora = None
         if lora.enabled:
-            pipe_lora = PipelineLoRA(self.loaded, lora.max_loras, lora.max_lora_rank)
+            pipe_lora = PipelineLoRA(self.loaded, lora.max_loras, lora.max_lora_rank,
+                                     targets=(params.get("lora_target_modules") or "").strip() or None)
             self.resolver = build_resolver(pipe_lora.context, lora, load=pipe_lora.load)
         self.generator = DiffusionGenerator(self.loaded, self.limits, pipe_lora,
                                             self.resolver.cache if self.resolver else None)
