@@ -69,12 +69,19 @@ def bench_adapters(pipeline: str, n: int) -> list[Path]:
 
 
 def timed(fn, repeats: int) -> list[float]:
-    fn()  # warm-up
-    samples = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - started)
+    return interleaved({"fn": fn}, repeats)["fn"]
+
+
+def interleaved(fns: dict, repeats: int) -> dict[str, list[float]]:
+    """Seconds per call for each function, taking turns within every repeat so drift hits all of them alike."""
+    for fn in fns.values():
+        fn()  # warm-up
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in tqdm(range(repeats), desc="repeats", leave=False):
+        for name, fn in fns.items():
+            started = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - started)
     return samples
 
 
@@ -133,9 +140,10 @@ def run_pipeline(name: str, repeats: int) -> tuple[list[dict], list[dict]]:
         ("ours", 0, ours([None] * 4)), ("ours", 1, ours([0] * 4)), ("ours", 4, ours([0, 1, 2, 3])),
         ("diffusers", 0, diffusers_base), ("diffusers", 1, diffusers_one), ("diffusers", 4, diffusers_four),
     ]
+    console.print(f"{name}: {setting.size}x{setting.size}, {setting.steps} steps, {repeats} repeats")
+    timings = interleaved({(system, k): fn for system, k, fn in cases}, repeats)
     rows = []
-    for system, k, fn in tqdm(cases, desc=f"{name} batches"):
-        samples = timed(fn, repeats)
+    for (system, k), samples in timings.items():
         rows.append(dict(pipeline=name, system=system, adapters=k, p50_s=statistics.median(samples),
                          p99_s=pct(samples, 0.99), images_per_s=4 / statistics.median(samples)))
     base = {r["system"]: r["p50_s"] for r in rows if r["adapters"] == 0}
@@ -224,8 +232,9 @@ def run_triton(name: str, repeats: int) -> list[dict]:
                              num_inference_steps=setting.steps, **lora)
                 return lambda: list(pool.map(one, range(4)))
 
-            for k, adapters in ((0, [None] * 4), (1, [0] * 4), (4, [0, 1, 2, 3])):
-                samples = timed(batch(adapters), repeats)
+            sets = {0: [None] * 4, 1: [0] * 4, 4: [0, 1, 2, 3]}
+            timings = interleaved({k: batch(adapters) for k, adapters in sets.items()}, repeats)
+            for k, samples in timings.items():
                 rows.append(dict(pipeline=name, system="ours via Triton", adapters=k,
                                  p50_s=statistics.median(samples), p99_s=pct(samples, 0.99),
                                  images_per_s=4 / statistics.median(samples)))
@@ -239,6 +248,9 @@ def run_triton(name: str, repeats: int) -> list[dict]:
     for r in rows:
         r["vs_own_base"] = r["p50_s"] / base
     return rows
+
+
+COLORS = {"ours": "tab:blue", "ours via Triton": "tab:cyan", "diffusers": "tab:orange"}
 
 
 def plot(rows: list[dict], out: Path) -> None:
@@ -256,7 +268,7 @@ def plot(rows: list[dict], out: Path) -> None:
         for j, system in enumerate(systems):
             sel = [r for r in rows if r["pipeline"] == name and r["system"] == system]
             ax.bar([i + (j - (len(systems) - 1) / 2) * width for i in range(len(sel))],
-                   [r["images_per_s"] for r in sel], width=width, label=system)
+                   [r["images_per_s"] for r in sel], width=width, label=system, color=COLORS[system])
         ax.set_xticks(range(3), ["no LoRA", "1 adapter", "4 distinct adapters"])
         ax.set_ylabel("images/s (batch of 4)")
         ax.set_title(name)
@@ -269,7 +281,7 @@ def plot(rows: list[dict], out: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pipelines", nargs="+", default=[TINY_SD3, BENCH_SD3], choices=list(SETTINGS))
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=5, help="per case (x6 for the tiny pipeline)")
     p.add_argument("--triton", nargs="*", default=[TINY_SD3], choices=list(SETTINGS),
                    help="pipelines to also run end to end through tritonserver (default: the tiny one)")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "bench_out")
@@ -284,13 +296,13 @@ def main() -> None:
     console.print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch of 4, r={RANK}")
     rows, switch = [], []
     for name in args.pipelines:
-        r, s = run_pipeline(name, args.repeats)
+        r, s = run_pipeline(name, args.repeats * (6 if name == TINY_SD3 else 1))
         rows += r
         switch += s
     for name in args.triton:
         ours_base = next(r["p50_s"] for r in rows if r["pipeline"] == name and r["system"] == "ours" and
                          r["adapters"] == 0) if name in args.pipelines else None
-        for r in run_triton(name, args.repeats):
+        for r in run_triton(name, args.repeats * (6 if name == TINY_SD3 else 1)):
             r["vs_ours_base"] = r["p50_s"] / ours_base if ours_base else float("nan")
             rows.append(r)
 
