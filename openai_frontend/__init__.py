@@ -1,1 +1,1 @@
-"""OpenAI-compatible FastAPI frontend over Triton (routes arrive with the frontend work)."""
+"""OpenAI-compatible FastAPI frontend over the Triton models (see README: "OpenAI-compatible API")."""

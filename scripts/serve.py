@@ -1,6 +1,9 @@
-"""scripts/serve: run tritonserver on the model repository until Ctrl-C / SIGTERM.
+"""scripts/serve: run tritonserver on the model repository and the OpenAI-compatible frontend on top of it, until
+Ctrl-C / SIGTERM stops both.
 
-Every flag has an env var (MULTILORA_*) so containers can configure it without arguments.
+Every flag has an env var (MULTILORA_*) so containers can configure it without arguments; the frontend reads its
+own (MULTILORA_API_KEY, MULTILORA_ADMIN_KEY, MULTILORA_ALLOW_RUNTIME_LORA_UPDATING, ...: see
+`python -m openai_frontend --help`).
 """
 
 from __future__ import annotations
@@ -9,11 +12,15 @@ import argparse
 import logging
 import os
 import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
+
 from backends.settings import LLM_MODEL_PATH_ENV, REPO_ROOT
-from scripts.triton_launcher import TritonServer
+from scripts.triton_launcher import TritonServer, die_with_parent
 
 log = logging.getLogger("serve")
 
@@ -36,6 +43,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma-separated models to load at start [MULTILORA_MODELS, llm,diffusion]")
     p.add_argument("--llm-model-path", default=os.environ.get(LLM_MODEL_PATH_ENV),
                    help=f"Hugging Face model folder for the llm model [{LLM_MODEL_PATH_ENV}, converted SmolLM2]")
+    p.add_argument("--frontend-port", type=int, default=int(_env("FRONTEND_PORT", "9000")),
+                   help="OpenAI-compatible API port [MULTILORA_FRONTEND_PORT, 9000]")
+    p.add_argument("--no-frontend", action="store_true", default=_env("NO_FRONTEND", "") == "1",
+                   help="serve Triton only [MULTILORA_NO_FRONTEND=1]")
     p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for the models to load")
     p.add_argument("tritonserver_args", nargs="*", help="extra tritonserver flags, after --")
     return p.parse_args(argv)
@@ -63,25 +74,62 @@ def main(argv: list[str] | None = None) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _stop)
+    frontend = None
     try:
         server.start(timeout=args.ready_timeout)
+        if not args.no_frontend:
+            frontend = start_frontend(args, server, env)
         print(
             f"\ntritonserver is ready (models: {', '.join(server.models)})\n"
             f"  HTTP     http://{server.http_url}   (KServe v2; /v2/models/llm/generate_stream, "
             f"/v2/models/diffusion/infer)\n"
             f"  gRPC     {server.grpc_url}   (tritonclient.grpc streaming)\n"
             f"  metrics  {server.metrics_url}\n"
-            "Ctrl-C to stop.\n",
+            + (f"OpenAI-compatible API: http://{server.client_host}:{args.frontend_port}/v1   "
+               f"(/v1/chat/completions, /v1/completions, /v1/images/generations, /v1/models, /metrics)\n"
+               if frontend else "")
+            + "Ctrl-C to stop.\n",
             flush=True,
         )
-        code = server.process.wait()
-        log.error("tritonserver exited with code %d", code)
-        return code or 1
+        while True:
+            if (code := server.process.poll()) is not None:
+                log.error("tritonserver exited with code %d", code)
+                return code or 1
+            if frontend is not None and (code := frontend.poll()) is not None:
+                log.error("the frontend exited with code %d", code)
+                return code or 1
+            time.sleep(0.5)
     except KeyboardInterrupt:
         log.info("stopping tritonserver")
         return 0
     finally:
+        if frontend is not None and frontend.poll() is None:
+            frontend.terminate()
+            try:
+                frontend.wait(15)
+            except subprocess.TimeoutExpired:
+                frontend.kill()
         server.stop()
+
+
+def start_frontend(args: argparse.Namespace, server: TritonServer, env: dict[str, str]) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "openai_frontend", "--host", args.host, "--port", str(args.frontend_port),
+           "--triton-grpc-url", server.grpc_url, "--triton-metrics-url", server.metrics_url]
+    proc = subprocess.Popen(cmd, env={**env, "PYTHONPATH": str(REPO_ROOT)}, cwd=REPO_ROOT,
+                            preexec_fn=die_with_parent)
+    url = f"http://{server.client_host}:{args.frontend_port}/health"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the frontend exited with code {proc.returncode} at start")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise TimeoutError("the frontend did not answer /health within 60 s")
 
 
 if __name__ == "__main__":

@@ -103,7 +103,7 @@ def server_env(base: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """preexec_fn: the kernel sends SIGTERM to tritonserver if its launcher dies without stopping it."""
     import ctypes
 
@@ -149,20 +149,20 @@ class TritonServer:
     process: subprocess.Popen | None = None
 
     @property
-    def _client_host(self) -> str:
+    def client_host(self) -> str:
         return "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
 
     @property
     def http_url(self) -> str:
-        return f"{self._client_host}:{self.http_port}"
+        return f"{self.client_host}:{self.http_port}"
 
     @property
     def grpc_url(self) -> str:
-        return f"{self._client_host}:{self.grpc_port}"
+        return f"{self.client_host}:{self.grpc_port}"
 
     @property
     def metrics_url(self) -> str:
-        return f"http://{self._client_host}:{self.metrics_port}/metrics"
+        return f"http://{self.client_host}:{self.metrics_port}/metrics"
 
     def command(self) -> list[str]:
         cmd = [
@@ -190,7 +190,7 @@ class TritonServer:
         # Own session: stop() signals the whole group, so no stub process outlives the server.
         self.process = subprocess.Popen(
             cmd, env=server_env(self.env), stdout=out, stderr=subprocess.STDOUT if out else None,
-            start_new_session=True, preexec_fn=_die_with_parent,
+            start_new_session=True, preexec_fn=die_with_parent,
         )
         try:
             self.wait_ready(timeout)

@@ -142,7 +142,7 @@ class TritonDiffusionModel:
             self.metrics.seconds.increment(result.seconds)
         if self.resolver is not None:
             cache = self.resolver.cache
-            self.metrics.lora.report(cache.stats(), cache.slots_in_use(), len(cache.host_ids()))
+            self.metrics.lora.report(cache.stats(), cache.slots_in_use(), len(cache.host_ids()), cache.max_loras)
         return responses
 
     def finalize(self) -> None:

@@ -59,9 +59,9 @@ class EngineObserver(Protocol):
 
     def on_tokens(self, count: int) -> None: ...
 
-    def on_queue(self, waiting: int, running: int) -> None: ...
+    def on_queue(self, waiting: int, running: int, kv_usage: float) -> None: ...
 
-    def on_lora(self, stats: CacheStats, slots_in_use: int, adapters_in_host: int) -> None: ...
+    def on_lora(self, stats: CacheStats, slots_in_use: int, adapters_in_host: int, max_loras: int) -> None: ...
 
 
 class Sequence:
@@ -195,10 +195,15 @@ class LLMEngine:
     # -- engine thread --------------------------------------------------------------------------------------
     def _report_queue(self) -> None:
         if self._observer:
-            self._observer.on_queue(len(self._waiting) + self._queue.qsize(), len(self._running))
+            # KV-cache use: cached token positions of the running batch (padding included) over what the limits
+            # allow at most, max_num_seqs x max_model_len (the buffers grow on demand up to that).
+            used = self._batch.size * self._batch.length if self._batch is not None else 0
+            capacity = self._limits.max_num_seqs * (getattr(self, "max_model_len", 0) or 1)
+            self._observer.on_queue(len(self._waiting) + self._queue.qsize(), len(self._running),
+                                    min(1.0, used / capacity))
             if self.lora_cache is not None:
                 self._observer.on_lora(self.lora_cache.stats(), self.lora_cache.slots_in_use(),
-                                       len(self.lora_cache.host_ids()))
+                                       len(self.lora_cache.host_ids()), self.lora_cache.max_loras)
 
     def _pull_requests(self) -> bool:
         """Move queued requests to `waiting` and run handed-over calls, blocking while there is nothing to do.

@@ -34,6 +34,10 @@ class TritonEngineMetrics:
             "multilora_llm_num_requests_running", "Requests being generated", pb_utils.MetricFamily.GAUGE
         )
 
+        self._kv_usage = self._metric(
+            "multilora_llm_kv_cache_usage_ratio", "Cached token positions of running sequences over "
+            "max_num_seqs x max_model_len (1 = full)", pb_utils.MetricFamily.GAUGE
+        )
         self._lora = TritonLoRAMetrics(model_name)
 
     def _family(self, name: str, description: str, kind):
@@ -55,9 +59,10 @@ class TritonEngineMetrics:
     def on_tokens(self, count: int) -> None:
         self._generation_tokens.increment(count)
 
-    def on_queue(self, waiting: int, running: int) -> None:
+    def on_queue(self, waiting: int, running: int, kv_usage: float) -> None:
         self._waiting.set(waiting)
         self._running.set(running)
+        self._kv_usage.set(kv_usage)
 
-    def on_lora(self, stats: CacheStats, slots_in_use: int, adapters_in_host: int) -> None:
-        self._lora.report(stats, slots_in_use, adapters_in_host)
+    def on_lora(self, stats: CacheStats, slots_in_use: int, adapters_in_host: int, max_loras: int) -> None:
+        self._lora.report(stats, slots_in_use, adapters_in_host, max_loras)

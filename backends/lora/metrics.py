@@ -34,6 +34,9 @@ class TritonLoRAMetrics:
         self._slots_in_use = self._metric(
             "multilora_lora_slots_in_use", "LoRA device slots held by running batches", pb_utils.MetricFamily.GAUGE
         )
+        self._max_loras = self._metric(
+            "multilora_lora_max_loras", "LoRA device slots (distinct adapters per batch)", pb_utils.MetricFamily.GAUGE
+        )
         self._adapters_resident = self._metric(
             "multilora_lora_adapters_in_host_memory", "LoRA adapters cached in host memory",
             pb_utils.MetricFamily.GAUGE,
@@ -44,7 +47,8 @@ class TritonLoRAMetrics:
         self._families.append(family)
         return family.Metric(labels=self._labels)
 
-    def report(self, stats: CacheStats, slots_in_use: int, adapters_in_host: int) -> None:
+    def report(self, stats: CacheStats, slots_in_use: int, adapters_in_host: int, max_loras: int) -> None:
+        self._max_loras.set(max_loras)
         for field, metric in self._counters.items():
             delta = getattr(stats, field) - getattr(self._seen, field)
             if delta:

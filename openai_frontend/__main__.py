@@ -1,0 +1,21 @@
+"""`python -m openai_frontend --port 9000 --triton-grpc-url 127.0.0.1:8001 ...` (see --help)."""
+
+from __future__ import annotations
+
+import logging
+
+import uvicorn
+
+from openai_frontend.app import create_app
+from openai_frontend.config import from_args, parser
+
+
+def main() -> None:
+    args = parser().parse_args()
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(from_args(args))
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), timeout_graceful_shutdown=5)
+
+
+if __name__ == "__main__":
+    main()

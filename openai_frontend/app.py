@@ -1,0 +1,75 @@
+"""The FastAPI app: routers, OpenAI-shaped errors, body-size limit, request metrics, shared state."""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import Response
+
+from backends.errors import BackendError
+from backends.lora.registry import AdapterEntry, LoRARegistry, parse_lora_modules
+from openai_frontend.auth import require_api_key
+from openai_frontend.catalog import Catalog
+from openai_frontend.config import FrontendConfig
+from openai_frontend.errors import OpenAIError, error_response, install_handlers
+from openai_frontend.metrics import FrontendMetrics
+from openai_frontend.routers import health, images, lora, models, text
+from openai_frontend.triton import TritonGateway
+
+log = logging.getLogger(__name__)
+
+
+def _register_static(registry: LoRARegistry, spec: str) -> None:
+    """--lora-modules: written to the shared registry (replacing same-named entries) so the backends serve them."""
+    for entry in parse_lora_modules(spec):
+        registry.add(AdapterEntry(entry.name, entry.path, base_model=entry.base_model, pinned=True),
+                     replace_existing=True)
+        log.info("registered LoRA adapter '%s' -> %s", entry.name, entry.path)
+
+
+def create_app(config: FrontendConfig) -> FastAPI:
+    registry = LoRARegistry(registry_file=config.registry_file, allowed_roots=config.roots)
+    try:
+        _register_static(registry, config.lora_modules)
+    except BackendError as exc:
+        raise SystemExit(f"--lora-modules: {exc}") from None
+    gateway = TritonGateway(config.triton_grpc_url)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        yield
+        await gateway.close()
+
+    app = FastAPI(title="multi-LoRA OpenAI-compatible frontend", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.config = config
+    app.state.gateway = gateway
+    app.state.catalog = Catalog(gateway, registry, config.catalog_ttl_s)
+    app.state.metrics = FrontendMetrics(config.triton_metrics_url)
+    install_handlers(app)
+
+    @app.middleware("http")
+    async def limits_and_metrics(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > config.max_body_bytes:
+            return error_response(OpenAIError(413, f"request body of {length} bytes exceeds the limit of "
+                                                   f"{config.max_body_bytes} bytes"))
+        route = request.url.path if request.url.path.startswith(("/v1/", "/health", "/metrics")) else "other"
+        if route.startswith("/v1/models/"):
+            route = "/v1/models/{id}"
+        started = time.perf_counter()
+        response = await call_next(request)
+        metrics = app.state.metrics
+        metrics.requests.labels(route, str(response.status_code)).inc()
+        metrics.latency.labels(route).observe(time.perf_counter() - started)
+        return response
+
+    @app.get("/metrics", dependencies=[Depends(require_api_key)])
+    async def metrics_endpoint() -> Response:
+        return Response(await app.state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    for router in (health.router, models.router, lora.router, text.router, images.router):
+        app.include_router(router)
+    return app

@@ -1,0 +1,105 @@
+"""`/metrics`: the frontend's own Prometheus metrics, the backends' metrics re-exported from Triton's metrics port,
+and the Gateway API Inference Extension's model-server metrics under vLLM's names, so an inference gateway can
+route a request to the replica that already holds its adapter."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import httpx
+from prometheus_client import CollectorRegistry, Counter as PromCounter, Gauge, Histogram, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+
+class AdapterActivity:
+    """In-flight requests per adapter: waiting until their first token/image, then running."""
+
+    def __init__(self) -> None:
+        self.waiting: Counter[str] = Counter()
+        self.running: Counter[str] = Counter()
+
+    def start(self, adapter: str | None) -> None:
+        if adapter:
+            self.waiting[adapter] += 1
+
+    def first_output(self, adapter: str | None) -> None:
+        if adapter and self.waiting[adapter] > 0:
+            self.waiting[adapter] -= 1
+            self.running[adapter] += 1
+
+    def finish(self, adapter: str | None, started: bool) -> None:
+        if not adapter:
+            return
+        tally = self.running if started else self.waiting
+        tally[adapter] = max(0, tally[adapter] - 1)
+
+    def names(self, tally: Counter[str]) -> str:
+        return ",".join(sorted(n for n, c in tally.items() if c > 0))
+
+
+class FrontendMetrics:
+    def __init__(self, triton_metrics_url: str | None):
+        self.registry = CollectorRegistry()
+        self.triton_metrics_url = triton_metrics_url
+        self.requests = PromCounter("multilora_frontend_requests_total", "HTTP requests by route and status",
+                                    ["route", "status"], registry=self.registry)
+        self.latency = Histogram("multilora_frontend_request_duration_seconds", "Request latency by route",
+                                 ["route"], registry=self.registry,
+                                 buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
+        self.prompt_tokens = PromCounter("multilora_frontend_prompt_tokens_total", "Prompt tokens", ["model"],
+                                         registry=self.registry)
+        self.completion_tokens = PromCounter("multilora_frontend_completion_tokens_total", "Generated tokens",
+                                             ["model"], registry=self.registry)
+        self.images = PromCounter("multilora_frontend_images_total", "Images generated", ["model"],
+                                  registry=self.registry)
+        self.lora_info = Gauge("vllm:lora_requests_info", "Running and waiting LoRA adapters (value: update time)",
+                               ["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+                               registry=self.registry)
+        self.activity = AdapterActivity()
+
+    async def _triton_text(self) -> str:
+        if not self.triton_metrics_url:
+            return ""
+        try:
+            async with httpx.AsyncClient(timeout=2) as client:
+                response = await client.get(self.triton_metrics_url)
+            return response.text if response.status_code == 200 else ""
+        except httpx.HTTPError:
+            return ""  # Triton down: the frontend's own metrics still answer
+
+    @staticmethod
+    def _vllm_names(triton_text: str) -> tuple[str, int]:
+        """vLLM-named gauges summed over the text models' backend metrics."""
+        sums = {"waiting": 0.0, "running": 0.0, "kv": 0.0, "slots": 0.0}
+        seen = False
+        for family in text_string_to_metric_families(triton_text):
+            for sample in family.samples:
+                key = {"multilora_llm_num_requests_waiting": "waiting",
+                       "multilora_llm_num_requests_running": "running",
+                       "multilora_llm_kv_cache_usage_ratio": "kv",
+                       "multilora_lora_max_loras": "slots"}.get(sample.name)
+                if key:
+                    sums[key] = max(sums[key], sample.value) if key in ("kv", "slots") else sums[key] + sample.value
+                    seen = True
+        if not seen:
+            return "", 0
+        return (
+            "# HELP vllm:num_requests_waiting Requests waiting to be scheduled (text models)\n"
+            "# TYPE vllm:num_requests_waiting gauge\n"
+            f"vllm:num_requests_waiting {sums['waiting']}\n"
+            "# HELP vllm:num_requests_running Requests being generated (text models)\n"
+            "# TYPE vllm:num_requests_running gauge\n"
+            f"vllm:num_requests_running {sums['running']}\n"
+            "# HELP vllm:gpu_cache_usage_perc KV-cache utilisation, 1 = full (text models)\n"
+            "# TYPE vllm:gpu_cache_usage_perc gauge\n"
+            f"vllm:gpu_cache_usage_perc {sums['kv']}\n"
+        ), int(sums["slots"])
+
+    async def render(self) -> bytes:
+        triton = await self._triton_text()
+        vllm, max_lora = self._vllm_names(triton) if triton else ("", 0)
+        self.lora_info.clear()
+        self.lora_info.labels(str(max_lora), self.activity.names(self.activity.running),
+                              self.activity.names(self.activity.waiting)).set(time.time())
+        return generate_latest(self.registry) + vllm.encode() + triton.encode()

@@ -1,0 +1,27 @@
+"""Liveness (the frontend answers) and readiness (Triton is ready and serves at least one base model)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+router = APIRouter()
+
+
+@router.get("/health")
+async def health() -> dict:
+    return {"status": "ok"}
+
+
+@router.get("/health/ready")
+async def ready(request: Request):
+    gateway = request.app.state.gateway
+    if not await gateway.ready():
+        return JSONResponse({"status": "unavailable", "reason": "Triton is not ready"}, status_code=503)
+    try:
+        bases = await request.app.state.catalog.bases(fresh=True)
+    except Exception:  # the index call failed: same answer as Triton down
+        bases = {}
+    if not bases:
+        return JSONResponse({"status": "unavailable", "reason": "no model is ready"}, status_code=503)
+    return {"status": "ready", "models": sorted(bases)}

@@ -1,0 +1,54 @@
+"""`/v1/images/generations` on diffusion models (OpenAI's body plus vLLM-Omni's extras: seed, steps, guidance,
+negative prompt, `lora` object). `n` images come from one request, so they share one denoising batch."""
+
+from __future__ import annotations
+
+import base64
+import re
+import time
+
+from fastapi import APIRouter, Depends, Request
+
+from openai_frontend.auth import require_api_key
+from openai_frontend.catalog import DIFFUSION
+from openai_frontend.errors import bad_request
+from openai_frontend.schemas import ImageGenerationRequest
+
+router = APIRouter(dependencies=[Depends(require_api_key)])
+_SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+
+
+@router.post("/v1/images/generations")
+async def generate_images(body: ImageGenerationRequest, request: Request) -> dict:
+    app = request.app.state
+    config = app.config
+    target = await app.catalog.resolve(body.model, body.lora, body.lora_scale)
+    if target.base.kind != DIFFUSION:
+        raise bad_request(f"model '{body.model}' is a text model: use /v1/chat/completions", "model")
+    if body.response_format != "b64_json":
+        raise bad_request("response_format 'url' is not supported: use 'b64_json'", "response_format")
+    if body.n > config.max_images:
+        raise bad_request(f"n must be <= {config.max_images}, got {body.n}", "n")
+    if not body.prompt.strip():
+        raise bad_request("prompt must be a non-empty string", "prompt")
+    if len(body.prompt) > config.max_prompt_chars:
+        raise bad_request(f"prompt exceeds {config.max_prompt_chars} characters", "prompt")
+    width = height = None
+    if body.size and body.size != "auto":
+        match = _SIZE.match(body.size)
+        if not match:
+            raise bad_request(f"size must look like '512x512', got {body.size!r}", "size")
+        width, height = int(match[1]), int(match[2])
+        if max(width, height) > config.max_image_size:
+            raise bad_request(f"size {body.size} exceeds {config.max_image_size} pixels per side", "size")
+    fields = {"prompt": body.prompt, "negative_prompt": body.negative_prompt or "", "height": height,
+              "width": width, "num_inference_steps": body.num_inference_steps,
+              "guidance_scale": body.guidance_scale, "seed": body.seed, "num_images": body.n}
+    app.metrics.activity.start(target.lora_name)
+    try:
+        images = await app.gateway.images(target.base.name, fields, target.lora_parameters())
+    finally:
+        app.metrics.activity.finish(target.lora_name, started=False)
+    app.metrics.images.labels(body.model).inc(len(images.pngs))
+    return {"created": int(time.time()), "model": body.model, "pipeline": images.pipeline, "seed": images.seed,
+            "data": [{"b64_json": base64.b64encode(png).decode(), "revised_prompt": None} for png in images.pngs]}

@@ -1,0 +1,88 @@
+"""vLLM's runtime LoRA API: `/v1/load_lora_adapter`, `/v1/unload_lora_adapter` (same bodies, statuses, texts).
+
+Only with --allow-runtime-lora-updating (else 404, like vLLM without VLLM_ALLOW_RUNTIME_LORA_UPDATING). Load checks
+the path, then warms the adapter into its base model with a one-token (or one-step) request naming it by path, so
+a bad adapter is refused now with the backend's reason, and only then writes the shared registry file (atomic),
+where the backends find it by name and which survives a frontend restart.
+"""
+
+from __future__ import annotations
+
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import PlainTextResponse
+
+from backends.errors import InvalidArgument, NotFound
+from backends.lora.adapter import CONFIG_FILE
+from backends.lora.registry import AdapterEntry
+from openai_frontend.auth import require_admin_key
+from openai_frontend.catalog import DIFFUSION, LLM, Target
+from openai_frontend.errors import OpenAIError
+from openai_frontend.schemas import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
+
+router = APIRouter(dependencies=[Depends(require_admin_key)])
+
+
+def _enabled(request: Request) -> None:
+    if not request.app.state.config.allow_runtime_lora_updating:
+        raise OpenAIError(404, "Not found: runtime LoRA updating is disabled (start the frontend with "
+                               "--allow-runtime-lora-updating)")
+
+
+async def _warm(request: Request, target: Target) -> None:
+    gateway = request.app.state.gateway
+    params = target.lora_parameters()
+    if target.base.kind == LLM:
+        async for _ in gateway.generate(target.base.name, {"text_input": "Hi", "max_tokens": 1}, params):
+            pass
+    else:
+        await gateway.images(target.base.name, {"prompt": "warm-up", "num_inference_steps": 1}, params)
+
+
+@router.post("/v1/load_lora_adapter")
+async def load_lora_adapter(body: LoadLoRAAdapterRequest, request: Request):
+    _enabled(request)
+    if not body.lora_name or not body.lora_path:
+        raise OpenAIError(400, "Both 'lora_name' and 'lora_path' must be provided.")
+    catalog = request.app.state.catalog
+    registry = catalog.registry
+    bases = await catalog.bases()
+    if (body.lora_name in await catalog.adapters() or body.lora_name in bases) and not body.load_inplace:
+        raise OpenAIError(400, f"The lora adapter '{body.lora_name}' has already been loaded.")
+    try:
+        path = registry.paths.check(body.lora_path)
+    except InvalidArgument as exc:
+        raise OpenAIError(400, str(exc), "lora_path") from None
+    if not path.exists():
+        raise OpenAIError(404, f"LoRA adapter path '{body.lora_path}' not found", "lora_path")
+    if body.base_model_name:
+        if body.base_model_name not in bases:
+            raise OpenAIError(404, f"The model '{body.base_model_name}' does not exist.", "base_model_name")
+        base = body.base_model_name
+    else:  # a PEFT folder is a text adapter by default, a single diffusers/kohya file an image one
+        kind = LLM if (path / CONFIG_FILE).is_file() else DIFFUSION
+        base = catalog.default_base(bases, kind)
+        if base is None:
+            raise OpenAIError(400, f"no ready {kind} model to load this adapter on; give base_model_name",
+                              "base_model_name")
+    await _warm(request, Target(bases[base], lora_name=body.lora_name, lora_path=str(path)))
+    try:
+        registry.add(AdapterEntry(body.lora_name, str(path), base_model=base, pinned=body.pinned),
+                     replace_existing=body.load_inplace)
+    except InvalidArgument as exc:
+        raise OpenAIError(400, str(exc)) from None
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+
+@router.post("/v1/unload_lora_adapter")
+async def unload_lora_adapter(body: UnloadLoRAAdapterRequest, request: Request):
+    _enabled(request)
+    if not body.lora_name:
+        raise OpenAIError(400, "'lora_name' must be provided.")
+    try:
+        request.app.state.catalog.registry.remove(body.lora_name)
+    except NotFound as exc:
+        raise OpenAIError(404, str(exc)) from None
+    except InvalidArgument as exc:
+        raise OpenAIError(400, str(exc)) from None
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")

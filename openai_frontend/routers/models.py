@@ -1,0 +1,62 @@
+"""`/v1/models` with vLLM's lineage format (adapters as models with `root` = adapter path, `parent` = base model)
+and base-model lifecycle through Triton's model control (explicit mode)."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Depends, Request
+
+from openai_frontend.auth import require_admin_key, require_api_key
+from openai_frontend.errors import model_not_found
+
+router = APIRouter()
+_CREATED = int(time.time())
+
+
+def _card(model_id: str, root: str, parent: str | None, kind: str) -> dict:
+    return {"id": model_id, "object": "model", "created": _CREATED, "owned_by": "multilora", "root": root,
+            "parent": parent, "kind": kind, "permission": []}
+
+
+async def _cards(request: Request) -> list[dict]:
+    catalog = request.app.state.catalog
+    bases = await catalog.bases()
+    cards = [_card(b.name, b.root, None, b.kind) for b in bases.values()]
+    for name, (entry, base) in sorted((await catalog.adapters()).items()):
+        cards.append(_card(name, entry.path, base, f"{bases[base].kind}-lora"))
+    return cards
+
+
+@router.get("/v1/models", dependencies=[Depends(require_api_key)])
+async def list_models(request: Request) -> dict:
+    return {"object": "list", "data": await _cards(request)}
+
+
+@router.get("/v1/models/{model_id:path}", dependencies=[Depends(require_api_key)])
+async def get_model(model_id: str, request: Request) -> dict:
+    for card in await _cards(request):
+        if card["id"] == model_id:
+            return card
+    raise model_not_found(model_id)
+
+
+async def _known(request: Request, name: str) -> None:
+    if name not in {m.name for m in await request.app.state.gateway.index()}:
+        raise model_not_found(name)
+
+
+@router.post("/v1/models/{name}/load", dependencies=[Depends(require_admin_key)])
+async def load_model(name: str, request: Request) -> dict:
+    await _known(request, name)
+    await request.app.state.gateway.load(name)
+    await request.app.state.catalog.bases(fresh=True)
+    return {"id": name, "object": "model", "state": "READY"}
+
+
+@router.post("/v1/models/{name}/unload", dependencies=[Depends(require_admin_key)])
+async def unload_model(name: str, request: Request) -> dict:
+    await _known(request, name)
+    await request.app.state.gateway.unload(name)
+    await request.app.state.catalog.bases(fresh=True)
+    return {"id": name, "object": "model", "state": "UNAVAILABLE"}

@@ -1,0 +1,96 @@
+"""Request bodies (pydantic): OpenAI chat/completions/images, vLLM's LoRA management, vLLM-Omni's `lora` object.
+
+Unknown fields are ignored, as OpenAI-compatible servers do; fields we cannot honour (n > 1, echo, ...) are refused
+by the routes with a clear 400 rather than silently dropped.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+
+class LoRARequest(_Body):
+    """vLLM-Omni style per-request adapter; name and path required, aliases accepted."""
+
+    name: str = Field(validation_alias=AliasChoices("name", "lora_name", "adapter"))
+    path: str = Field(validation_alias=AliasChoices("path", "local_path", "lora_path"))
+    scale: float | None = Field(None, validation_alias=AliasChoices("scale", "lora_scale"))
+    int_id: int | None = Field(None, validation_alias=AliasChoices("int_id", "lora_int_id"))
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class _Sampling(_Body):
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = Field(1, ge=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    lora: LoRARequest | None = None
+    lora_scale: float | None = None  # scale for `model` = adapter name
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str]
+    echo: bool = False
+    suffix: str | None = None
+
+
+class ImageGenerationRequest(_Body):
+    model: str
+    prompt: str
+    n: int = Field(1, ge=1)
+    size: str | None = None
+    response_format: Literal["b64_json", "url"] = "b64_json"
+    seed: int | None = Field(None, ge=0)
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    negative_prompt: str | None = None
+    lora: LoRARequest | None = None
+    lora_scale: float | None = None
+
+
+class LoadLoRAAdapterRequest(_Body):
+    lora_name: str | None = None
+    lora_path: str | None = None
+    base_model_name: str | None = None
+    load_inplace: bool = False
+    pinned: bool = False
+
+
+class UnloadLoRAAdapterRequest(_Body):
+    lora_name: str | None = None
+    lora_int_id: int | None = None
