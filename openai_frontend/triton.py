@@ -96,44 +96,62 @@ class TritonGateway:
     @property
     def client(self) -> grpcaio.InferenceServerClient:
         if self._client is None:
-            self._client = grpcaio.InferenceServerClient(self.url)
+            # A local subchannel pool: gRPC shares connections process-wide, so a fresh channel would otherwise
+            # inherit the old one's reconnect backoff and keep failing for a while after Triton is back.
+            self._client = grpcaio.InferenceServerClient(self.url, channel_args=[
+                ("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1),
+                ("grpc.use_local_subchannel_pool", 1), ("grpc.max_reconnect_backoff_ms", 1000),
+            ])
         return self._client
 
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.close()
-            self._client = None
+        client, self._client = self._client, None
+        if client is not None:
+            try:
+                await client.close()
+            except Exception:  # a broken channel may fail to close; it is dropped either way
+                log.debug("closing the Triton channel failed", exc_info=True)
+
+    async def _failed(self, exc: Exception, model: str | None = None) -> OpenAIError:
+        """Map the error; after a transport failure start a fresh channel next time, so that a restarted Triton
+        is used at once instead of after gRPC's reconnect backoff."""
+        error = to_openai_error(exc, model)
+        if error.status == 503:
+            await self.close()
+        return error
 
     async def ready(self) -> bool:
         try:
             return bool(await self.client.is_server_ready(client_timeout=2))
-        except Exception:  # any transport failure means "not ready", which is the answer
+        except Exception as exc:  # any transport failure means "not ready", which is the answer
+            log.info("Triton at %s is not ready: %s", self.url, exc)
+            await self.close()
             return False
 
     async def index(self) -> list[ModelState]:
         try:
             index = await self.client.get_model_repository_index(as_json=True, client_timeout=5)
         except Exception as exc:
-            raise to_openai_error(exc) from None
+            raise await self._failed(exc) from None
         return [ModelState(m["name"], m.get("state", ""), m.get("reason", "")) for m in index.get("models", [])]
 
     async def config(self, model: str) -> dict:
         try:
             return (await self.client.get_model_config(model, as_json=True, client_timeout=5))["config"]
         except Exception as exc:
-            raise to_openai_error(exc, model) from None
+            raise await self._failed(exc, model) from None
 
     async def load(self, model: str) -> None:
         try:
             await self.client.load_model(model, client_timeout=600)
         except Exception as exc:
-            raise to_openai_error(exc, model) from None
+            raise await self._failed(exc, model) from None
 
     async def unload(self, model: str) -> None:
         try:
             await self.client.unload_model(model, client_timeout=60)
         except Exception as exc:
-            raise to_openai_error(exc, model) from None
+            raise await self._failed(exc, model) from None
 
     async def generate(self, model: str, fields: dict, parameters: dict) -> AsyncIterator[TextChunk]:
         """One streamed generation on a decoupled text model; yields chunks until the one with a finish reason."""
@@ -147,7 +165,7 @@ class TritonGateway:
         try:
             async for result, error in stream:
                 if error is not None:
-                    raise to_openai_error(error, model)
+                    raise await self._failed(error, model)
                 final = result.get_response().parameters.get("triton_final_response")
                 is_final = bool(final and final.bool_param)
                 text = result.as_numpy("text_output")
@@ -161,7 +179,7 @@ class TritonGateway:
         except OpenAIError:
             raise
         except Exception as exc:
-            raise to_openai_error(exc, model) from None
+            raise await self._failed(exc, model) from None
         finally:
             stream.cancel()
 
@@ -172,7 +190,7 @@ class TritonGateway:
         try:
             result = await self.client.infer(model, inputs, parameters=parameters or None, client_timeout=3600)
         except Exception as exc:
-            raise to_openai_error(exc, model) from None
+            raise await self._failed(exc, model) from None
         return Images([bytes(b) for b in result.as_numpy("images").reshape(-1)],
                       int(result.as_numpy("seed").reshape(-1)[0]),
                       bytes(result.as_numpy("pipeline").reshape(-1)[0]).decode())

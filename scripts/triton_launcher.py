@@ -229,7 +229,12 @@ class TritonServer:
             if proc.poll() is not None:
                 break
             try:
-                os.killpg(proc.pid, sig)
+                # SIGTERM to the server alone: it unloads its models, which stops their stubs cleanly (signalling
+                # the whole group killed the stubs first and left the server waiting for them until its timeout).
+                if sig == signal.SIGTERM:
+                    proc.send_signal(sig)
+                else:
+                    os.killpg(proc.pid, sig)
             except ProcessLookupError:
                 break
             try:

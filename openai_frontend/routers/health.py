@@ -5,6 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from openai_frontend.errors import OpenAIError
+
 router = APIRouter()
 
 
@@ -20,8 +22,8 @@ async def ready(request: Request):
         return JSONResponse({"status": "unavailable", "reason": "Triton is not ready"}, status_code=503)
     try:
         bases = await request.app.state.catalog.bases(fresh=True)
-    except Exception:  # the index call failed: same answer as Triton down
-        bases = {}
+    except OpenAIError as exc:  # the index call failed: same answer as Triton down
+        return JSONResponse({"status": "unavailable", "reason": exc.message}, status_code=503)
     if not bases:
         return JSONResponse({"status": "unavailable", "reason": "no model is ready"}, status_code=503)
     return {"status": "ready", "models": sorted(bases)}
