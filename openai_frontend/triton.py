@@ -154,7 +154,10 @@ class TritonGateway:
             raise await self._failed(exc, model) from None
 
     async def generate(self, model: str, fields: dict, parameters: dict) -> AsyncIterator[TextChunk]:
-        """One streamed generation on a decoupled text model; yields chunks until the one with a finish reason."""
+        """One streamed generation on a decoupled text model; yields chunks until Triton's final response.
+
+        The stream is cancelled only when the consumer stops early: cancelling a stream whose request has already
+        completed keeps the model referenced in Triton 2.51, and its unload then hangs until shutdown."""
         inputs = [_tensor(k, v) for k, v in fields.items() if v is not None]
 
         async def requests():
@@ -175,13 +178,15 @@ class TritonGateway:
                                     int(result.as_numpy("num_input_tokens").reshape(-1)[0]),
                                     int(result.as_numpy("num_output_tokens").reshape(-1)[0]))
                 if is_final:
-                    return
+                    break
         except OpenAIError:
-            raise
-        except Exception as exc:
-            raise await self._failed(exc, model) from None
-        finally:
             stream.cancel()
+            raise
+        except BaseException as exc:
+            stream.cancel()  # the caller went away (or the transport failed): stop the generation
+            if isinstance(exc, Exception):
+                raise await self._failed(exc, model) from None
+            raise
 
     async def images(self, model: str, fields: dict, parameters: dict) -> Images:
         """One request to a diffusion model (inputs of shape [1, 1]; LoRA fields as request parameters so that

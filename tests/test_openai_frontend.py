@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import httpx
 import openai
@@ -19,7 +20,7 @@ from PIL import Image
 from backends.settings import REPO_ROOT, adapters_dir
 from scripts.make_fixtures import diffusion_adapters_dir
 from scripts.triton_launcher import TritonServer, free_port
-from tests.conftest import SD15_MODEL
+from tests.conftest import SD15_MODEL, TIGHT_MODEL
 from tests.frontend_process import ADMIN_KEY, API_KEY, FrontendProcess
 
 DEMO = adapters_dir() / "demo"
@@ -254,6 +255,22 @@ def test_base_model_lifecycle_through_model_control(frontend):
     assert _http(frontend, "POST", f"/v1/models/{SD15_MODEL}/unload", ADMIN_KEY).status_code == 200
     assert _http(frontend, "GET", f"/v1/models/{SD15_MODEL}").status_code == 404
     assert _http(frontend, "POST", "/v1/models/no_such_model/load", ADMIN_KEY).status_code == 404
+
+
+def test_model_unloads_promptly_after_a_streamed_completion(frontend, triton_server):
+    """Regression: cancelling an already finished gRPC stream kept the model referenced and its unload hung."""
+    done = f"successfully unloaded '{TIGHT_MODEL}'"
+    unloads = triton_server.log_file.read_text().count(done)
+    assert _http(frontend, "POST", f"/v1/models/{TIGHT_MODEL}/load", ADMIN_KEY).status_code == 200
+    with httpx.stream("POST", f"{frontend.url}/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+                      json={"model": TIGHT_MODEL, "prompt": "Paris is", "max_tokens": 8, "stream": True},
+                      timeout=60) as response:
+        assert response.status_code == 200 and list(response.iter_lines())[-2] == "data: [DONE]"
+    assert _http(frontend, "POST", f"/v1/models/{TIGHT_MODEL}/unload", ADMIN_KEY).status_code == 200
+    deadline = time.monotonic() + 15
+    while triton_server.log_file.read_text().count(done) == unloads:
+        assert time.monotonic() < deadline, f"{TIGHT_MODEL} not unloaded 15 s after the unload call"
+        time.sleep(0.5)
 
 
 def test_metrics_include_frontend_backend_and_gateway_names(client, frontend):

@@ -116,9 +116,7 @@ async def _prepend(first: TextChunk | None, rest: AsyncIterator[TextChunk]) -> A
     if first is None:
         return
     yield first
-    if first.finish_reason:
-        return
-    async for chunk in rest:
+    async for chunk in rest:  # always to the end: the stream closes itself after Triton's final response
         yield chunk
 
 
