@@ -39,5 +39,5 @@ RUN python3 -m backends.llm.convert \
  && python3 -m scripts.train_demo_adapters \
  && sed -i "s/kind: KIND_CPU/kind: ${INSTANCE_KIND}/" model_repository/*/config.pbtxt
 
-EXPOSE 8000 8001 8002
+EXPOSE 8000 8001 8002 9000
 ENTRYPOINT ["python3", "-m", "scripts.serve"]

@@ -237,9 +237,15 @@ def test_load_adapter_errors(frontend, lora_root):
         .status_code == 200
 
 
-def test_runtime_lora_updating_is_off_by_default(triton_server, tmp_path):
-    proc = FrontendProcess(triton_server.grpc_url, None, tmp_path / "fe.log").start()
+def test_lora_modules_flag_and_runtime_updating_off_by_default(triton_server, tmp_path):
+    """--lora-modules registers adapters at start (vLLM's flag); without --allow-runtime-lora-updating the
+    load/unload routes answer 404 like vLLM's."""
+    proc = FrontendProcess(triton_server.grpc_url, None, tmp_path / "fe.log",
+                           "--lora-registry-file", str(tmp_path / "registry.json"),
+                           "--lora-modules", f"fe-static={DEMO / 'uppercase'}").start()
     try:
+        card = httpx.get(f"{proc.url}/v1/models/fe-static").json()
+        assert card["parent"] == "llm" and card["root"] == str(DEMO / "uppercase")
         body = {"lora_name": "x", "lora_path": str(DEMO / "uppercase")}
         response = httpx.post(f"{proc.url}/v1/load_lora_adapter", json=body)
         assert response.status_code == 404 and "runtime LoRA updating is disabled" in response.text
