@@ -12,6 +12,11 @@ from prometheus_client import CollectorRegistry, Counter as PromCounter, Gauge, 
 from prometheus_client.parser import text_string_to_metric_families
 
 
+# Backend gauges (Triton's metrics port) behind the vLLM names.
+_BACKEND_GAUGES = {"multilora_llm_num_requests_waiting": "waiting", "multilora_llm_num_requests_running": "running",
+                   "multilora_llm_kv_cache_usage_ratio": "kv", "multilora_lora_max_loras": "slots"}
+
+
 class AdapterActivity:
     """In-flight requests per adapter: waiting until their first token/image, then running."""
 
@@ -56,6 +61,12 @@ class FrontendMetrics:
         self.lora_info = Gauge("vllm:lora_requests_info", "Running and waiting LoRA adapters (value: update time)",
                                ["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
                                registry=self.registry)
+        self.waiting = Gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled (text models)",
+                             registry=self.registry)
+        self.running = Gauge("vllm:num_requests_running", "Requests being generated (text models)",
+                             registry=self.registry)
+        self.kv_usage = Gauge("vllm:gpu_cache_usage_perc", "KV-cache utilisation, 1 = full (text models)",
+                              registry=self.registry)
         self.activity = AdapterActivity()
 
     async def _triton_text(self) -> str:
@@ -69,37 +80,25 @@ class FrontendMetrics:
             return ""  # Triton down: the frontend's own metrics still answer
 
     @staticmethod
-    def _vllm_names(triton_text: str) -> tuple[str, int]:
-        """vLLM-named gauges summed over the text models' backend metrics."""
-        sums = {"waiting": 0.0, "running": 0.0, "kv": 0.0, "slots": 0.0}
-        seen = False
+    def _backend_totals(triton_text: str) -> dict[str, float]:
+        """Text-model queue gauges summed over models; KV use and slot count: the largest model's."""
+        totals = dict.fromkeys(_BACKEND_GAUGES.values(), 0.0)
         for family in text_string_to_metric_families(triton_text):
             for sample in family.samples:
-                key = {"multilora_llm_num_requests_waiting": "waiting",
-                       "multilora_llm_num_requests_running": "running",
-                       "multilora_llm_kv_cache_usage_ratio": "kv",
-                       "multilora_lora_max_loras": "slots"}.get(sample.name)
-                if key:
-                    sums[key] = max(sums[key], sample.value) if key in ("kv", "slots") else sums[key] + sample.value
-                    seen = True
-        if not seen:
-            return "", 0
-        return (
-            "# HELP vllm:num_requests_waiting Requests waiting to be scheduled (text models)\n"
-            "# TYPE vllm:num_requests_waiting gauge\n"
-            f"vllm:num_requests_waiting {sums['waiting']}\n"
-            "# HELP vllm:num_requests_running Requests being generated (text models)\n"
-            "# TYPE vllm:num_requests_running gauge\n"
-            f"vllm:num_requests_running {sums['running']}\n"
-            "# HELP vllm:gpu_cache_usage_perc KV-cache utilisation, 1 = full (text models)\n"
-            "# TYPE vllm:gpu_cache_usage_perc gauge\n"
-            f"vllm:gpu_cache_usage_perc {sums['kv']}\n"
-        ), int(sums["slots"])
+                key = _BACKEND_GAUGES.get(sample.name)
+                if key in ("kv", "slots"):
+                    totals[key] = max(totals[key], sample.value)
+                elif key:
+                    totals[key] += sample.value
+        return totals
 
     async def render(self) -> bytes:
         triton = await self._triton_text()
-        vllm, max_lora = self._vllm_names(triton) if triton else ("", 0)
+        totals = self._backend_totals(triton)
+        self.waiting.set(totals["waiting"])
+        self.running.set(totals["running"])
+        self.kv_usage.set(totals["kv"])
         self.lora_info.clear()
-        self.lora_info.labels(str(max_lora), self.activity.names(self.activity.running),
+        self.lora_info.labels(str(int(totals["slots"])), self.activity.names(self.activity.running),
                               self.activity.names(self.activity.waiting)).set(time.time())
-        return generate_latest(self.registry) + vllm.encode() + triton.encode()
+        return generate_latest(self.registry) + triton.encode()

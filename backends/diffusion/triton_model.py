@@ -19,8 +19,9 @@ from backends import triton_io as tio
 from backends.diffusion.generate import DiffusionGenerator, ImageLimits, ImageRequest, build_request
 from backends.diffusion.lora import PipelineLoRA
 from backends.diffusion.pipeline import DIFFUSION_MODEL_PATH_ENV, default_diffusion_model_path, load_pipeline
-from backends.errors import BackendError, InvalidArgument
+from backends.errors import BackendError
 from backends.lora.metrics import TritonLoRAMetrics
+from backends.lora.resolver import select_lora
 from backends.lora.serving import LoRAServingConfig, build_resolver
 
 log = logging.getLogger(__name__)
@@ -86,13 +87,7 @@ class TritonDiffusionModel:
         self.metrics = _Metrics(args["model_name"])
 
     def _parse(self, request) -> ImageRequest:
-        fields = tio.get_lora_fields(request)
-        if self.resolver is not None:
-            lora = self.resolver.select(fields)
-        elif not fields.empty:
-            raise InvalidArgument("this model serves no LoRA adapters (max_loras is 0)")
-        else:
-            lora = None
+        lora = select_lora(self.resolver, tio.get_lora_fields(request))
         return build_request(
             self.loaded, self.limits,
             prompt=tio.get_string(request, "prompt"),

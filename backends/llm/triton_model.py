@@ -20,6 +20,7 @@ from backends.llm.metrics import TritonEngineMetrics
 from backends.llm.params import GenerationRequest, build_sampling_params
 from backends.llm.runner import LoRASettings, ModelRunner
 from backends.llm.scheduler import SchedulerLimits
+from backends.lora.resolver import select_lora
 from backends.lora.serving import LoRAServingConfig, build_resolver
 from backends.settings import LLM_MODEL_PATH_ENV, default_llm_model_path
 
@@ -109,13 +110,7 @@ class TritonLLMModel:
             default_max_tokens=self.engine.default_max_tokens,
         )
         stream = tio.get_bool(request, "stream")
-        fields = tio.get_lora_fields(request)
-        if self.lora is not None:
-            lora = self.lora.select(fields)
-        elif not fields.empty:
-            raise InvalidArgument("this model serves no LoRA adapters (max_loras is 0)")
-        else:
-            lora = None
+        lora = select_lora(self.lora, tio.get_lora_fields(request))
         return GenerationRequest(request.request_id() or "", prompt, sampling, stream=bool(stream), lora=lora)
 
     def execute(self, requests: list) -> None:

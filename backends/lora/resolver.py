@@ -129,3 +129,12 @@ class AdapterResolver:
                 self.ids.forget(int_id)
                 log.info("LoRA adapter '%s' (%s, id %d) dropped from the cache after a registry change",
                          name, path, int_id)
+
+
+def select_lora(resolver: AdapterResolver | None, fields: LoRAFields) -> LoRASelection | None:
+    """A model's request LoRA fields -> selection; a model without LoRA (max_loras 0) refuses any adapter."""
+    if resolver is not None:
+        return resolver.select(fields)
+    if not fields.empty:
+        raise InvalidArgument("this model serves no LoRA adapters (max_loras is 0)")
+    return None

@@ -41,22 +41,20 @@ async def get_model(model_id: str, request: Request) -> dict:
     raise model_not_found(model_id)
 
 
-async def _known(request: Request, name: str) -> None:
-    if name not in {m.name for m in await request.app.state.gateway.index()}:
+async def _lifecycle(request: Request, name: str, load: bool) -> dict:
+    gateway = request.app.state.gateway
+    if name not in {m.name for m in await gateway.index()}:
         raise model_not_found(name)
+    await (gateway.load(name) if load else gateway.unload(name))
+    await request.app.state.catalog.bases(fresh=True)
+    return {"id": name, "object": "model", "state": "READY" if load else "UNAVAILABLE"}
 
 
 @router.post("/v1/models/{name}/load", dependencies=[Depends(require_admin_key)])
 async def load_model(name: str, request: Request) -> dict:
-    await _known(request, name)
-    await request.app.state.gateway.load(name)
-    await request.app.state.catalog.bases(fresh=True)
-    return {"id": name, "object": "model", "state": "READY"}
+    return await _lifecycle(request, name, load=True)
 
 
 @router.post("/v1/models/{name}/unload", dependencies=[Depends(require_admin_key)])
 async def unload_model(name: str, request: Request) -> dict:
-    await _known(request, name)
-    await request.app.state.gateway.unload(name)
-    await request.app.state.catalog.bases(fresh=True)
-    return {"id": name, "object": "model", "state": "UNAVAILABLE"}
+    return await _lifecycle(request, name, load=False)
