@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 
+
 class BackendError(Exception):
     """Base class: the message is shown to the client as is, so it must say what was wrong and with what."""
 
@@ -17,3 +18,7 @@ class NotFound(BackendError):
 
 class Unavailable(BackendError):
     """The model cannot take the request now, e.g. it is shutting down (Triton UNAVAILABLE, HTTP 503)."""
+
+
+class InternalError(BackendError):
+    """Our fault, not the request's (Triton INTERNAL, HTTP 500); the message still names what failed."""

@@ -13,6 +13,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from backends.errors import BackendError, InvalidArgument, NotFound, Unavailable
+from backends.protocol import INTERNAL_PREFIX, PROBE_PARAMETER, UNAVAILABLE_PREFIX
 from backends.lora.resolver import LoRAFields
 
 
@@ -73,6 +74,14 @@ def request_parameters(request) -> dict[str, Any]:
     return params if isinstance(params, dict) else {}
 
 
+def is_probe(request) -> bool:
+    """A supervisor's liveness probe (request parameter `multilora_probe`): answered at once, no model work."""
+    try:
+        return bool(request_parameters(request).get(PROBE_PARAMETER))
+    except InvalidArgument:
+        return False
+
+
 def _param(params: dict[str, Any], name: str, kind: type) -> Any:
     if name not in params:
         return None
@@ -112,17 +121,18 @@ def int_tensor(name: str, value: int) -> "pb_utils.Tensor":
 _CODES = {
     InvalidArgument: "INVALID_ARG",
     NotFound: "NOT_FOUND",
-    Unavailable: "UNAVAILABLE",
 }
 
 
 def to_triton_error(exc: Exception) -> "pb_utils.TritonError":
     """Our errors keep their message and get their code; anything else is an INTERNAL error naming its type."""
+    if isinstance(exc, Unavailable):
+        return pb_utils.TritonError(UNAVAILABLE_PREFIX + str(exc), pb_utils.TritonError.UNAVAILABLE)
     for cls, code in _CODES.items():
         if isinstance(exc, cls):
             return pb_utils.TritonError(str(exc), getattr(pb_utils.TritonError, code))
     message = str(exc) if isinstance(exc, BackendError) else f"{type(exc).__name__}: {exc}"
-    return pb_utils.TritonError(message, pb_utils.TritonError.INTERNAL)
+    return pb_utils.TritonError(INTERNAL_PREFIX + message, pb_utils.TritonError.INTERNAL)
 
 
 def send_error(response_sender, exc: Exception) -> None:

@@ -14,9 +14,10 @@ from backends.lora.registry import AdapterEntry, LoRARegistry, parse_lora_module
 from openai_frontend.auth import require_api_key
 from openai_frontend.catalog import Catalog
 from openai_frontend.config import FrontendConfig
-from openai_frontend.errors import OpenAIError, error_response, install_handlers
+from openai_frontend.errors import install_handlers
 from openai_frontend.metrics import FrontendMetrics
 from openai_frontend.routers import health, images, lora, models, text
+from openai_frontend.supervisor import Supervisor, SupervisorConfig
 from openai_frontend.triton import TritonGateway
 
 log = logging.getLogger(__name__)
@@ -36,34 +37,40 @@ def create_app(config: FrontendConfig) -> FastAPI:
         _register_static(registry, config.lora_modules)
     except BackendError as exc:
         raise SystemExit(f"--lora-modules: {exc}") from None
-    gateway = TritonGateway(config.triton_grpc_url)
+    gateway = TritonGateway(config.triton_grpc_url, admin_key=config.admin_key)
 
     @asynccontextmanager
-    async def lifespan(_app: FastAPI):
+    async def lifespan(app: FastAPI):
+        supervisor = app.state.supervisor
+        if supervisor is not None:
+            supervisor.start()
         yield
+        if supervisor is not None:
+            await supervisor.stop()
         await gateway.close()
 
-    app = FastAPI(title="multi-LoRA OpenAI-compatible frontend", lifespan=lifespan, docs_url=None, redoc_url=None)
+    # max_body_size counts the bytes as they arrive, so chunked bodies without Content-Length are capped too.
+    app = FastAPI(title="multi-LoRA OpenAI-compatible frontend", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  max_body_size=config.max_body_bytes)
     app.state.config = config
     app.state.gateway = gateway
     app.state.catalog = Catalog(gateway, registry, config.catalog_ttl_s)
     app.state.metrics = FrontendMetrics(config.triton_metrics_url)
+    app.state.supervisor = Supervisor(gateway, app.state.catalog, app.state.metrics, SupervisorConfig(
+        interval_s=config.probe_interval_s, max_restarts=config.max_model_restarts,
+        window_s=config.restart_window_s)) if config.supervise else None
     install_handlers(app)
 
     @app.middleware("http")
-    async def limits_and_metrics(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > config.max_body_bytes:
-            return error_response(OpenAIError(413, f"request body of {length} bytes exceeds the limit of "
-                                                   f"{config.max_body_bytes} bytes"))
-        route = request.url.path if request.url.path.startswith(("/v1/", "/health", "/metrics")) else "other"
-        if route.startswith("/v1/models/"):
-            route = "/v1/models/{id}"
+    async def route_metrics(request: Request, call_next):
         started = time.perf_counter()
         response = await call_next(request)
+        # Label by route template (bounded), never by the raw path a client chose.
+        route = request.scope.get("route")
+        template = getattr(route, "path", None) or "unmatched"
         metrics = app.state.metrics
-        metrics.requests.labels(route, str(response.status_code)).inc()
-        metrics.latency.labels(route).observe(time.perf_counter() - started)
+        metrics.requests.labels(template, str(response.status_code)).inc()
+        metrics.latency.labels(template).observe(time.perf_counter() - started)
         return response
 
     @app.get("/metrics", dependencies=[Depends(require_api_key)])

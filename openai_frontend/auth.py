@@ -1,5 +1,6 @@
 """API keys: `Authorization: Bearer KEY` (or `x-api-key`) on /v1 routes and /metrics; a separate admin key on the
-adapter and model load/unload routes (the API key when no admin key is set). Compared in constant time."""
+adapter load/unload routes (the API key when no admin key is set) and on base-model load/unload, which are off
+unless an admin key is configured (they restart models for every user). Compared in constant time."""
 
 from __future__ import annotations
 
@@ -34,3 +35,11 @@ async def require_api_key(request: Request) -> None:
 async def require_admin_key(request: Request) -> None:
     config = request.app.state.config
     _check(request, config.admin_key or config.api_key, "admin key")
+
+
+async def require_model_admin(request: Request) -> None:
+    config = request.app.state.config
+    if config.admin_key is None:
+        raise OpenAIError(403, "model load/unload is disabled: start the frontend with --admin-key "
+                               "(MULTILORA_ADMIN_KEY) to enable it", code="model_control_disabled")
+    _check(request, config.admin_key, "admin key")

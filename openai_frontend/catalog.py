@@ -60,6 +60,7 @@ class Catalog:
         self._bases: dict[str, BaseModel] = {}
         self._fetched = 0.0
         self._lock = asyncio.Lock()
+        self.supervisor = None  # set by the supervisor: models it restarts stay known (answered with 503)
 
     async def bases(self, fresh: bool = False) -> dict[str, BaseModel]:
         """READY base models, re-read from Triton at most every ttl_s seconds (503 when Triton is down)."""
@@ -81,6 +82,10 @@ class Catalog:
                     except (BackendError, ValueError):
                         static = {}
                     bases[state.name] = BaseModel(state.name, kind, root, static)
+                if self.supervisor is not None:  # restarting or down: still the same model, answered with 503
+                    for name, base in self._bases.items():
+                        if name not in bases and self.supervisor.state(name) != "ok":
+                            bases[name] = base
                 self._bases, self._fetched = bases, time.monotonic()
             return self._bases
 
@@ -104,7 +109,14 @@ class Catalog:
         return next((b.name for b in bases.values() if b.kind == kind), None)
 
     async def resolve(self, model: str, lora: LoRARequest | None = None, scale: float | None = None) -> Target:
-        """`model` = base name (optionally + `lora` object) or adapter name (vLLM/lmdeploy style)."""
+        """`model` = base name (optionally + `lora` object) or adapter name (vLLM/lmdeploy style); 503 while its
+        base model is restarting."""
+        target = await self._resolve(model, lora, scale)
+        if self.supervisor is not None and (error := self.supervisor.unavailable(target.base.name)):
+            raise error
+        return target
+
+    async def _resolve(self, model: str, lora: LoRARequest | None, scale: float | None) -> Target:
         bases = await self.bases()
         if model in bases:
             if lora is None:

@@ -30,6 +30,10 @@ class FrontendConfig:
     max_images: int = 4
     max_image_size: int = 1024
     catalog_ttl_s: float = 2.0
+    supervise: bool = True  # probe the models and reload those whose process died (openai_frontend/supervisor.py)
+    probe_interval_s: float = 2.0
+    max_model_restarts: int = 3
+    restart_window_s: float = 600.0
 
     @property
     def roots(self) -> tuple[Path, ...]:
@@ -65,6 +69,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prompt-chars", type=int, default=32768)
     p.add_argument("--max-images", type=int, default=4)
     p.add_argument("--max-image-size", type=int, default=1024)
+    p.add_argument("--no-supervise", action="store_true", default=_truthy(env("MULTILORA_NO_SUPERVISE")),
+                   help="do not probe the models nor reload one whose process died [MULTILORA_NO_SUPERVISE]")
+    p.add_argument("--probe-interval-s", type=float, default=float(env("MULTILORA_PROBE_INTERVAL_S", "2")),
+                   help="seconds between liveness probes of every model [MULTILORA_PROBE_INTERVAL_S, 2]")
+    p.add_argument("--max-model-restarts", type=int, default=int(env("MULTILORA_MAX_MODEL_RESTARTS", "3")),
+                   help="restarts of one model within --restart-window-s before it is left down [3]")
+    p.add_argument("--restart-window-s", type=float, default=float(env("MULTILORA_RESTART_WINDOW_S", "600")),
+                   help="[MULTILORA_RESTART_WINDOW_S, 600]")
     p.add_argument("--log-level", default=env("MULTILORA_LOG_LEVEL", "info"))
     return p
 
@@ -79,5 +91,7 @@ def from_args(args: argparse.Namespace) -> FrontendConfig:
         lora_modules=" ".join(m for m in args.lora_modules if m), registry_file=args.lora_registry_file,
         allowed_lora_roots=tuple(r.expanduser().resolve() for r in roots), max_body_bytes=args.max_body_bytes,
         max_tokens_limit=args.max_tokens_limit, max_prompt_chars=args.max_prompt_chars, max_images=args.max_images,
-        max_image_size=args.max_image_size,
+        max_image_size=args.max_image_size, supervise=not args.no_supervise,
+        probe_interval_s=args.probe_interval_s, max_model_restarts=args.max_model_restarts,
+        restart_window_s=args.restart_window_s,
     )

@@ -13,15 +13,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 log = logging.getLogger(__name__)
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-          404: "not_found_error", 413: "invalid_request_error", 429: "rate_limit_error",
-          500: "internal_server_error", 501: "not_implemented_error", 503: "service_unavailable"}
+          404: "not_found_error", 413: "invalid_request_error", 429: "rate_limit_error", 499: "cancelled",
+          500: "internal_server_error", 501: "not_implemented_error", 503: "service_unavailable",
+          504: "timeout_error"}
 
 
 class OpenAIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type_: str | None = None):
+                 type_: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status, self.message, self.param = status, message, param
+        self.status, self.message, self.param, self.headers = status, message, param, headers
         self.code = code
         self.type = type_ or _TYPES.get(status, "invalid_request_error")
 
@@ -39,7 +40,7 @@ def model_not_found(name: str) -> OpenAIError:
 
 
 def error_response(exc: OpenAIError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else exc.headers
     return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
 
@@ -62,6 +63,9 @@ def install_handlers(app: FastAPI) -> None:
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
         if exc.status_code == 404 and message == "Not Found":
             message = "Not found: no such route"
+        if exc.status_code == 413:
+            message = (f"request body exceeds the limit of {_request.app.state.config.max_body_bytes} bytes "
+                       f"(--max-body-bytes)")
         return error_response(OpenAIError(exc.status_code, message))
 
     @app.exception_handler(Exception)

@@ -67,6 +67,8 @@ class FrontendMetrics:
                              registry=self.registry)
         self.kv_usage = Gauge("vllm:gpu_cache_usage_perc", "KV-cache utilisation, 1 = full (text models)",
                               registry=self.registry)
+        self.restarts = PromCounter("multilora_model_restarts_total", "Models reloaded by the supervisor after "
+                                    "their process stopped", ["model"], registry=self.registry)
         self.activity = AdapterActivity()
 
     async def _triton_text(self) -> str:

@@ -3,9 +3,11 @@ control. Transport failures become 503 (Triton down or the model not ready); mod
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
 import grpc
 import numpy as np
@@ -13,26 +15,50 @@ import tritonclient.grpc.aio as grpcaio
 from tritonclient.grpc import InferInput
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
+from backends.protocol import INTERNAL_PREFIX, UNAVAILABLE_PREFIX
 from openai_frontend.errors import OpenAIError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+ADMIN_HEADER = "multilora-admin-key"  # see scripts/serve: Triton's restricted-API key for model control
 
-# Triton's gRPC status texts -> HTTP status (the backends set INVALID_ARG / NOT_FOUND / UNAVAILABLE).
+# Triton's gRPC status texts -> HTTP status (the backends set INVALID_ARG / NOT_FOUND / UNAVAILABLE / INTERNAL).
 _STATUS = {"StatusCode.INVALID_ARGUMENT": 400, "StatusCode.NOT_FOUND": 404, "StatusCode.UNAVAILABLE": 503,
-           "StatusCode.UNIMPLEMENTED": 501, "StatusCode.RESOURCE_EXHAUSTED": 429}
+           "StatusCode.UNIMPLEMENTED": 501, "StatusCode.RESOURCE_EXHAUSTED": 429, "StatusCode.INTERNAL": 500,
+           "StatusCode.UNKNOWN": 500, "StatusCode.DEADLINE_EXCEEDED": 504, "StatusCode.CANCELLED": 499}
+# Messages that mean "the model (or Triton) cannot serve now, retry": stream errors carry no status code.
+_RETRYABLE = ("failed to connect", "Socket closed", "unavailable", "Connection refused", "is not ready",
+              "Request for unknown model", "is not healthy", "Stub process", "shutting down")
+# A model's process is gone (Triton: the Python stub died) or cannot generate any more (our engine thread died):
+# the supervisor reloads it.
+_DEAD = ("is not healthy", "engine stopped")
+# Transport failures: the channel itself is broken and a fresh one is needed (model errors are not).
+_TRANSPORT = ("failed to connect", "Socket closed", "Connection refused", "Connection reset", "connections to all "
+              "backends failing", "GOAWAY", "Broken pipe")
 
 
 def _http_status(exc: InferenceServerException) -> int:
     status = str(exc.status() or "")
+    message = exc.message() or ""
+    if message.startswith(UNAVAILABLE_PREFIX) or any(s in message for s in _RETRYABLE):
+        return 503
+    if message.startswith(INTERNAL_PREFIX):
+        return 500
     if status in _STATUS:
         return _STATUS[status]
-    message = exc.message() or ""
     if "not found" in message.lower() and "LoRA" in message:
         return 404
-    if any(s in message for s in ("failed to connect", "Socket closed", "unavailable", "Connection refused",
-                                  "is not ready", "Request for unknown model")):
-        return 503
-    return 400
+    return 400  # a stream error without status: the backends' remaining errors are the request's fault
+
+
+def is_transport_failure(exc: Exception) -> bool:
+    if isinstance(exc, InferenceServerException):
+        return any(s in (exc.message() or "") for s in _TRANSPORT)
+    return isinstance(exc, (grpc.RpcError, ConnectionError, OSError))
+
+
+def is_dead_model_error(exc: Exception) -> bool:
+    return isinstance(exc, InferenceServerException) and any(s in (exc.message() or "") for s in _DEAD)
 
 
 def to_openai_error(exc: Exception, model: str | None = None) -> OpenAIError:
@@ -41,9 +67,11 @@ def to_openai_error(exc: Exception, model: str | None = None) -> OpenAIError:
         message = exc.message() or str(exc)
         if status == 503:
             message = f"model '{model}' is not available: {message}" if model else f"Triton is unavailable: {message}"
-        return OpenAIError(status, message)
+        elif status == 500:
+            message = f"model '{model}' failed: {message}" if model else message
+        return OpenAIError(status, message, headers={"Retry-After": "1"} if status == 503 else None)
     if isinstance(exc, (grpc.RpcError, ConnectionError, OSError)):
-        return OpenAIError(503, f"Triton is unavailable: {exc}")
+        return OpenAIError(503, f"Triton is unavailable: {exc}", headers={"Retry-After": "1"})
     raise exc
 
 
@@ -88,70 +116,137 @@ class ModelState:
     reason: str = ""
 
 
-class TritonGateway:
-    def __init__(self, grpc_url: str):
-        self.url = grpc_url
-        self._client: grpcaio.InferenceServerClient | None = None
+class _Channel:
+    """One gRPC channel and the calls running on it: a channel retired after a transport failure is closed only
+    when its last call ends, so replacing it never cancels another user's request."""
 
-    @property
-    def client(self) -> grpcaio.InferenceServerClient:
-        if self._client is None:
-            # A local subchannel pool: gRPC shares connections process-wide, so a fresh channel would otherwise
-            # inherit the old one's reconnect backoff and keep failing for a while after Triton is back.
-            self._client = grpcaio.InferenceServerClient(self.url, channel_args=[
-                ("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1),
-                ("grpc.use_local_subchannel_pool", 1), ("grpc.max_reconnect_backoff_ms", 1000),
-            ])
-        return self._client
+    def __init__(self, client: grpcaio.InferenceServerClient):
+        self.client = client
+        self.active = 0
+        self.retired = False
 
     async def close(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            try:
-                await client.close()
-            except Exception:  # a broken channel may fail to close; it is dropped either way
-                log.debug("closing the Triton channel failed", exc_info=True)
+        try:
+            await self.client.close()
+        except Exception:  # a broken channel may fail to close; it is dropped either way
+            log.debug("closing a Triton channel failed", exc_info=True)
 
-    async def _failed(self, exc: Exception, model: str | None = None) -> OpenAIError:
-        """Map the error; after a transport failure start a fresh channel next time, so that a restarted Triton
-        is used at once instead of after gRPC's reconnect backoff."""
-        error = to_openai_error(exc, model)
-        if error.status == 503:
-            await self.close()
-        return error
+
+class TritonGateway:
+    def __init__(self, grpc_url: str, admin_key: str | None = None):
+        self.url = grpc_url
+        self._channel: _Channel | None = None
+        # Sent on model-repository calls: Triton restricts that API to this header when scripts/serve exposes it.
+        self._admin_headers = {ADMIN_HEADER: admin_key} if admin_key else None
+        self._dead: dict[str, asyncio.Future] = {}  # per model: resolved when its process is found dead
+        self.on_model_dead: Callable[[str, str], None] | None = None  # the supervisor listens here
+
+    def _dead_signal(self, model: str) -> asyncio.Future:
+        signal = self._dead.get(model)
+        if signal is None or signal.done():
+            signal = self._dead[model] = asyncio.get_running_loop().create_future()
+        return signal
+
+    def model_died(self, model: str, reason: str) -> None:
+        """End every request in flight on `model` at once with a retryable 503 (Triton never answers them)."""
+        signal = self._dead.pop(model, None)
+        if signal is not None and not signal.done():
+            signal.set_result(reason)
+
+    @staticmethod
+    async def _unless_dead(work: Awaitable[T], dead: asyncio.Future, model: str) -> T:
+        task = asyncio.ensure_future(work)
+        try:
+            await asyncio.wait({task, dead}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        if task.done():
+            return task.result()
+        task.cancel()
+        raise OpenAIError(503, f"model '{model}' is not available: its process stopped while serving this request "
+                               f"({dead.result()}); it is being restarted, retry", headers={"Retry-After": "5"})
+
+    def _current(self) -> _Channel:
+        if self._channel is None:
+            # A local subchannel pool: gRPC shares connections process-wide, so a fresh channel would otherwise
+            # inherit the old one's reconnect backoff and keep failing for a while after Triton is back.
+            self._channel = _Channel(grpcaio.InferenceServerClient(self.url, channel_args=[
+                ("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1),
+                ("grpc.use_local_subchannel_pool", 1), ("grpc.max_reconnect_backoff_ms", 1000),
+            ]))
+        return self._channel
+
+    @contextlib.asynccontextmanager
+    async def _use(self) -> AsyncIterator[_Channel]:
+        channel = self._current()
+        channel.active += 1
+        try:
+            yield channel
+        finally:
+            channel.active -= 1
+            if channel.retired and channel.active == 0:
+                await channel.close()
+
+    async def _retire(self, channel: _Channel) -> None:
+        if self._channel is channel:
+            self._channel = None
+        if not channel.retired:
+            channel.retired = True
+            log.info("Triton at %s: transport failure, using a fresh channel from now on", self.url)
+            if channel.active == 0:
+                await channel.close()
+
+    async def close(self) -> None:
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            channel.retired = True
+            await channel.close()
+
+    async def _failed(self, exc: Exception, channel: _Channel, model: str | None = None) -> OpenAIError:
+        """Map the error; after a transport failure (only) start a fresh channel next time, so that a restarted
+        Triton is used at once instead of after gRPC's reconnect backoff. A dead model is reported."""
+        if is_transport_failure(exc):
+            await self._retire(channel)
+        if model and self.on_model_dead is not None and is_dead_model_error(exc):
+            self.on_model_dead(model, exc.message())
+        return to_openai_error(exc, model)
 
     async def ready(self) -> bool:
-        try:
-            return bool(await self.client.is_server_ready(client_timeout=2))
-        except Exception as exc:  # any transport failure means "not ready", which is the answer
-            log.info("Triton at %s is not ready: %s", self.url, exc)
-            await self.close()
-            return False
+        async with self._use() as channel:
+            try:
+                return bool(await channel.client.is_server_ready(client_timeout=2))
+            except Exception as exc:  # any failure means "not ready", which is the answer
+                log.info("Triton at %s is not ready: %s", self.url, exc)
+                if is_transport_failure(exc):
+                    await self._retire(channel)
+                return False
+
+    async def _call(self, method: str, *args, model: str | None = None, **kwargs):
+        async with self._use() as channel:
+            try:
+                work = getattr(channel.client, method)(*args, **kwargs)
+                if method == "infer":
+                    return await self._unless_dead(work, self._dead_signal(model), model)
+                return await work
+            except OpenAIError:
+                raise
+            except Exception as exc:
+                raise await self._failed(exc, channel, model) from None
 
     async def index(self) -> list[ModelState]:
-        try:
-            index = await self.client.get_model_repository_index(as_json=True, client_timeout=5)
-        except Exception as exc:
-            raise await self._failed(exc) from None
+        index = await self._call("get_model_repository_index", as_json=True, headers=self._admin_headers,
+                                 client_timeout=5)
         return [ModelState(m["name"], m.get("state", ""), m.get("reason", "")) for m in index.get("models", [])]
 
     async def config(self, model: str) -> dict:
-        try:
-            return (await self.client.get_model_config(model, as_json=True, client_timeout=5))["config"]
-        except Exception as exc:
-            raise await self._failed(exc, model) from None
+        return (await self._call("get_model_config", model, as_json=True, client_timeout=5, model=model))["config"]
 
     async def load(self, model: str) -> None:
-        try:
-            await self.client.load_model(model, client_timeout=600)
-        except Exception as exc:
-            raise await self._failed(exc, model) from None
+        await self._call("load_model", model, headers=self._admin_headers, client_timeout=600, model=model)
 
     async def unload(self, model: str) -> None:
-        try:
-            await self.client.unload_model(model, client_timeout=60)
-        except Exception as exc:
-            raise await self._failed(exc, model) from None
+        await self._call("unload_model", model, headers=self._admin_headers, client_timeout=60, model=model)
 
     async def generate(self, model: str, fields: dict, parameters: dict) -> AsyncIterator[TextChunk]:
         """One streamed generation on a decoupled text model; yields chunks until Triton's final response.
@@ -164,38 +259,47 @@ class TritonGateway:
             yield {"model_name": model, "inputs": inputs,
                    "parameters": {**parameters, "triton_enable_empty_final_response": True}}
 
-        stream = self.client.stream_infer(requests())
-        try:
-            async for result, error in stream:
-                if error is not None:
-                    raise await self._failed(error, model)
-                final = result.get_response().parameters.get("triton_final_response")
-                is_final = bool(final and final.bool_param)
-                text = result.as_numpy("text_output")
-                if text is not None:
-                    reason = result.as_numpy("finish_reason").reshape(-1)[0].decode() or None
-                    yield TextChunk(text.reshape(-1)[0].decode("utf-8", "replace"), reason,
-                                    int(result.as_numpy("num_input_tokens").reshape(-1)[0]),
-                                    int(result.as_numpy("num_output_tokens").reshape(-1)[0]))
-                if is_final:
-                    break
-        except OpenAIError:
-            stream.cancel()
-            raise
-        except BaseException as exc:
-            stream.cancel()  # the caller went away (or the transport failed): stop the generation
-            if isinstance(exc, Exception):
-                raise await self._failed(exc, model) from None
-            raise
+        async with self._use() as channel:
+            dead = self._dead_signal(model)
+            stream = channel.client.stream_infer(requests())
+            responses = stream.__aiter__()
+            try:
+                while True:
+                    try:
+                        result, error = await self._unless_dead(responses.__anext__(), dead, model)
+                    except StopAsyncIteration:
+                        break
+                    if error is not None:
+                        raise await self._failed(error, channel, model)
+                    final = result.get_response().parameters.get("triton_final_response")
+                    is_final = bool(final and final.bool_param)
+                    text = result.as_numpy("text_output")
+                    if text is not None:
+                        reason = result.as_numpy("finish_reason").reshape(-1)[0].decode() or None
+                        yield TextChunk(text.reshape(-1)[0].decode("utf-8", "replace"), reason,
+                                        int(result.as_numpy("num_input_tokens").reshape(-1)[0]),
+                                        int(result.as_numpy("num_output_tokens").reshape(-1)[0]))
+                    if is_final:
+                        return
+            except OpenAIError:
+                stream.cancel()
+                raise
+            except BaseException as exc:
+                stream.cancel()  # the caller went away (or the transport failed): stop the generation
+                if isinstance(exc, Exception):
+                    raise await self._failed(exc, channel, model) from None
+                raise
+            # The stream ended without Triton's final response: the model's process went away mid-request.
+            raise OpenAIError(503, f"model '{model}' is not available: the generation stream ended before its "
+                                   f"final response (the model process may have died); retry",
+                              headers={"Retry-After": "1"})
 
     async def images(self, model: str, fields: dict, parameters: dict) -> Images:
         """One request to a diffusion model (inputs of shape [1, 1]; LoRA fields as request parameters so that
         requests for different adapters share a batch)."""
         inputs = [_tensor(k, v, batched=True) for k, v in fields.items() if v is not None]
-        try:
-            result = await self.client.infer(model, inputs, parameters=parameters or None, client_timeout=3600)
-        except Exception as exc:
-            raise await self._failed(exc, model) from None
+        result = await self._call("infer", model, inputs, parameters=parameters or None, client_timeout=3600,
+                                  model=model)
         return Images([bytes(b) for b in result.as_numpy("images").reshape(-1)],
                       int(result.as_numpy("seed").reshape(-1)[0]),
                       bytes(result.as_numpy("pipeline").reshape(-1)[0]).decode())

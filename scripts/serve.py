@@ -9,9 +9,11 @@ own (MULTILORA_API_KEY, MULTILORA_ADMIN_KEY, MULTILORA_ALLOW_RUNTIME_LORA_UPDATI
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,6 +22,7 @@ from pathlib import Path
 import httpx
 
 from backends.settings import LLM_MODEL_PATH_ENV, REPO_ROOT
+from openai_frontend.triton import ADMIN_HEADER
 from scripts.triton_launcher import TritonServer, die_with_parent
 
 log = logging.getLogger("serve")
@@ -31,7 +34,13 @@ def _env(name: str, default: str) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--host", default=_env("HOST", "0.0.0.0"), help="bind address [MULTILORA_HOST, 0.0.0.0]")
+    p.add_argument("--host", default=_env("HOST", "0.0.0.0"),
+                   help="the OpenAI frontend's bind address, the public face [MULTILORA_HOST, 0.0.0.0]")
+    p.add_argument("--triton-host", default=_env("TRITON_HOST", "127.0.0.1"),
+                   help="tritonserver's bind address (HTTP, gRPC, metrics) [MULTILORA_TRITON_HOST, 127.0.0.1]. "
+                        "Anything but loopback exposes Triton: then MULTILORA_ADMIN_KEY must be set, and Triton's "
+                        "model-repository, shared-memory, trace and logging APIs need the header "
+                        f"'{ADMIN_HEADER}: <admin key>'")
     p.add_argument("--http-port", type=int, default=int(_env("HTTP_PORT", "8000")), help="[MULTILORA_HTTP_PORT]")
     p.add_argument("--grpc-port", type=int, default=int(_env("GRPC_PORT", "8001")), help="[MULTILORA_GRPC_PORT]")
     p.add_argument("--metrics-port", type=int, default=int(_env("METRICS_PORT", "8002")),
@@ -58,14 +67,20 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ)
     if args.llm_model_path:
         env[LLM_MODEL_PATH_ENV] = str(Path(args.llm_model_path).expanduser().resolve())
+    admin_key = os.environ.get("MULTILORA_ADMIN_KEY") or None
+    try:
+        restricted = restricted_api_args(args.triton_host, admin_key)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
     server = TritonServer(
         model_repository=args.model_repository.resolve(),
         models=[m for m in args.models.split(",") if m],
-        host=args.host,
+        host=args.triton_host,
         http_port=args.http_port,
         grpc_port=args.grpc_port,
         metrics_port=args.metrics_port,
-        extra_args=args.tritonserver_args,
+        extra_args=[*restricted, *args.tritonserver_args],
         env=env,
     )
 
@@ -110,6 +125,23 @@ def main(argv: list[str] | None = None) -> int:
             except subprocess.TimeoutExpired:
                 frontend.kill()
         server.stop()
+
+
+# Triton APIs that change what the server runs or reads/writes on the host: model (un)loading, including a model
+# load whose payload overrides files (arbitrary model.py), shared-memory registration, trace files, log settings.
+RESTRICTED_APIS = "model-repository,shared-memory,trace,logging"
+
+
+def restricted_api_args(triton_host: str, admin_key: str | None) -> list[str]:
+    """tritonserver flags that put its admin APIs behind the admin key; exposing Triton without one is refused."""
+    exposed = not ipaddress.ip_address(socket.gethostbyname(triton_host)).is_loopback
+    if exposed and not admin_key:
+        raise ValueError(f"--triton-host {triton_host} exposes tritonserver beyond this machine: set "
+                         f"MULTILORA_ADMIN_KEY so that its model-control APIs are restricted (see docs/security.md)")
+    if not admin_key:
+        return []
+    spec = f"{RESTRICTED_APIS}:{ADMIN_HEADER}={admin_key}"
+    return [f"--http-restricted-api={spec}", f"--grpc-restricted-api={spec}"]
 
 
 def start_frontend(args: argparse.Namespace, server: TritonServer, env: dict[str, str]) -> subprocess.Popen:

@@ -34,6 +34,7 @@ def lora_root(tmp_path_factory) -> Path:
 
 
 TIGHT_MODEL = "llm_tight"  # the llm model with 2 LoRA slots and no static adapters, loaded by the tests needing it
+PINNED_MODEL = "llm_pinned"  # the llm model whose only LoRA slot holds a pinned adapter, loaded by the tests needing it
 SD15_MODEL = "diffusion_sd15"  # the diffusion model serving the tiny SD1.5-style pipeline
 BATCHED_MODEL = "diffusion_batched"  # the diffusion model whose batcher waits for 4 requests (mixed-batch proof)
 
@@ -42,6 +43,8 @@ def _extra_repository(root: Path) -> Path:
     repo = root / "extra_models"
     copy_model(repo, "llm", TIGHT_MODEL,
                 {"max_loras": "2", "max_cpu_loras": "2", "lora_modules": "", "max_num_seqs": "8"})
+    copy_model(repo, "llm", PINNED_MODEL, {"max_loras": "1", "max_cpu_loras": "2", "max_num_seqs": "4",
+                                           "lora_modules": "uppercase=adapters/demo/uppercase"})
     copy_model(repo, "diffusion", SD15_MODEL, {
         "model_path": str(cache_dir() / "models" / TINY_SD15),
         "lora_modules": "tiny-sd15-a=adapters/diffusion/tiny-sd15-a",
@@ -88,3 +91,18 @@ def grpc_client(triton_server):
     yield client
     client.stop_stream()
     client.close()
+
+
+@pytest.fixture(scope="session")
+def frontend(triton_server, lora_root, tmp_path_factory):
+    """The OpenAI frontend as a real process over the session's tritonserver (keys, runtime LoRA updating on)."""
+    from tests.frontend_process import ADMIN_KEY, API_KEY, FrontendProcess
+
+    proc = FrontendProcess(
+        triton_server.grpc_url, triton_server.metrics_url, tmp_path_factory.mktemp("frontend") / "frontend.log",
+        "--api-key", API_KEY, "--admin-key", ADMIN_KEY, "--allow-runtime-lora-updating",
+        "--lora-registry-file", str(lora_root / "registry.json"), "--allowed-lora-root", str(lora_root),
+        "--max-body-bytes", "65536", "--max-images", "2",
+    ).start()
+    yield proc
+    proc.stop()

@@ -46,3 +46,34 @@ def test_partial_stop_match_is_released_at_the_end(tokenizer):
     deltas, stopped = _stream(tokenizer, "Paris is nice. The end", stop=["The end is near"])
     assert not stopped
     assert "".join(deltas) == "Paris is nice. The end"
+
+
+def _first_stop(text: str, stops: list[str]) -> tuple[int, int] | None:
+    """Reference: the earliest end of any stop string, and the longest stop ending there."""
+    for end in range(1, len(text) + 1):
+        ending = [len(s) for s in stops if text[:end].endswith(s)]
+        if ending:
+            return end, max(ending)
+    return None
+
+
+def test_stop_matcher_agrees_with_a_naive_search_fed_in_pieces():
+    import random
+
+    from backends.llm.detokenizer import StopMatcher
+
+    rng = random.Random(0)
+    for _ in range(400):
+        text = "".join(rng.choice("ab c") for _ in range(rng.randint(0, 40)))
+        stops = ["".join(rng.choice("abc") for _ in range(rng.randint(1, 5))) for _ in range(rng.randint(1, 3))]
+        matcher, fed, found = StopMatcher(tuple(stops)), 0, None
+        while fed < len(text) and found is None:
+            piece = text[fed: fed + rng.randint(1, 4)]
+            fed += len(piece)
+            end = matcher.feed(piece)
+            if end is not None:
+                found = (end, matcher.last_length)
+        assert found == _first_stop(text, stops), (text, stops)
+        if found is None:  # the held-back tail is the longest proper stop prefix ending the text
+            assert matcher.partial == max((n for s in stops for n in range(1, len(s)) if text.endswith(s[:n])),
+                                          default=0)

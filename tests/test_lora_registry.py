@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from backends.errors import InvalidArgument, NotFound
+from backends.errors import InvalidArgument, NotFound, Unavailable
 from backends.lora.ids import IdBook, stable_lora_int_id
 from backends.lora.registry import AdapterEntry, LoRARegistry, RegistryFile, parse_lora_modules
 
@@ -32,10 +32,24 @@ def test_explicit_id_wins_and_clashes_are_refused():
     assert book.assign("/a") == stable_lora_int_id("/a")
     assert book.assign("/b", 7) == 7
     assert book.assign("/b", 7) == 7  # same pair again is fine
-    with pytest.raises(InvalidArgument, match="lora_int_id 7 already refers to adapter '/b'"):
+    with pytest.raises(InvalidArgument, match="lora_int_id 7 is already bound to another adapter") as err:
         book.assign("/c", 7)
+    assert "/b" not in str(err.value)  # the other adapter's path is not revealed
     with pytest.raises(InvalidArgument, match="positive"):
         book.assign("/d", 0)
+
+
+def test_id_table_is_bounded_and_keeps_resident_ids():
+    resident = {1, 2}
+    book = IdBook(max_ids=3, resident=lambda: resident)
+    for i in (1, 2, 3):
+        book.assign(f"/p{i}", i)
+    assert book.assign("/p4", 4) == 4 and len(book) == 3  # 3 was not cached: forgotten to make room
+    with pytest.raises(InvalidArgument):
+        book.assign("/other", 1)  # resident ids keep their binding
+    resident.add(4)
+    with pytest.raises(Unavailable, match="3 LoRA adapter ids are bound"):
+        book.assign("/p5", 5)
 
 
 @pytest.mark.parametrize("spec,expected", [
@@ -158,3 +172,21 @@ def test_concurrent_readers_never_see_half_written_file(tmp_path):
     version, entries = RegistryFile(path).read()
     assert version == 3 * (40 + 14)  # every add and remove counted once: no lost update
     assert len(entries) == 3 * (40 - 14)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not json", "wrong shape"])
+def test_a_broken_registry_file_keeps_the_last_good_entries(tmp_path, caplog, damage):
+    fake_adapter(tmp_path / "root" / "x")
+    path = tmp_path / "r.json"
+    writer = LoRARegistry(registry_file=path, allowed_roots=[tmp_path / "root"])
+    reader = LoRARegistry(registry_file=path, allowed_roots=[tmp_path / "root"])
+    writer.add(AdapterEntry("x", str(tmp_path / "root" / "x")))
+    assert reader.resolve("x").name == "x"
+    good = path.read_text()
+    path.write_text({"truncated": good[: len(good) // 2], "not json": "nonsense",
+                     "wrong shape": '{"version": 3, "adapters": [1, 2]}'}[damage])
+    with caplog.at_level("ERROR"):
+        assert reader.resolve("x").name == "x" and reader.version == 1
+    assert f"LoRA registry {path} is not valid" in caplog.text and "keeping the last good registry" in caplog.text
+    writer.add(AdapterEntry("y", str(tmp_path / "root" / "x")))  # the next write repairs the file
+    assert reader.resolve("y").name == "y" and json.loads(path.read_text())["version"] == 2

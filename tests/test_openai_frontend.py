@@ -28,18 +28,6 @@ CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
 GREEDY = dict(max_tokens=16, temperature=0)
 
 
-@pytest.fixture(scope="module")
-def frontend(triton_server, lora_root, tmp_path_factory):
-    proc = FrontendProcess(
-        triton_server.grpc_url, triton_server.metrics_url, tmp_path_factory.mktemp("frontend") / "frontend.log",
-        "--api-key", API_KEY, "--admin-key", ADMIN_KEY, "--allow-runtime-lora-updating",
-        "--lora-registry-file", str(lora_root / "registry.json"), "--allowed-lora-root", str(lora_root),
-        "--max-body-bytes", "65536", "--max-images", "2",
-    ).start()
-    yield proc
-    proc.stop()
-
-
 @pytest.fixture
 def client(frontend):
     return openai.OpenAI(base_url=f"{frontend.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)

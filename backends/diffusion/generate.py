@@ -117,18 +117,19 @@ class DiffusionGenerator:
         self.cache = cache
 
     def plan(self, requests: Iterable[ImageRequest]) -> list[list[int]]:
-        """Indices of `requests` grouped into batches: same batch key, at most max_batch_rows images and at most
-        max_loras distinct adapters each. A request's images always stay in one batch; order is kept."""
+        """Indices of `requests` grouped into batches: same batch key, at most max_batch_rows images and only as
+        many distinct adapters as fit the slots next to the pinned ones. A request's images always stay in one
+        batch; order is kept."""
         groups: dict[tuple, list[list[int]]] = {}
         items = list(requests)
-        max_loras = self.cache.max_loras if self.cache is not None else 0
+        fits = self.cache.fits if self.cache is not None else (lambda keys: not keys)
         for i, req in enumerate(items):
             chunks = groups.setdefault(req.batch_key, [[]])
             chunk = chunks[-1]
             rows = sum(items[j].num_images for j in chunk) + req.num_images
-            adapters = {items[j].lora.ref.int_id for j in chunk if items[j].lora} | (
-                {req.lora.ref.int_id} if req.lora else set())
-            if chunk and (rows > self.limits.max_batch_rows or len(adapters) > max_loras):
+            adapters = {items[j].lora.ref.key for j in chunk if items[j].lora} | (
+                {req.lora.ref.key} if req.lora else set())
+            if chunk and (rows > self.limits.max_batch_rows or not fits(adapters)):
                 chunks.append(chunk := [])
             chunk.append(i)
         return [c for chunks in groups.values() for c in chunks]
@@ -154,9 +155,9 @@ class DiffusionGenerator:
         if refs and (self.lora is None or self.cache is None):
             raise InvalidArgument("this model serves no LoRA adapters (max_loras is 0)")
         if refs:
-            slot_of = dict(zip((r.int_id for r in refs), self.cache.acquire(refs)))
+            slot_of = dict(zip((r.key for r in refs), self.cache.acquire(refs)))
             try:
-                slots = [slot_of[req.lora.ref.int_id] if req.lora else -1 for req, _ in rows]
+                slots = [slot_of[req.lora.ref.key] if req.lora else -1 for req, _ in rows]
                 scales = [req.lora.scale if req.lora else 0.0 for req, _ in rows]
                 with self.lora.rows(slots, scales):
                     images = self.loaded.pipe(**kwargs).images
@@ -169,6 +170,6 @@ class DiffusionGenerator:
         for req in batch:
             result.images.append([encode_png(next(it)) for _ in range(req.num_images)])
         log.info("denoised %d images (%d requests, %d adapters, %dx%d, %s steps) in %.2f s", len(rows), len(batch),
-                 len({r.int_id for r in refs}), first.height, first.width, first.steps or "default",
+                 len({r.key for r in refs}), first.height, first.width, first.steps or "default",
                  result.seconds)
         return result

@@ -111,6 +111,13 @@ class TritonDiffusionModel:
         parsed: list[tuple[int, ImageRequest]] = []
         for i, request in enumerate(requests):
             try:
+                if tio.is_probe(request):  # a supervisor's liveness probe: no images
+                    responses[i] = pb_utils.InferenceResponse(output_tensors=[
+                        pb_utils.Tensor("images", np.empty((1, 0), dtype=np.object_)),
+                        pb_utils.Tensor("seed", np.array([[0]], dtype=np.int64)),
+                        pb_utils.Tensor("pipeline", np.array([[self.loaded.name.encode()]], dtype=np.object_)),
+                    ])
+                    continue
                 parsed.append((i, self._parse(request)))
             except BackendError as exc:
                 log.info("rejected request %s: %s", request.request_id(), exc)
@@ -137,7 +144,11 @@ class TritonDiffusionModel:
             self.metrics.seconds.increment(result.seconds)
         if self.resolver is not None:
             cache = self.resolver.cache
-            self.metrics.lora.report(cache.stats(), cache.slots_in_use(), len(cache.host_ids()), cache.max_loras)
+            try:
+                self.metrics.lora.report(cache.stats(), cache.slots_in_use(), len(cache.host_ids()),
+                                         cache.max_loras)
+            except Exception:  # metrics never cost the requests their answers
+                log.exception("reporting LoRA metrics failed")
         return responses
 
     def finalize(self) -> None:

@@ -19,10 +19,61 @@ class DetokenizerStep:
     stopped: bool  # a stop string matched; the text before it has all been sent
 
 
+class StopMatcher:
+    """Finds stop strings in text fed piece by piece, in time linear in the text (Knuth-Morris-Pratt per stop
+    string): each new character costs O(1) amortised per stop string, whatever the stop strings' lengths, so a
+    long stop string cannot slow the engine thread down for everyone."""
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops = stops
+        self._fail = [self._failure(s) for s in stops]
+        self._state = [0] * len(stops)  # per stop string: length of its longest prefix ending the text
+        self._fed = 0  # characters consumed
+        self.last_length = 0  # length of the stop string that matched last
+
+    @staticmethod
+    def _failure(s: str) -> list[int]:
+        fail = [0] * len(s)
+        k = 0
+        for i in range(1, len(s)):
+            while k and s[i] != s[k]:
+                k = fail[k - 1]
+            if s[i] == s[k]:
+                k += 1
+            fail[i] = k
+        return fail
+
+    def feed(self, text: str) -> int | None:
+        """Consume `text`; the end offset (in everything fed) of the first stop-string match, else None. When
+        several stop strings end at that character, `last_length` is the longest (the earliest start)."""
+        for ch in text:
+            self._fed += 1
+            done = 0
+            for i, stop in enumerate(self.stops):
+                k, fail = self._state[i], self._fail[i]
+                while k and stop[k] != ch:
+                    k = fail[k - 1]
+                if stop[k] == ch:
+                    k += 1
+                if k == len(stop):
+                    done = max(done, k)
+                    k = fail[k - 1]
+                self._state[i] = k
+            if done:
+                self.last_length = done
+                return self._fed
+        return None
+
+    @property
+    def partial(self) -> int:
+        """Length of the longest tail of the text fed so far that is a proper prefix of a stop string."""
+        return max(self._state, default=0)
+
+
 class IncrementalDetokenizer:
     def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
         self._tok = tokenizer
-        self._stop = stop
+        self._stop = StopMatcher(stop) if stop else None
         self._ids: list[int] = []
         self._prefix_offset = 0
         self._read_offset = 0
@@ -36,11 +87,13 @@ class IncrementalDetokenizer:
         self._ids.append(token_id)
         prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
         new_text = self._decode(self._ids[self._prefix_offset :])
+        added = ""
         if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
-            self.text += new_text[len(prefix_text) :]
+            added = new_text[len(prefix_text) :]
+            self.text += added
             self._prefix_offset = max(self._read_offset, len(self._ids) - _WINDOW)
             self._read_offset = len(self._ids)
-        return self._emit()
+        return self._emit(added)
 
     def flush(self) -> str:
         """At the end of generation: everything not yet sent (held-back partial stop matches included)."""
@@ -48,28 +101,18 @@ class IncrementalDetokenizer:
         self._sent = len(self.text)
         return delta
 
-    def _emit(self) -> DetokenizerStep:
-        if self._stop:
-            # Search only where a new match can start: just before the unsent text.
-            start = max(0, self._sent - max(len(s) for s in self._stop) + 1)
-            hits = [i for i in (self.text.find(s, start) for s in self._stop) if i != -1]
-            if hits:
-                cut = min(hits)
+    def _emit(self, added: str) -> DetokenizerStep:
+        held = 0
+        if self._stop is not None:
+            end = self._stop.feed(added)
+            if end is not None:
+                cut = end - self._stop.last_length
                 delta = self.text[self._sent : cut]
                 self.text = self.text[:cut]
                 self._sent = cut
                 return DetokenizerStep(delta, stopped=True)
-        safe_end = len(self.text) - self._partial_stop_suffix()
+            held = self._stop.partial
+        safe_end = len(self.text) - held
         delta = self.text[self._sent : safe_end] if safe_end > self._sent else ""
         self._sent = max(self._sent, safe_end)
         return DetokenizerStep(delta, stopped=False)
-
-    def _partial_stop_suffix(self) -> int:
-        """Length of the longest tail of the text that is a proper prefix of some stop string."""
-        longest = 0
-        for s in self._stop:
-            for n in range(min(len(s) - 1, len(self.text)), longest, -1):
-                if self.text.endswith(s[:n]):
-                    longest = n
-                    break
-        return longest

@@ -4,6 +4,11 @@ Every step the engine admits waiting requests (see `scheduler.py`), prefills the
 forward, then decodes one token for every running sequence in one batched forward with mixed LoRA adapters. Each
 row samples with its own parameters and generator, streams its text, and leaves the batch as soon as it finishes
 or its client cancels (its KV rows and LoRA slot are freed at once).
+
+Failures are contained: an error while prefilling fails the requests being admitted, an error while decoding
+fails the running batch, a row with non-finite logits fails alone; each gets one final error response and gives
+back its slot and KV rows, and the engine keeps serving. If the engine thread itself dies, every request it holds
+is failed, `submit` refuses new work at once (UNAVAILABLE) and `on_dead` is told.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from typing import Callable, Protocol, TypeVar
 
 import torch
 
-from backends.errors import Unavailable
+from backends.errors import InternalError, Unavailable
 from backends.llm.detokenizer import IncrementalDetokenizer
 from backends.llm.kv_cache import KVBatch
 from backends.llm.params import GenerationRequest, SamplingParams, check_context_length
@@ -34,6 +39,7 @@ T = TypeVar("T")
 FINISH_STOP = "stop"  # EOS or a stop string
 FINISH_LENGTH = "length"  # max_tokens reached
 FINISH_ABORT = "abort"  # the client cancelled
+FINISH_ERROR = "error"  # failed with an error response (metrics only)
 
 
 @dataclass
@@ -78,10 +84,12 @@ class Sequence:
         self.finish_reason: str | None = None
         self.pending_text = ""  # non-stream: everything; stream: the delta since the last send
         self.num_prompt_tokens = len(request.prompt_token_ids)
-        self.adapter_key = request.lora.ref.int_id if request.lora else None
+        self.adapter_key = request.lora.ref.key if request.lora else None
         self.bypassed_steps = 0
         self.row_lora = RowLoRA()
         self.started = time.monotonic()
+        self.error: Exception | None = None  # set when this row failed; the engine retires it with the error
+        self.done = False  # the final response (or error) was sent: nothing more may go to the sink
 
     def append(self, token_id: int) -> None:
         """Take one sampled token and decide whether the sequence is finished."""
@@ -130,6 +138,7 @@ class LLMEngine:
         observer: EngineObserver | None = None,
         limits: SchedulerLimits = SchedulerLimits(),
         load_timeout: float = 600.0,
+        on_dead: Callable[[BaseException], None] | None = None,
     ):
         """`setup` runs on the engine thread and returns the runner and the LoRA cache (None = no LoRA).
 
@@ -145,6 +154,11 @@ class LLMEngine:
         self._running: list[Sequence] = []
         self._batch: KVBatch | None = None
         self._closed = False
+        self._dead: BaseException | None = None  # why the engine thread stopped serving, once it has
+        self._on_dead = on_dead
+        self._accept_lock = threading.Lock()  # orders `submit` against the thread's death
+        self._admitting: list[Sequence] = []  # admitted this step, not yet running (failed with the step)
+        self._stalled = False  # requests wait but none could be admitted: wait for news instead of spinning
         self._setup_done: Future = Future()
         self._thread = threading.Thread(target=self._main, args=(setup,), name="llm-engine", daemon=True)
         self._thread.start()
@@ -161,17 +175,63 @@ class LLMEngine:
             self._setup_done.set_exception(exc)
             return
         self._setup_done.set_result(None)
-        self._loop()
+        try:
+            self._loop()
+        except BaseException as exc:  # a bug outside the per-step handling: stop taking work, fail what is held
+            self._die(exc)
+
+    def _die(self, exc: BaseException) -> None:
+        log.critical("the engine thread stopped: %s: %s; failing every request it holds", type(exc).__name__, exc,
+                     exc_info=exc)
+        with self._accept_lock:
+            self._dead = exc
+        error = Unavailable(f"the model's engine stopped ({type(exc).__name__}: {exc}); retry after it reloads")
+        for seq in [*self._running, *self._admitting, *self._waiting]:
+            self._fail(seq, error)
+        self._running, self._admitting, self._batch = [], [], None
+        self._waiting.clear()
+        self._drain(error)
+        if self._on_dead is not None:
+            try:
+                self._on_dead(exc)
+            except Exception:
+                log.exception("on_dead callback failed")
+
+    def _drain(self, error: Exception) -> None:
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, _Call):
+                item.future.set_exception(error)
+            elif item is not None:
+                self._fail(item, error)
+
+    @property
+    def alive(self) -> bool:
+        return self._dead is None and not self._closed
+
+    @property
+    def death_reason(self) -> str:
+        return f"{type(self._dead).__name__}: {self._dead}" if self._dead is not None else ""
 
     def call(self, fn: Callable[[], T]) -> T:
         """Run `fn` on the engine thread (between steps) and return its result; direct when already there."""
         if threading.current_thread() is self._thread:
             return fn()
-        if self._closed:
-            raise Unavailable("the model is shutting down; retry on another instance")
         task = _Call(fn, Future())
-        self._queue.put(task)
+        self._enqueue(task)
         return task.future.result()
+
+    def _enqueue(self, item: "Sequence | _Call") -> None:
+        with self._accept_lock:  # after `_die` took the lock nothing more is queued, so nothing is stranded
+            if self._dead is not None:
+                raise Unavailable(f"the model's engine stopped ({type(self._dead).__name__}: {self._dead}); "
+                                  f"retry after the model reloads")
+            if self._closed:
+                raise Unavailable("the model is shutting down; retry on another instance")
+            self._queue.put(item)
 
     # -- called from Triton's execute thread ------------------------------------------------------------------
     def prepare(self, request: GenerationRequest) -> GenerationRequest:
@@ -181,11 +241,9 @@ class LLMEngine:
         return request
 
     def submit(self, request: GenerationRequest, sink: OutputSink) -> None:
-        if self._closed:
-            raise Unavailable("the model is shutting down; retry on another instance")
         if request.lora and self.lora_cache is None:
             raise Unavailable("LoRA is disabled for this model (max_loras is 0)")
-        self._queue.put(Sequence(request, sink, self.runner.tokenizer, self.runner.eos_token_ids))
+        self._enqueue(Sequence(request, sink, self.runner.tokenizer, self.runner.eos_token_ids))
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._closed = True
@@ -194,6 +252,12 @@ class LLMEngine:
 
     # -- engine thread --------------------------------------------------------------------------------------
     def _report_queue(self) -> None:
+        try:
+            self._observe_queue()
+        except Exception:  # metrics must never take the engine down
+            log.exception("reporting engine metrics failed")
+
+    def _observe_queue(self) -> None:
         if self._observer:
             # KV-cache use: cached token positions of the running batch (padding included) over what the limits
             # allow at most, max_num_seqs x max_model_len (the buffers grow on demand up to that).
@@ -208,10 +272,13 @@ class LLMEngine:
     def _pull_requests(self) -> bool:
         """Move queued requests to `waiting` and run handed-over calls, blocking while there is nothing to do.
         False once shut down."""
-        block = not self._waiting and not self._running
+        if self._running or (self._waiting and not self._stalled):
+            block, timeout = False, None
+        else:  # idle: sleep until work arrives; stalled: wake now and then to notice cancelled waiters
+            block, timeout = True, (0.1 if self._waiting else None)
         while True:
             try:
-                item = self._queue.get(block=block)
+                item = self._queue.get(block=block, timeout=timeout)
             except queue.Empty:
                 return True
             if item is None:
@@ -227,37 +294,44 @@ class LLMEngine:
             try:
                 self._step()
             except Exception as exc:  # a failed step fails its batch, never the engine
-                log.exception("engine step failed; failing %d running requests", len(self._running))
-                for seq in self._running:
-                    self._release(seq)
-                    seq.sink.fail(exc)
-                self._running, self._batch = [], None
+                involved = [*self._admitting, *self._running]
+                log.exception("engine step failed; failing its %d requests", len(involved))
+                error = InternalError(f"generation failed: {type(exc).__name__}: {exc}")
+                for seq in involved:
+                    self._fail(seq, error)
+                self._running, self._admitting, self._batch = [], [], None
             self._report_queue()
+        with self._accept_lock:
+            self._closed = True
+        error = Unavailable("the model is shutting down; request not finished")
         for seq in [*self._running, *self._waiting]:
-            self._release(seq)
-            seq.sink.fail(Unavailable("the model is shutting down; request not finished"))
-        while not self._queue.empty():
-            item = self._queue.get_nowait()
-            if isinstance(item, _Call):
-                item.future.set_exception(Unavailable("the model is shutting down"))
-            elif item is not None:
-                item.sink.fail(Unavailable("the model is shutting down; request not started"))
+            self._fail(seq, error)
+        self._drain(error)
 
     def _step(self) -> None:
         for seq in [s for s in self._waiting if s.sink.is_cancelled()]:
             self._waiting.remove(seq)
             self._finish(seq, FINISH_ABORT)
-        admitted = self._admit()
+        admitted = self._admitting = self._admit()
+        self._stalled = bool(self._waiting) and not admitted and not self._running
         if admitted:
-            logits, new_batch = self.runner.prefill(
-                [s.request.prompt_token_ids for s in admitted], [s.row_lora for s in admitted]
-            )
-            self._sample(admitted, logits)
-            if self._batch is None:
-                self._batch = new_batch
+            try:
+                logits, new_batch = self.runner.prefill(
+                    [s.request.prompt_token_ids for s in admitted], [s.row_lora for s in admitted]
+                )
+            except Exception as exc:  # only the new requests fail; the running batch goes on
+                log.exception("prefill of %d requests failed", len(admitted))
+                error = InternalError(f"prefill failed: {type(exc).__name__}: {exc}")
+                for seq in admitted:
+                    self._fail(seq, error)
             else:
-                self._batch.concat(new_batch)
-            self._running.extend(admitted)
+                self._sample(admitted, logits)
+                if self._batch is None:
+                    self._batch = new_batch
+                else:
+                    self._batch.concat(new_batch)
+                self._running.extend(admitted)
+            self._admitting = []
             self._retire()
         if self._running:
             logits = self.runner.decode(
@@ -278,7 +352,7 @@ class LLMEngine:
                     continue  # slots pinned elsewhere; it stays waiting
                 except Exception as exc:  # e.g. the adapter file vanished since validation
                     self._waiting.remove(seq)
-                    seq.sink.fail(exc)
+                    self._fail(seq, exc)
                     continue
                 seq.row_lora = RowLoRA(slot, lora.scale)
             self._waiting.remove(seq)
@@ -288,16 +362,23 @@ class LLMEngine:
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         tokens = sample_next_tokens(logits, [s.params for s in seqs], [s.generator for s in seqs])
         for seq, token in zip(seqs, tokens):
+            if isinstance(token, Exception):
+                log.error("request %s failed: %s", seq.request.request_id, token)
+                seq.error = token
+                continue
             seq.append(token)
             if seq.finish_reason is None and seq.request.stream and seq.pending_text:
-                seq.sink.send(seq.take_chunk(), final=False)
+                self._send(seq, seq.take_chunk(), final=False)
         if self._observer:
             self._observer.on_tokens(len(seqs))
 
     def _retire(self) -> None:
         keep = []
         for row, seq in enumerate(self._running):
-            if seq.finish_reason is None and (self._closed or seq.sink.is_cancelled()):
+            if seq.error is not None:
+                self._fail(seq, seq.error)
+                continue
+            if seq.finish_reason is None and (self._closed or seq.done or seq.sink.is_cancelled()):
                 seq.finish_reason = FINISH_ABORT
             if seq.finish_reason is None:
                 keep.append(row)
@@ -316,12 +397,41 @@ class LLMEngine:
             self.lora_cache.release([seq.request.lora.ref])
             seq.row_lora = RowLoRA()
 
+    def _send(self, seq: Sequence, chunk: GenerationChunk, final: bool) -> None:
+        """To the client; a sender that fails (client gone, stub shutting down) aborts this request alone."""
+        if seq.done:
+            return
+        try:
+            seq.sink.send(chunk, final)
+        except Exception:
+            log.warning("request %s: sending a response failed; aborting it", seq.request.request_id,
+                        exc_info=True)
+            seq.done = True
+        if final:
+            seq.done = True
+
+    def _fail(self, seq: Sequence, error: Exception) -> None:
+        """One final error response (never after the final response), and the request's slot back."""
+        self._release(seq)
+        if seq.done:
+            return
+        seq.done = True
+        try:
+            seq.sink.fail(error)
+        except Exception:
+            log.warning("request %s: sending its error failed", seq.request.request_id, exc_info=True)
+        if self._observer:
+            try:
+                self._observer.on_finished(FINISH_ERROR, seq.num_prompt_tokens, len(seq.output_ids))
+            except Exception:
+                log.exception("reporting engine metrics failed")
+
     def _finish(self, seq: Sequence, reason: str) -> None:
         self._release(seq)
         seq.finish_reason = reason
         if reason == FINISH_ABORT:
             seq.pending_text = ""  # nobody is listening
-        seq.sink.send(seq.take_chunk(), final=True)
+        self._send(seq, seq.take_chunk(), final=True)
         if self._observer:
             self._observer.on_finished(reason, seq.num_prompt_tokens, len(seq.output_ids))
         log.info(

@@ -9,12 +9,15 @@ from backends.errors import InvalidArgument
 from backends.lora.resolver import LoRASelection
 
 MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256  # per stop string
+# Temperatures below this are greedy (vLLM's _SAMPLING_EPS): dividing logits by 1e-40 overflows to inf and NaN.
+GREEDY_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int
-    temperature: float = 1.0  # 0 -> greedy
+    temperature: float = 1.0  # 0 (or below GREEDY_TEMPERATURE) -> greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 -> disabled
     seed: int | None = None
@@ -22,7 +25,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_TEMPERATURE
 
 
 @dataclass
@@ -74,6 +77,9 @@ def build_sampling_params(
         raise InvalidArgument(f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(stops)}")
     if any(s == "" for s in stops):
         raise InvalidArgument("stop strings must not be empty")
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        longest = max(len(s) for s in stops)
+        raise InvalidArgument(f"stop strings may have at most {MAX_STOP_CHARS} characters each, got {longest}")
 
     return SamplingParams(
         max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stops

@@ -1,7 +1,8 @@
 """Next-token choice for a batch of rows, each with its own parameters and random generator.
 
 Each sampled row draws from its own `torch.Generator`, seeded from the request, so a seeded request gets the same
-tokens whatever other requests share its batch.
+tokens whatever other requests share its batch. A row whose logits are not finite (NaN or +inf from a broken
+adapter or overflow) gets an error instead of a token; the other rows are unaffected.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Sequence
 
 import torch
 
+from backends.errors import InternalError
 from backends.llm.params import SamplingParams
 
 
@@ -36,14 +38,21 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch
 
 def sample_next_tokens(
     logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator]
-) -> list[int]:
-    """logits: [batch, vocab] float; returns one token id per row."""
+) -> list[int | Exception]:
+    """logits: [batch, vocab] float; returns one token id per row, or the error that row failed with."""
     logits = logits.float()
-    chosen = logits.argmax(-1).tolist()
+    chosen: list[int | Exception] = logits.argmax(-1).tolist()
+    bad = (torch.isnan(logits) | torch.isposinf(logits)).any(-1)
+    if bool(bad.any()):
+        for row in bad.nonzero().flatten().tolist():
+            chosen[row] = InternalError("the model produced non-finite logits (NaN/inf) for this request")
     for row, (p, gen) in enumerate(zip(params, generators)):
-        if p.greedy:
+        if p.greedy or isinstance(chosen[row], Exception):
             continue
-        row_logits = _filter_top_k_top_p(logits[row] / p.temperature, p.top_k, p.top_p)
-        probs = row_logits.softmax(-1)
-        chosen[row] = int(torch.multinomial(probs, 1, generator=gen).item())
+        try:
+            row_logits = _filter_top_k_top_p(logits[row] / p.temperature, p.top_k, p.top_p)
+            probs = row_logits.softmax(-1)
+            chosen[row] = int(torch.multinomial(probs, 1, generator=gen).item())
+        except RuntimeError as exc:  # e.g. probabilities that overflowed: this row only
+            chosen[row] = InternalError(f"sampling failed: {exc}")
     return chosen

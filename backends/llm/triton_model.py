@@ -14,7 +14,7 @@ from pathlib import Path
 import triton_python_backend_utils as pb_utils
 
 from backends import triton_io as tio
-from backends.errors import BackendError, InvalidArgument
+from backends.errors import BackendError, InvalidArgument, Unavailable
 from backends.llm.engine import GenerationChunk, LLMEngine
 from backends.llm.metrics import TritonEngineMetrics
 from backends.llm.params import GenerationRequest, build_sampling_params
@@ -92,6 +92,10 @@ class TritonLLMModel:
                 max_num_seqs=int(params.get("max_num_seqs") or defaults.max_num_seqs),
                 max_num_batched_tokens=int(params.get("max_num_batched_tokens") or defaults.max_num_batched_tokens),
             ),
+            # Triton 2.51 cannot be told that a Python model went unready: new requests and the supervisor's
+            # probes get UNAVAILABLE from now on, and the frontend's supervisor reloads the model.
+            on_dead=lambda exc: log.critical("model '%s' cannot serve any more: its engine stopped (%s); reload "
+                                             "it (the frontend's supervisor does)", args["model_name"], exc),
         )
 
     def _parse(self, request) -> GenerationRequest:
@@ -117,6 +121,12 @@ class TritonLLMModel:
         for request in requests:
             sink = TritonResponseSink(request)
             try:
+                if tio.is_probe(request):
+                    if not self.engine.alive:  # the stub lives but cannot generate: tell the supervisor
+                        raise Unavailable(f"the model's engine stopped ({self.engine.death_reason}); it needs a "
+                                          f"reload")
+                    sink.send(GenerationChunk("", None, 0, 0), final=True)
+                    continue
                 self.engine.submit(self.engine.prepare(self._parse(request)), sink)
             except BackendError as exc:
                 log.info("rejected request %s: %s", request.request_id(), exc)

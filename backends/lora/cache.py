@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import threading
 import time
@@ -33,6 +34,16 @@ class AdapterRef:
     int_id: int
     name: str
     path: str
+    version: int = 0  # the files' signature for adapters that may change on disk; 0 = fixed (static)
+
+    @property
+    def key(self) -> int:
+        """The cache key: the id alone, or id + files version, so a rewritten adapter is a new cache entry while
+        batches still running on the old weights keep their slot."""
+        if not self.version:
+            return self.int_id
+        digest = hashlib.sha256(f"{self.int_id}:{self.version}".encode()).digest()
+        return (int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)) or 1
 
 
 @dataclass
@@ -84,9 +95,9 @@ class LoRACache:
     def lookup(self, ref: AdapterRef) -> LoRAAdapter | None:
         """The adapter if it is in host memory (counted as a hit), else None; never loads."""
         with self._lock:
-            adapter = self._host.get(ref.int_id)
+            adapter = self._host.get(ref.key)
             if adapter is not None:
-                self._host.move_to_end(ref.int_id)
+                self._host.move_to_end(ref.key)
                 self._stats.hits += 1
             return adapter
 
@@ -96,10 +107,10 @@ class LoRACache:
             adapter = self.lookup(ref)
             if adapter is not None:
                 return adapter
-            future = self._loading.get(ref.int_id)
+            future = self._loading.get(ref.key)
             owner = future is None
             if owner:
-                future = self._loading[ref.int_id] = Future()
+                future = self._loading[ref.key] = Future()
                 self._stats.misses += 1
         if not owner:
             return future.result()
@@ -112,19 +123,19 @@ class LoRACache:
                     m.A, m.Bt = m.A.pin_memory(), m.Bt.pin_memory()
         except BaseException as exc:
             with self._lock:
-                del self._loading[ref.int_id]
+                del self._loading[ref.key]
                 self._stats.load_failures += 1
             future.set_exception(exc)
             raise
         seconds = time.monotonic() - started
         with self._lock:
-            self._host[ref.int_id] = adapter
+            self._host[ref.key] = adapter
             self._host_bytes += adapter.nbytes
             self._stats.loads += 1
             self._stats.load_seconds += seconds
             self._stats.bytes_loaded += adapter.nbytes
-            del self._loading[ref.int_id]
-            self._evict_host(keep=ref.int_id)
+            del self._loading[ref.key]
+            self._evict_host(keep=ref.key)
         log.info("loaded LoRA adapter '%s' (%s, id %d, rank %d, %.1f MB) in %.3f s", ref.name, ref.path,
                  ref.int_id, adapter.rank, adapter.nbytes / 1e6, seconds)
         future.set_result(adapter)
@@ -150,11 +161,11 @@ class LoRACache:
     # -- device tier -------------------------------------------------------------------------------------------
     def acquire(self, refs: Sequence[AdapterRef]) -> list[int]:
         """Slots for `refs` (one per ref, repeats allowed), held until `release(refs)`. All or nothing."""
-        distinct = list(dict.fromkeys(r.int_id for r in refs))
+        distinct = list(dict.fromkeys(r.key for r in refs))
         if len(distinct) > self.max_loras:
             raise InvalidArgument(f"{len(distinct)} distinct LoRA adapters in one batch, max_loras is "
                                   f"{self.max_loras}")
-        by_id = {r.int_id: r for r in refs}
+        by_id = {r.key: r for r in refs}
         adapters: dict[int, LoRAAdapter] = {}
         while True:
             # Disk/host work happens outside the lock; a host copy stays referenced here even if evicted meanwhile.
@@ -177,7 +188,7 @@ class LoRACache:
                 except BaseException:
                     self._release_ids(taken)
                     raise
-                return [self._slot_of[r.int_id] for r in refs]
+                return [self._slot_of[r.key] for r in refs]
 
     def _place(self, int_id: int, adapter: LoRAAdapter) -> None:
         if self._free_slots:
@@ -194,7 +205,7 @@ class LoRACache:
 
     def release(self, refs: Sequence[AdapterRef]) -> None:
         with self._lock:
-            self._release_ids(list(dict.fromkeys(r.int_id for r in refs)))
+            self._release_ids(list(dict.fromkeys(r.key for r in refs)))
 
     def _release_ids(self, ids: list[int]) -> None:
         for int_id in ids:
@@ -214,14 +225,14 @@ class LoRACache:
     def pin(self, ref: AdapterRef) -> None:
         """Keep an adapter in host memory and in a device slot for good (static adapters)."""
         with self._lock:
-            if ref.int_id not in self._pinned and len(self._pinned) + 1 > min(self.max_loras, self.max_cpu_loras):
+            if ref.key not in self._pinned and len(self._pinned) + 1 > min(self.max_loras, self.max_cpu_loras):
                 raise InvalidArgument(
                     f"cannot pin LoRA adapter '{ref.name}': {len(self._pinned)} adapters are pinned already and "
                     f"max_loras is {self.max_loras}, max_cpu_loras {self.max_cpu_loras}"
                 )
         self.get(ref)
         with self._lock:
-            self._pinned.add(ref.int_id)
+            self._pinned.add(ref.key)
         self.acquire([ref])
         self.release([ref])
 
@@ -230,7 +241,7 @@ class LoRACache:
             self._pinned.discard(int_id)
 
     def remove(self, int_id: int) -> bool:
-        """Drop an adapter from both tiers (unload). Refused while a running batch uses it."""
+        """Drop an adapter (by cache key) from both tiers (unload). Refused while a running batch uses it."""
         with self._lock:
             if self._in_use[int_id]:
                 raise Unavailable(f"LoRA adapter id {int_id} is in use by a running batch; retry")
@@ -247,10 +258,18 @@ class LoRACache:
             return found
 
     # -- introspection -----------------------------------------------------------------------------------------
-    def fits(self, int_ids: set) -> bool:
-        """Whether these adapters can hold device slots at the same time, next to the pinned ones."""
+    def fits(self, keys: set) -> bool:
+        """Whether these adapters (cache keys) can hold device slots at the same time, next to the pinned ones."""
         with self._lock:
-            return len(set(int_ids) | self._pinned) <= self.max_loras
+            return len(set(keys) | self._pinned) <= self.max_loras
+
+    def check_admissible(self, ref: AdapterRef) -> None:
+        """Refuse at once an adapter that can never get a slot because pinned adapters hold every one (it would
+        otherwise wait forever)."""
+        if not self.fits({ref.key}):
+            raise InvalidArgument(
+                f"LoRA adapter '{ref.name}' cannot be served: all {self.max_loras} LoRA slots (max_loras) are held "
+                f"by pinned adapters; unpin one or raise max_loras")
 
     def stats(self) -> CacheStats:
         with self._lock:

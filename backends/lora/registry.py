@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import re
 import tempfile
@@ -21,6 +22,7 @@ from backends.lora.adapter import CONFIG_FILE
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 STATIC, DYNAMIC, RESOLVER = "static", "dynamic", "resolver"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -101,12 +103,21 @@ class RegistryFile:
             sig = self._signature()
             if sig == self._sig:
                 return self._cached
-            if sig is None:
-                data = {"version": 0, "adapters": {}}
-            else:
-                data = json.loads(self.path.read_text())
-            adapters = {n: AdapterEntry(**{**e, "name": n, "source": DYNAMIC}) for n, e in data["adapters"].items()}
-            self._sig, self._cached = sig, (int(data["version"]), adapters)
+            try:
+                data = json.loads(self.path.read_text()) if sig is not None else {"version": 0, "adapters": {}}
+                adapters = {n: AdapterEntry(**{**e, "name": n, "source": DYNAMIC})
+                            for n, e in data["adapters"].items()}
+                version = int(data["version"])
+            except FileNotFoundError:  # removed between stat and read: read again next time
+                return self._cached
+            except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                # A file broken by hand (truncated, not JSON, wrong shape): keep serving the last good entries and
+                # say so once per broken version of the file; the next atomic write replaces it.
+                self._sig = sig
+                log.error("LoRA registry %s is not valid (%s: %s); keeping the last good registry (version %d, "
+                          "%d adapters)", self.path, type(exc).__name__, exc, self._cached[0], len(self._cached[1]))
+                return self._cached
+            self._sig, self._cached = sig, (version, adapters)
             return self._cached
 
     def update(self, change: Callable[[dict[str, AdapterEntry]], dict[str, AdapterEntry]]) -> int:
@@ -131,6 +142,9 @@ class RegistryFile:
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
                 raise
+            with self._lock:  # what we wrote is the last good registry, even if someone breaks the file next
+                self._sig, self._cached = None, (version + 1, {n: replace(e, source=DYNAMIC)
+                                                                for n, e in entries.items()})
             return version + 1
 
 

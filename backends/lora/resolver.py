@@ -18,7 +18,7 @@ from typing import Callable
 from backends.errors import InvalidArgument, Unavailable
 from backends.lora.cache import AdapterRef, LoRACache
 from backends.lora.ids import IdBook
-from backends.lora.registry import LoRARegistry
+from backends.lora.registry import STATIC, LoRARegistry
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +43,23 @@ class LoRASelection:
     scale: float
 
 
-def _files_signature(path: str) -> tuple:
-    """Identity of an adapter's files (a folder's files, or a single-file adapter) to notice in-place rewrites."""
+def files_version(path: str) -> int:
+    """A cheap fingerprint of an adapter's files (names, sizes, mtimes, inodes of a folder's files, or of a
+    single-file adapter): a rewritten or replaced adapter gets a new one. Never 0 (0 marks fixed adapters)."""
     p = Path(path)
     try:
         files = [p] if p.is_file() else sorted(f for f in p.iterdir() if f.is_file())
-        return tuple((f.name, st.st_mtime_ns, st.st_size, st.st_ino) for f in files for st in [f.stat()])
+        sig = tuple((f.name, st.st_mtime_ns, st.st_size, st.st_ino) for f in files for st in [f.stat()])
     except OSError:
-        return ()
+        sig = ()
+    return (hash(sig) & ((1 << 62) - 1)) | 1
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    name: str
+    path: str
+    by_name: bool  # resolved through the dynamic registry or a resolver dir (not an explicit path)
 
 
 class AdapterResolver:
@@ -58,12 +67,19 @@ class AdapterResolver:
                  run: Callable[[Callable], object] = lambda fn: fn()):
         self.registry = registry
         self.cache = cache
-        self.ids = ids or IdBook()
+        self.ids = ids or IdBook(resident=self._resident_ids)
         self._run = run  # where cold loads execute (the thread that owns torch work, for the LLM engine)
         self._lock = threading.Lock()
         self._seen_version = registry.version
-        self._loaded: dict[int, tuple[str, str, tuple]] = {}  # int_id -> (name, path, files signature at load)
-        self._stale: set[int] = set()  # to drop from the cache once no running batch uses them
+        self._loaded: dict[int, tuple[AdapterRef, _Loaded]] = {}  # cache key -> what was loaded under it
+        self._stale: set[int] = set()  # cache keys to drop once no running batch uses them
+        self._static: list[AdapterRef] = []
+
+    def _resident_ids(self) -> set[int]:
+        with self._lock:
+            keys = set(self.cache.host_ids()) | set(self.cache.device_ids())
+            return {ref.int_id for key, (ref, _) in self._loaded.items() if key in keys} | {
+                ref.int_id for ref in self._static}
 
     def pin_static(self) -> list[AdapterRef]:
         """Load and pin every static adapter (model config); the first bad one raises with its error."""
@@ -73,6 +89,7 @@ class AdapterResolver:
             self.cache.pin(ref)
             refs.append(ref)
             log.info("static LoRA adapter '%s' pinned (%s, id %d)", entry.name, entry.path, ref.int_id)
+        self._static = refs
         return refs
 
     def select(self, fields: LoRAFields) -> LoRASelection | None:
@@ -88,47 +105,63 @@ class AdapterResolver:
         if fields.path:
             path = str(self.registry.paths.check(fields.path))
             name = fields.name or Path(path).name
-            int_id = fields.int_id
+            int_id, by_name, static = fields.int_id, False, False
         elif fields.name:
             entry = self.registry.resolve(fields.name)
             name, path = entry.name, entry.path
             int_id = fields.int_id if fields.int_id is not None else entry.int_id
+            by_name, static = True, entry.source == STATIC
         else:
             raise InvalidArgument("lora_int_id was given without lora_name or lora_path")
-        ref = AdapterRef(self.ids.assign(path, int_id), name, path)
+        int_id = self.ids.assign(path, int_id)
+        # Static adapters change only with a model reload; every other adapter is checked against its files on
+        # each request (a few stat calls), so a rewritten adapter is a new cache entry.
+        ref = AdapterRef(int_id, name, path, 0 if static else files_version(path))
+        self.cache.check_admissible(ref)
         if self.cache.lookup(ref) is None:  # validate a cold adapter now: a broken one never reaches a batch
             self._run(lambda: self.cache.get(ref))
-        with self._lock:
-            self._loaded.setdefault(ref.int_id, (name, path, _files_signature(path)))
+            cached = set(self.cache.host_ids())
+            with self._lock:
+                for key, (old, _) in list(self._loaded.items()):
+                    if old.int_id == ref.int_id and key != ref.key:
+                        self._stale.add(key)  # an older version of the same files
+                        log.info("LoRA adapter '%s' (%s) changed on disk; the new files are loaded", name, path)
+                    elif key not in cached and key not in self._stale:
+                        del self._loaded[key]  # evicted by the cache's LRU meanwhile
+        if not static:
+            with self._lock:
+                self._loaded.setdefault(ref.key, (ref, _Loaded(name, path, by_name)))
         return LoRASelection(ref, scale)
 
     def sync(self) -> None:
-        """After a registry change, drop cached adapters whose name is gone, re-pointed or whose files changed."""
+        """Drop older versions of rewritten adapters, and after a registry change, the adapters whose registry
+        name is gone or points elsewhere now (adapters requested by path are not affected)."""
         version = self.registry.version
         with self._lock:
             if version == self._seen_version and not self._stale:
                 return
             if version != self._seen_version:
                 self._seen_version = version
-                for int_id, (name, path, sig) in list(self._loaded.items()):
-                    if name in self.registry.static:
+                for key, (ref, loaded) in self._loaded.items():
+                    if not loaded.by_name:
                         continue
                     try:
-                        current = self.registry.resolve(name).path
+                        current = self.registry.resolve(loaded.name).path
                     except Exception:  # NotFound, or a path now outside the roots
                         current = None
-                    if current != path or _files_signature(path) != sig:
-                        self._stale.add(int_id)
-            for int_id in list(self._stale):
+                    if current != loaded.path:
+                        self._stale.add(key)
+            for key in list(self._stale):
                 try:
-                    self.cache.remove(int_id)
+                    self.cache.remove(key)
                 except Unavailable:
                     continue  # a running batch still uses it: retry at the next sync
-                self._stale.discard(int_id)
-                name, path, _ = self._loaded.pop(int_id, ("?", "?", ()))
-                self.ids.forget(int_id)
-                log.info("LoRA adapter '%s' (%s, id %d) dropped from the cache after a registry change",
-                         name, path, int_id)
+                self._stale.discard(key)
+                ref, loaded = self._loaded.pop(key)
+                if not any(r.int_id == ref.int_id for r, _ in self._loaded.values()):
+                    self.ids.forget(ref.int_id)
+                log.info("LoRA adapter '%s' (%s, id %d) dropped from the cache", loaded.name, loaded.path,
+                         ref.int_id)
 
 
 def select_lora(resolver: AdapterResolver | None, fields: LoRAFields) -> LoRASelection | None:

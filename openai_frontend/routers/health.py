@@ -24,6 +24,12 @@ async def ready(request: Request):
         bases = await request.app.state.catalog.bases(fresh=True)
     except OpenAIError as exc:  # the index call failed: same answer as Triton down
         return JSONResponse({"status": "unavailable", "reason": exc.message}, status_code=503)
+    supervisor = request.app.state.supervisor
+    down = supervisor.snapshot() if supervisor is not None else {}
+    if any(down.values()):  # a model is restarting after its process died, or was given up on
+        return JSONResponse({"status": "unavailable", "reason": "a model is restarting or down",
+                             "models": sorted(n for n in bases if n not in down["restarting"] + down["failed"]),
+                             **down}, status_code=503)
     if not bases:
         return JSONResponse({"status": "unavailable", "reason": "no model is ready"}, status_code=503)
     return {"status": "ready", "models": sorted(bases)}

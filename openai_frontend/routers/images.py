@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends, Request
 
 from openai_frontend.auth import require_api_key
 from openai_frontend.catalog import DIFFUSION
+from openai_frontend.disconnect import unless_disconnected
 from openai_frontend.errors import bad_request
 from openai_frontend.schemas import ImageGenerationRequest
 
@@ -46,7 +47,8 @@ async def generate_images(body: ImageGenerationRequest, request: Request) -> dic
               "guidance_scale": body.guidance_scale, "seed": body.seed, "num_images": body.n}
     app.metrics.activity.start(target.lora_name)
     try:
-        images = await app.gateway.images(target.base.name, fields, target.lora_parameters())
+        images = await unless_disconnected(
+            request, app.gateway.images(target.base.name, fields, target.lora_parameters()))
     finally:
         app.metrics.activity.finish(target.lora_name, started=False)
     app.metrics.images.labels(body.model).inc(len(images.pngs))

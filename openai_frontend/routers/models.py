@@ -7,7 +7,7 @@ import time
 
 from fastapi import APIRouter, Depends, Request
 
-from openai_frontend.auth import require_admin_key, require_api_key
+from openai_frontend.auth import require_api_key, require_model_admin
 from openai_frontend.errors import model_not_found
 
 router = APIRouter()
@@ -46,15 +46,17 @@ async def _lifecycle(request: Request, name: str, load: bool) -> dict:
     if name not in {m.name for m in await gateway.index()}:
         raise model_not_found(name)
     await (gateway.load(name) if load else gateway.unload(name))
+    if request.app.state.supervisor is not None:
+        request.app.state.supervisor.reset(name)  # an operator's reload gives the model a fresh restart budget
     await request.app.state.catalog.bases(fresh=True)
     return {"id": name, "object": "model", "state": "READY" if load else "UNAVAILABLE"}
 
 
-@router.post("/v1/models/{name}/load", dependencies=[Depends(require_admin_key)])
+@router.post("/v1/models/{name}/load", dependencies=[Depends(require_model_admin)])
 async def load_model(name: str, request: Request) -> dict:
     return await _lifecycle(request, name, load=True)
 
 
-@router.post("/v1/models/{name}/unload", dependencies=[Depends(require_admin_key)])
+@router.post("/v1/models/{name}/unload", dependencies=[Depends(require_model_admin)])
 async def unload_model(name: str, request: Request) -> dict:
     return await _lifecycle(request, name, load=False)

@@ -14,6 +14,7 @@ from fastapi.responses import StreamingResponse
 from backends.llm.chat import apply_chat_template, load_tokenizer
 from openai_frontend.auth import require_api_key
 from openai_frontend.catalog import LLM, Target
+from openai_frontend.disconnect import unless_disconnected
 from openai_frontend.errors import OpenAIError, bad_request
 from openai_frontend.schemas import ChatCompletionRequest, CompletionRequest, _Sampling
 from openai_frontend.triton import TextChunk
@@ -61,13 +62,18 @@ async def _generate(request: Request, body: _Sampling, target: Target, fields: d
 
     if not body.stream:
         text, last, started = [], None, False
-        try:
+
+        async def collect() -> None:
+            nonlocal last, started
             async for chunk in chunks:
                 if not started:
                     app.metrics.activity.first_output(adapter)
                     started = True
                 text.append(chunk.text)
                 last = chunk
+
+        try:
+            await unless_disconnected(request, collect())
         finally:
             app.metrics.activity.finish(adapter, started)
         record(last)
@@ -77,7 +83,11 @@ async def _generate(request: Request, body: _Sampling, target: Target, fields: d
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
-    first = await _first(chunks)  # errors before the first token still get a proper status code
+    try:  # errors before the first token still get a proper status code
+        first = await unless_disconnected(request, _first(chunks))
+    except BaseException:
+        app.metrics.activity.finish(adapter, False)
+        raise
 
     async def events() -> AsyncIterator[bytes]:
         last, started = None, False
