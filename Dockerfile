@@ -39,5 +39,7 @@ RUN python3 -m backends.llm.convert \
  && python3 -m scripts.train_demo_adapters \
  && sed -i "s/kind: KIND_CPU/kind: ${INSTANCE_KIND}/" model_repository/*/config.pbtxt
 
-EXPOSE 8000 8001 8002 9000
+# Only the OpenAI frontend listens beyond the container; tritonserver binds to 127.0.0.1 unless
+# MULTILORA_TRITON_HOST=0.0.0.0 and MULTILORA_ADMIN_KEY are set (docs/security.md).
+EXPOSE 9000
 ENTRYPOINT ["python3", "-m", "scripts.serve"]

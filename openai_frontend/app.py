@@ -14,6 +14,7 @@ from backends.lora.registry import AdapterEntry, LoRARegistry, parse_lora_module
 from openai_frontend.auth import require_api_key
 from openai_frontend.catalog import Catalog
 from openai_frontend.config import FrontendConfig
+from openai_frontend.body_limit import BodyLimit
 from openai_frontend.errors import install_handlers
 from openai_frontend.metrics import FrontendMetrics
 from openai_frontend.routers import health, images, lora, models, text
@@ -49,9 +50,7 @@ def create_app(config: FrontendConfig) -> FastAPI:
             await supervisor.stop()
         await gateway.close()
 
-    # max_body_size counts the bytes as they arrive, so chunked bodies without Content-Length are capped too.
-    app = FastAPI(title="multi-LoRA OpenAI-compatible frontend", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  max_body_size=config.max_body_bytes)
+    app = FastAPI(title="multi-LoRA OpenAI-compatible frontend", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.config = config
     app.state.gateway = gateway
     app.state.catalog = Catalog(gateway, registry, config.catalog_ttl_s)
@@ -60,6 +59,9 @@ def create_app(config: FrontendConfig) -> FastAPI:
         interval_s=config.probe_interval_s, max_restarts=config.max_model_restarts,
         window_s=config.restart_window_s)) if config.supervise else None
     install_handlers(app)
+
+    # Innermost (added first): FastAPI's body parsing then sees the 413 raised while it reads the body.
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
 
     @app.middleware("http")
     async def route_metrics(request: Request, call_next):

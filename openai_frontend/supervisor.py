@@ -132,6 +132,21 @@ class Supervisor:
         health = self.health[model]
         backoff = self.config.backoff_s
         while True:
+            try:
+                ready = any(m.name == model and m.state == "READY" for m in await self.gateway.index())
+            except OpenAIError as exc:  # Triton itself is down or restarting: wait for it, no restart counted
+                log.info("model '%s': Triton is unavailable (%s); waiting", model, exc.message)
+                await asyncio.sleep(self.config.interval_s)
+                continue
+            if not ready:  # a dead process leaves its model READY: anything else was unloaded on purpose
+                log.info("model '%s' is not loaded any more; not restarting it", model)
+                self.health.pop(model, None)
+                return
+            bases = await self._bases()
+            if model in bases and await self.probe(bases[model]):  # e.g. Triton was restarted meanwhile
+                health.state, health.reason = OK, ""
+                log.info("model '%s' answers again without a restart", model)
+                return
             now = time.monotonic()
             while health.restarts and now - health.restarts[0] > self.config.window_s:
                 health.restarts.popleft()
@@ -148,14 +163,9 @@ class Supervisor:
                         "%.0f s", model, health.reason, len(health.restarts), self.config.max_restarts,
                         self.config.window_s)
             try:
-                if not any(m.name == model and m.state == "READY" for m in await self.gateway.index()):
-                    # A dead stub leaves its model READY; anything else was unloaded on purpose (or is loading).
-                    log.info("model '%s' is not loaded any more; not restarting it", model)
-                    self.health.pop(model, None)
-                    return
                 await self.gateway.unload(model)
                 await self.gateway.load(model)
-                bases = await self.catalog.bases(fresh=True)
+                bases = await self._bases()
                 if model in bases and await self.probe(bases[model]):
                     health.state, health.reason = OK, ""
                     log.info("model '%s' is serving again, %.1f s after it stopped", model,
@@ -167,3 +177,9 @@ class Supervisor:
             self.gateway.model_died(model, health.reason)
             await asyncio.sleep(backoff)
             backoff *= 2
+
+    async def _bases(self) -> dict:
+        try:
+            return await self.catalog.bases(fresh=True)
+        except OpenAIError:
+            return {}

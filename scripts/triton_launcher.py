@@ -248,6 +248,23 @@ class TritonServer:
             pass
         self.process = None
 
+    def stub_processes(self, model: str) -> list:
+        """The Python-backend stub processes serving `model` (one per instance; their command line names the
+        instance, e.g. `llm_0_0`)."""
+        import psutil
+
+        if self.process is None:
+            return []
+        stubs = []
+        for child in psutil.Process(self.process.pid).children(recursive=True):
+            try:
+                args = child.cmdline()
+            except psutil.Error:
+                continue
+            if any(re.fullmatch(rf"{re.escape(model)}_\d+(_\d+)?", a) for a in args):
+                stubs.append(child)
+        return stubs
+
     def __enter__(self) -> "TritonServer":
         return self.start()
 

@@ -45,9 +45,12 @@ async def _lifecycle(request: Request, name: str, load: bool) -> dict:
     gateway = request.app.state.gateway
     if name not in {m.name for m in await gateway.index()}:
         raise model_not_found(name)
+    supervisor = request.app.state.supervisor
+    if load and supervisor is not None and supervisor.state(name) != "ok":
+        await gateway.unload(name)  # Triton treats loading a loaded model as a no-op, even with a dead process
     await (gateway.load(name) if load else gateway.unload(name))
-    if request.app.state.supervisor is not None:
-        request.app.state.supervisor.reset(name)  # an operator's reload gives the model a fresh restart budget
+    if supervisor is not None:
+        supervisor.reset(name)  # an operator's reload gives the model a fresh restart budget
     await request.app.state.catalog.bases(fresh=True)
     return {"id": name, "object": "model", "state": "READY" if load else "UNAVAILABLE"}
 
