@@ -134,7 +134,11 @@ RESTRICTED_APIS = "model-repository,shared-memory,trace,logging"
 
 def restricted_api_args(triton_host: str, admin_key: str | None) -> list[str]:
     """tritonserver flags that put its admin APIs behind the admin key; exposing Triton without one is refused."""
-    exposed = not ipaddress.ip_address(socket.gethostbyname(triton_host)).is_loopback
+    try:
+        address = ipaddress.ip_address(triton_host)
+    except ValueError:  # a host name
+        address = ipaddress.ip_address(socket.gethostbyname(triton_host))
+    exposed = not address.is_loopback
     if exposed and not admin_key:
         raise ValueError(f"--triton-host {triton_host} exposes tritonserver beyond this machine: set "
                          f"MULTILORA_ADMIN_KEY so that its model-control APIs are restricted (see docs/security.md)")

@@ -96,3 +96,26 @@ def test_dora_pickle_nan_and_missing_files_are_refused(tmp_path, sd3_lora):
         sd3_lora.load(str(pickled))  # a folder without a PEFT config or a .safetensors file
     with pytest.raises(AdapterNotFoundError):
         sd3_lora.load(str(tmp_path / "missing"))
+
+
+def test_batch_plan_leaves_room_for_pinned_adapters():
+    """3 slots, 1 pinned: 3 distinct dynamic adapters must be split into 2 batches. Before: one batch, which then
+    failed as a whole with NoFreeSlot."""
+    from backends.diffusion.generate import DiffusionGenerator, ImageLimits, build_request
+    from backends.lora.resolver import LoRASelection
+
+    loaded = load_pipeline(str(fixtures_dir() / TINY_SD3))
+    lora = PipelineLoRA(loaded, max_loras=3, max_rank=16)
+    cache = LoRACache(lora.context, lambda ref: lora.load(ref.path), max_cpu_loras=4)
+    cache.pin(AdapterRef(1, "pinned", str(A / "tiny-sd3-a")))
+    limits = ImageLimits()
+    generator = DiffusionGenerator(loaded, limits, lora, cache)
+    requests = [build_request(loaded, limits, prompt="a cat", height=32, width=32, steps=1, seed=i,
+                              lora=LoRASelection(AdapterRef(10 + i, f"d{i}", str(A / "tiny-sd3-b")), 1.0))
+                for i in range(3)]
+    plan = generator.plan(requests)
+    assert sorted(len(chunk) for chunk in plan) == [1, 2]
+    for chunk in plan:
+        result = generator.run([requests[j] for j in chunk])
+        assert len(result.images) == len(chunk)
+    assert cache.slots_in_use() == 0
