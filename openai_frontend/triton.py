@@ -261,6 +261,7 @@ class TritonGateway:
 
         async with self._use() as channel:
             dead = self._dead_signal(model)
+            complete = False
             stream = channel.client.stream_infer(requests())
             responses = stream.__aiter__()
             try:
@@ -269,7 +270,8 @@ class TritonGateway:
                         result, error = await self._unless_dead(responses.__anext__(), dead, model)
                     except StopAsyncIteration:
                         break
-                    if error is not None:
+                    if error is not None:  # a final error response: the request is over, nothing to cancel
+                        complete = True
                         raise await self._failed(error, channel, model)
                     final = result.get_response().parameters.get("triton_final_response")
                     is_final = bool(final and final.bool_param)
@@ -282,7 +284,8 @@ class TritonGateway:
                     if is_final:
                         return
             except OpenAIError:
-                stream.cancel()
+                if not complete:  # the model died under it: stop the stream
+                    stream.cancel()
                 raise
             except BaseException as exc:
                 stream.cancel()  # the caller went away (or the transport failed): stop the generation

@@ -152,16 +152,18 @@ async def _raw_grpc(soak: Soak) -> None:
 
     try:
         async with asyncio.timeout(RAW_TIMEOUT):
+            status, message = 503, "stream closed without a final response"
+            # Read to the end of the stream, never break out after the final response: closing a stream whose
+            # request completed makes Triton 2.51 keep the model referenced (its unload then waits 30 s).
             async for result, error in client.stream_infer(requests()):
                 if error is not None:
                     mapped = to_openai_error(error)
-                    soak.record("grpc_stream", mapped.status, started, {200}, mapped.message)
-                    return
+                    status, message = mapped.status, mapped.message
+                    continue
                 final = result.get_response().parameters.get("triton_final_response")
                 if final and final.bool_param:
-                    soak.record("grpc_stream", 200, started, {200})
-                    return
-            soak.record("grpc_stream", 503, started, {200}, "stream closed without a final response")
+                    status, message = 200, ""
+            soak.record("grpc_stream", status, started, {200}, message)
     except TimeoutError:
         soak.record("grpc_stream", "hang", started, {200}, "no final response")
     except Exception as exc:

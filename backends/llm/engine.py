@@ -185,7 +185,7 @@ class LLMEngine:
                      exc_info=exc)
         with self._accept_lock:
             self._dead = exc
-        error = Unavailable(f"the model's engine stopped ({type(exc).__name__}: {exc}); retry after it reloads")
+        error = Unavailable(f"the model's engine stopped ({self.death_reason}); retry after the model reloads")
         for seq in [*self._running, *self._admitting, *self._waiting]:
             self._fail(seq, error)
         self._running, self._admitting, self._batch = [], [], None
@@ -227,8 +227,8 @@ class LLMEngine:
     def _enqueue(self, item: "Sequence | _Call") -> None:
         with self._accept_lock:  # after `_die` took the lock nothing more is queued, so nothing is stranded
             if self._dead is not None:
-                raise Unavailable(f"the model's engine stopped ({type(self._dead).__name__}: {self._dead}); "
-                                  f"retry after the model reloads")
+                raise Unavailable(f"the model's engine stopped ({self.death_reason}); retry after the model "
+                                  f"reloads")
             if self._closed:
                 raise Unavailable("the model is shutting down; retry on another instance")
             self._queue.put(item)
