@@ -137,7 +137,8 @@ class TritonGateway:
         self.url = grpc_url
         self._channel: _Channel | None = None
         # Sent on model-repository calls: Triton restricts that API to this header when scripts/serve exposes it.
-        self._admin_headers = {ADMIN_HEADER: admin_key} if admin_key else None
+        # (Triton 2.51 expects restricted gRPC protocols' headers with the prefix `triton-grpc-protocol-`.)
+        self._admin_headers = {f"triton-grpc-protocol-{ADMIN_HEADER}": admin_key} if admin_key else None
         self._dead: dict[str, asyncio.Future] = {}  # per model: resolved when its process is found dead
         self.on_model_dead: Callable[[str, str], None] | None = None  # the supervisor listens here
 

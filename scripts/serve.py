@@ -145,7 +145,7 @@ def restricted_api_args(triton_host: str, admin_key: str | None) -> list[str]:
     if not admin_key:
         return []
     spec = f"{RESTRICTED_APIS}:{ADMIN_HEADER}={admin_key}"
-    return [f"--http-restricted-api={spec}", f"--grpc-restricted-api={spec}"]
+    return [f"--http-restricted-api={spec}", f"--grpc-restricted-protocol={spec}"]  # the 2.51 names
 
 
 def start_frontend(args: argparse.Namespace, server: TritonServer, env: dict[str, str]) -> subprocess.Popen:

@@ -9,6 +9,7 @@ import time
 
 import httpx
 import psutil
+import pytest
 
 from backends.settings import REPO_ROOT
 from scripts.triton_launcher import free_port
@@ -54,6 +55,11 @@ def test_serve_starts_triton_and_frontend_and_ctrl_c_stops_every_process(tmp_pat
             in (401, 403)
         assert httpx.get(f"http://127.0.0.1:{http}/v2/models/llm/ready").status_code == 200  # still loaded
         assert httpx.post(index, headers={"multilora-admin-key": ADMIN}, timeout=30).status_code == 200
+        import tritonclient.grpc as grpcclient
+        from tritonclient.utils import InferenceServerException
+
+        with pytest.raises(InferenceServerException, match="restricted"):
+            grpcclient.InferenceServerClient(f"127.0.0.1:{grpc}").unload_model("llm")
         models = httpx.get(f"http://127.0.0.1:{frontend}/v1/models", timeout=30)
         assert models.status_code == 200 and "llm" in {m["id"] for m in models.json()["data"]}
 
