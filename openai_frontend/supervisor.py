@@ -20,6 +20,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from backends.protocol import PROBE_PARAMETER
+from openai_frontend.catalog import LLM
 from openai_frontend.errors import OpenAIError
 
 log = logging.getLogger(__name__)
@@ -106,10 +107,7 @@ class Supervisor:
     async def _probe_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.interval_s)
-            try:
-                bases = await self.catalog.bases(fresh=True)
-            except OpenAIError:
-                continue  # Triton itself is down: nothing to restart from here
+            bases = await self._bases()  # none while Triton itself is down: nothing to restart from here
             await asyncio.gather(*(self.probe(base) for name, base in bases.items() if self.state(name) == OK),
                                  return_exceptions=True)
 
@@ -117,7 +115,7 @@ class Supervisor:
         """True when the model answered the probe; a dead model is reported by the gateway on the way."""
         try:
             async with asyncio.timeout(self.config.probe_timeout_s):
-                if base.kind == "llm":
+                if base.kind == LLM:
                     async for _ in self.gateway.generate(base.name, {"text_input": "probe"}, {PROBE_PARAMETER: True}):
                         pass
                 else:

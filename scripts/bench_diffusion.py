@@ -166,7 +166,7 @@ def run_pipeline(name: str, repeats: int) -> tuple[list[dict], list[dict]]:
     for i in range(repeats):  # a fresh id each time: read, validate, convert, copy into a slot
         ref = AdapterRef(1000 + i, "cold", str(paths[4]))
         cold.append(switch_to(cache, ref))
-        cache.remove(ref.int_id)
+        cache.remove(ref.key)
     # One slot: every switch between two host-cached adapters evicts the other from the slot and copies in.
     one_slot_lora = PipelineLoRA(load_pipeline(str(fixtures_dir() / name)), max_loras=1, max_rank=RANK)
     one_slot = LoRACache(one_slot_lora.context, lambda ref: one_slot_lora.load(ref.path), max_cpu_loras=16)

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import threading
 import time
@@ -42,8 +41,7 @@ class AdapterRef:
         batches still running on the old weights keep their slot."""
         if not self.version:
             return self.int_id
-        digest = hashlib.sha256(f"{self.int_id}:{self.version}".encode()).digest()
-        return (int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)) or 1
+        return (hash((self.int_id, self.version)) & ((1 << 63) - 1)) or 1  # ints hash the same in every process
 
 
 @dataclass
@@ -240,17 +238,17 @@ class LoRACache:
         with self._lock:
             self._pinned.discard(int_id)
 
-    def remove(self, int_id: int) -> bool:
+    def remove(self, key: int) -> bool:
         """Drop an adapter (by cache key) from both tiers (unload). Refused while a running batch uses it."""
         with self._lock:
-            if self._in_use[int_id]:
-                raise Unavailable(f"LoRA adapter id {int_id} is in use by a running batch; retry")
-            self._pinned.discard(int_id)
+            if self._in_use[key]:
+                raise Unavailable(f"LoRA adapter (cache key {key}) is in use by a running batch; retry")
+            self._pinned.discard(key)
             found = False
-            if int_id in self._host:
-                self._host_bytes -= self._host.pop(int_id).nbytes
+            if key in self._host:
+                self._host_bytes -= self._host.pop(key).nbytes
                 found = True
-            slot = self._slot_of.pop(int_id, None)
+            slot = self._slot_of.pop(key, None)
             if slot is not None:
                 self.context.clear_slot(slot)
                 self._free_slots.append(slot)

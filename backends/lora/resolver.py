@@ -120,7 +120,7 @@ class AdapterResolver:
         self.cache.check_admissible(ref)
         if self.cache.lookup(ref) is None:  # validate a cold adapter now: a broken one never reaches a batch
             self._run(lambda: self.cache.get(ref))
-            cached = set(self.cache.host_ids())
+            cached = set(self.cache.host_ids()) | set(self.cache.device_ids())
             with self._lock:
                 for key, (old, _) in list(self._loaded.items()):
                     if old.int_id == ref.int_id and key != ref.key:
