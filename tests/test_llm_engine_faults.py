@@ -4,7 +4,6 @@ once, and a request that cannot be admitted neither spins the loop nor outlives 
 
 from __future__ import annotations
 
-import threading
 import time
 
 import psutil
@@ -12,56 +11,17 @@ import pytest
 
 from backends.errors import InternalError, Unavailable
 from backends.llm.chat import apply_chat_template
-from backends.llm.engine import GenerationChunk, LLMEngine
-from backends.llm.params import GenerationRequest, SamplingParams
-from backends.llm.runner import LoRASettings, ModelRunner
+from backends.llm.engine import LLMEngine
+from backends.llm.runner import LoRASettings, ModelRunner, RunnerSettings
 from backends.lora.cache import AdapterRef
 from backends.lora.registry import AdapterEntry
 from backends.lora.resolver import LoRASelection
 from backends.lora.serving import LoRAServingConfig, build_resolver
 from backends.settings import adapters_dir, default_llm_model_path
+from tests.engine_helpers import Collect, request_for as _request
 
 
 STORY = apply_chat_template("Tell me a long story about a dragon.")
-
-
-class Collect:
-    """An OutputSink that records what the engine sends."""
-
-    def __init__(self) -> None:
-        self.chunks: list[GenerationChunk] = []
-        self.error: Exception | None = None
-        self.finished = threading.Event()
-        self.first = threading.Event()
-        self.cancelled = False
-        self.after_final = 0
-
-    def send(self, chunk: GenerationChunk, final: bool) -> None:
-        if self.finished.is_set():
-            self.after_final += 1
-        self.chunks.append(chunk)
-        self.first.set()
-        if final:
-            self.finished.set()
-
-    def fail(self, error: Exception) -> None:
-        if self.finished.is_set():
-            self.after_final += 1
-        self.error = error
-        self.finished.set()
-
-    def is_cancelled(self) -> bool:
-        return self.cancelled
-
-    def wait(self, timeout: float = 60) -> "Collect":
-        assert self.finished.wait(timeout), "no final response"
-        return self
-
-
-def _request(engine: LLMEngine, text: str, max_tokens: int = 4, stream: bool = False, lora=None):
-    request = GenerationRequest("t", text, SamplingParams(max_tokens=max_tokens, temperature=0.0), stream=stream,
-                                lora=lora)
-    return engine.prepare(request)
 
 
 class Dies(BaseException):
@@ -85,7 +45,8 @@ class Observer:
 
 @pytest.fixture(scope="module")
 def runner():
-    return ModelRunner(default_llm_model_path(), lora=LoRASettings(max_loras=1, max_rank=16))
+    return ModelRunner(default_llm_model_path(), lora=LoRASettings(max_loras=1, max_rank=16),
+                       settings=RunnerSettings(max_model_len=1024, max_num_seqs=8))
 
 
 def _engine(runner, observer=None, pinned: bool = False) -> LLMEngine:

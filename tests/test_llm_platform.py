@@ -101,7 +101,7 @@ BAD_INPUTS = {
     "max_tokens zero": (dict(text_input="hi", max_tokens=0), r"max_tokens must be at least 1, got 0"),
     "max_tokens negative": (dict(text_input="hi", max_tokens=-5), r"max_tokens must be at least 1, got -5"),
     "max_tokens above context": (
-        dict(text_input="hi", max_tokens=9000), r"maximum context length is 8192 tokens.*9001 tokens"
+        dict(text_input="hi", max_tokens=9000), r"maximum context length is 2048 tokens.*9001 tokens"
     ),
     "negative temperature": (dict(text_input="hi", temperature=-0.5), r"temperature must be .*>= 0, got -0.5"),
     "top_p zero": (dict(text_input="hi", top_p=0.0), r"top_p must be in \(0, 1\], got 0.0"),

@@ -23,15 +23,11 @@ from backends.errors import BackendError
 from backends.lora.metrics import TritonLoRAMetrics
 from backends.lora.resolver import select_lora
 from backends.lora.serving import LoRAServingConfig, build_resolver
+from backends.model_params import param_int
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def _optional_int(params: dict[str, str], key: str, default: int | None) -> int | None:
-    raw = (params.get(key) or "").strip()
-    return int(raw) if raw else default
 
 
 class _Metrics:
@@ -68,11 +64,11 @@ class TritonDiffusionModel:
         defaults = ImageLimits()
         guidance = (params.get("default_guidance_scale") or "").strip()
         self.limits = ImageLimits(
-            max_image_size=_optional_int(params, "max_image_size", defaults.max_image_size),
-            max_inference_steps=_optional_int(params, "max_inference_steps", defaults.max_inference_steps),
-            max_num_images=_optional_int(params, "max_num_images", defaults.max_num_images),
-            max_batch_rows=_optional_int(params, "max_batch_rows", defaults.max_batch_rows),
-            default_inference_steps=_optional_int(params, "default_inference_steps", None),
+            max_image_size=param_int(params, "max_image_size", defaults.max_image_size),
+            max_inference_steps=param_int(params, "max_inference_steps", defaults.max_inference_steps),
+            max_num_images=param_int(params, "max_num_images", defaults.max_num_images),
+            max_batch_rows=param_int(params, "max_batch_rows", defaults.max_batch_rows),
+            default_inference_steps=param_int(params, "default_inference_steps", None),
             default_guidance_scale=float(guidance) if guidance else None,
         )
         lora = LoRAServingConfig.from_parameters(params)

@@ -3,7 +3,7 @@
 Every step the engine admits waiting requests (see `scheduler.py`), prefills the new ones in one left-padded
 forward, then decodes one token for every running sequence in one batched forward with mixed LoRA adapters. Each
 row samples with its own parameters and generator, streams its text, and leaves the batch as soon as it finishes
-or its client cancels (its KV rows and LoRA slot are freed at once).
+or its client cancels (its KV-cache slot and LoRA slot are freed at once, nobody else's cache moves).
 
 Failures are contained: an error while prefilling fails the requests being admitted, an error while decoding
 fails the running batch, a row with non-finite logits fails alone; each gets one final error response and gives
@@ -19,14 +19,13 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Protocol, TypeVar
 
 import torch
 
 from backends.errors import InternalError, Unavailable
 from backends.llm.detokenizer import IncrementalDetokenizer
-from backends.llm.kv_cache import KVBatch
 from backends.llm.params import GenerationRequest, SamplingParams, check_context_length
 from backends.llm.runner import ModelRunner, RowLoRA
 from backends.llm.sampling import make_generator, sample_next_tokens
@@ -73,11 +72,12 @@ class EngineObserver(Protocol):
 class Sequence:
     """One request's generation state."""
 
-    def __init__(self, request: GenerationRequest, sink: OutputSink, tokenizer, eos_token_ids: set[int]):
+    def __init__(self, request: GenerationRequest, sink: OutputSink, tokenizer, eos_token_ids: set[int],
+                 device: torch.device):
         self.request = request
         self.sink = sink
         self.params: SamplingParams = request.params
-        self.generator = make_generator(self.params.seed)
+        self.generator = None if self.params.greedy else make_generator(self.params.seed, device)
         self.detok = IncrementalDetokenizer(tokenizer, self.params.stop)
         self.eos_token_ids = eos_token_ids
         self.output_ids: list[int] = []
@@ -87,6 +87,8 @@ class Sequence:
         self.adapter_key = request.lora.ref.key if request.lora else None
         self.bypassed_steps = 0
         self.row_lora = RowLoRA()
+        self.kv_slot = -1  # its KV-cache slot while admitted
+        self.cached = 0  # tokens in that slot = the position of the next token fed to the model
         self.started = time.monotonic()
         self.error: Exception | None = None  # set when this row failed; the engine retires it with the error
         self.done = False  # the final response (or error) was sent: nothing more may go to the sink
@@ -134,7 +136,6 @@ class LLMEngine:
         self,
         setup: Callable[["LLMEngine"], tuple[ModelRunner, LoRACache | None]],
         default_max_tokens: int = 256,
-        max_model_len: int | None = None,
         observer: EngineObserver | None = None,
         limits: SchedulerLimits = SchedulerLimits(),
         load_timeout: float = 600.0,
@@ -146,13 +147,11 @@ class LLMEngine:
         parallel regions, every forward on the engine thread runs ~1.6x slower (each thread gets its own OpenMP
         pool and they fight over the cores). Other threads hand their torch work over with `call`."""
         self.default_max_tokens = default_max_tokens
-        self._requested_max_len = max_model_len
         self._limits = limits
         self._observer = observer
         self._queue: queue.Queue[Sequence | _Call | None] = queue.Queue()
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []
-        self._batch: KVBatch | None = None
         self._closed = False
         self._dead: BaseException | None = None  # why the engine thread stopped serving, once it has
         self._on_dead = on_dead
@@ -168,8 +167,10 @@ class LLMEngine:
         torch.set_grad_enabled(False)
         try:
             self.runner, self.lora_cache = setup(self)
-            self.max_model_len = min(self._requested_max_len or self.runner.max_model_len, self.runner.max_model_len)
+            self.max_model_len = self.runner.max_model_len
             fits = self.lora_cache.fits if self.lora_cache else (lambda adapters: not adapters)
+            # A running sequence holds a KV slot: the budget may allow fewer than max_num_seqs; the rest wait.
+            self._limits = replace(self._limits, max_num_seqs=min(self._limits.max_num_seqs, self.runner.kv.num_slots))
             self.scheduler = Scheduler(self._limits, fits)
         except BaseException as exc:
             self._setup_done.set_exception(exc)
@@ -188,7 +189,7 @@ class LLMEngine:
         error = Unavailable(f"the model's engine stopped ({self.death_reason}); retry after the model reloads")
         for seq in [*self._running, *self._admitting, *self._waiting]:
             self._fail(seq, error)
-        self._running, self._admitting, self._batch = [], [], None
+        self._running, self._admitting = [], []
         self._waiting.clear()
         self._drain(error)
         if self._on_dead is not None:
@@ -243,7 +244,7 @@ class LLMEngine:
     def submit(self, request: GenerationRequest, sink: OutputSink) -> None:
         if request.lora and self.lora_cache is None:
             raise Unavailable("LoRA is disabled for this model (max_loras is 0)")
-        self._enqueue(Sequence(request, sink, self.runner.tokenizer, self.runner.eos_token_ids))
+        self._enqueue(Sequence(request, sink, self.runner.tokenizer, self.runner.eos_token_ids, self.runner.device))
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._closed = True
@@ -259,12 +260,8 @@ class LLMEngine:
 
     def _observe_queue(self) -> None:
         if self._observer:
-            # KV-cache use: cached token positions of the running batch (padding included) over what the limits
-            # allow at most, max_num_seqs x max_model_len (the buffers grow on demand up to that).
-            used = self._batch.size * self._batch.length if self._batch is not None else 0
-            capacity = self._limits.max_num_seqs * (getattr(self, "max_model_len", 0) or 1)
             self._observer.on_queue(len(self._waiting) + self._queue.qsize(), len(self._running),
-                                    min(1.0, used / capacity))
+                                    self.runner.kv.usage)
             if self.lora_cache is not None:
                 self._observer.on_lora(self.lora_cache.stats(), self.lora_cache.slots_in_use(),
                                        len(self.lora_cache.host_ids()), self.lora_cache.max_loras)
@@ -299,7 +296,7 @@ class LLMEngine:
                 error = InternalError(f"generation failed: {type(exc).__name__}: {exc}")
                 for seq in involved:
                     self._fail(seq, error)
-                self._running, self._admitting, self._batch = [], [], None
+                self._running, self._admitting = [], []
             self._report_queue()
         with self._accept_lock:
             self._closed = True
@@ -316,39 +313,43 @@ class LLMEngine:
         self._stalled = bool(self._waiting) and not admitted and not self._running
         if admitted:
             try:
-                logits, new_batch = self.runner.prefill(
-                    [s.request.prompt_token_ids for s in admitted], [s.row_lora for s in admitted]
-                )
+                logits = self.runner.prefill([s.request.prompt_token_ids for s in admitted],
+                                             [s.kv_slot for s in admitted], [s.row_lora for s in admitted])
             except Exception as exc:  # only the new requests fail; the running batch goes on
                 log.exception("prefill of %d requests failed", len(admitted))
                 error = InternalError(f"prefill failed: {type(exc).__name__}: {exc}")
                 for seq in admitted:
                     self._fail(seq, error)
             else:
+                for seq in admitted:
+                    seq.cached = seq.num_prompt_tokens
                 self._sample(admitted, logits)
-                if self._batch is None:
-                    self._batch = new_batch
-                else:
-                    self._batch.concat(new_batch)
                 self._running.extend(admitted)
             self._admitting = []
             self._retire()
         if self._running:
-            logits = self.runner.decode(
-                self._batch, [s.last_token for s in self._running], [s.row_lora for s in self._running]
-            )
-            self._sample(self._running, logits)
+            running = self._running
+            logits = self.runner.decode([s.kv_slot for s in running], [s.last_token for s in running],
+                                        [s.cached for s in running], [s.row_lora for s in running])
+            for seq in running:
+                seq.cached += 1
+            self._sample(running, logits)
             self._retire()
 
     def _admit(self) -> list[Sequence]:
         chosen = self.scheduler.admit(self._waiting, self._running)
         admitted = []
         for seq in chosen:
+            seq.kv_slot = self.runner.kv.allocate()
+            if seq.kv_slot is None:  # the scheduler's limit keeps this from happening; never overrun the cache
+                seq.kv_slot = -1
+                break
             lora = seq.request.lora
             if lora is not None:
                 try:
                     slot = self.lora_cache.acquire([lora.ref])[0]
                 except NoFreeSlot:
+                    self._release(seq)
                     continue  # slots pinned elsewhere; it stays waiting
                 except Exception as exc:  # e.g. the adapter file vanished since validation
                     self._waiting.remove(seq)
@@ -384,15 +385,13 @@ class LLMEngine:
                 keep.append(row)
             else:
                 self._finish(seq, seq.finish_reason)
-        if len(keep) == len(self._running):
-            return
-        self._running = [self._running[i] for i in keep]
-        if keep:
-            self._batch.keep(keep)
-        else:
-            self._batch = None
+        if len(keep) != len(self._running):
+            self._running = [self._running[i] for i in keep]
 
     def _release(self, seq: Sequence) -> None:
+        if seq.kv_slot >= 0:
+            self.runner.kv.free(seq.kv_slot)
+            seq.kv_slot = -1
         if seq.row_lora.slot >= 0:
             self.lora_cache.release([seq.request.lora.ref])
             seq.row_lora = RowLoRA()

@@ -1,132 +1,198 @@
-"""KV cache for a continuously changing batch of sequences: left-padded rows in growable per-layer buffers.
+"""KV cache of the running sequences: one preallocated slot per sequence, sized once within a memory budget.
 
-Rows are right-aligned (each sequence's tokens end at the same column) so one decode step appends one column for
-the whole batch. An attention mask marks the left padding; positions come from the mask, so every row sees exactly
-its own tokens at its own positions. Buffers grow in chunks (no per-step `torch.cat` of the whole cache), rows
-leave with `keep` (which also drops columns that became padding for every remaining row, freeing their memory)
-and join with `concat`.
+Every layer owns `keys`/`values` buffers `[num_slots, kv_heads, max_model_len, head_dim]`, allocated (zeroed) at
+load and never reallocated. A sequence takes the lowest free slot when it is admitted and gives it back when it
+finishes: nobody else's cache is copied on join or leave, and the decode step's tensors are views with fixed
+addresses, which is what a CUDA graph needs. Each sequence's tokens sit at columns `0..len-1` of its slot, so its
+positions are plain column numbers (no left padding during decode).
+
+Decode runs the slot prefix `[0, hi)` as the batch, row r = slot r: the K/V views are `buffer[:hi, :, :width]`,
+no gather. A free slot inside the prefix becomes a dummy row (it attends to column 0 of its own slot and its
+output is dropped); the lowest-free-first policy refills such holes with the next admitted request.
+
+Why slots and not pages: a paged cache (vLLM's block tables) wastes less memory on short sequences, but attention
+must then read K/V through the block table, which needs a paged-attention kernel; Hugging Face attention (eager
+or SDPA, the path on CPU and for any model family) wants each row's K/V contiguous. A slot per sequence keeps the
+stock attention, bounded memory and capturable decode; the cost is that every slot reserves `max_model_len`
+tokens, so the budget holds fewer long-context sequences than pages would (docs/llm_engine.md).
 """
 
 from __future__ import annotations
 
+import heapq
+import logging
+from dataclasses import dataclass
+from typing import Sequence
+
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-GROW_TOKENS = 64  # spare columns allocated at a time: one buffer copy per 64 decode steps
+log = logging.getLogger(__name__)
+
+MiB = 1 << 20
 
 
-class PaddedLayer(DynamicLayer):
-    """One attention layer's keys/values in `[batch, heads, capacity, head_dim]` buffers; `[..., :length, :]` live."""
+@dataclass(frozen=True)
+class KVShape:
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
 
-    def __init__(self) -> None:
+    @classmethod
+    def of(cls, config, dtype: torch.dtype) -> "KVShape":
+        heads = int(config.num_attention_heads)
+        head_dim = getattr(config, "head_dim", None) or int(config.hidden_size) // heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        return cls(int(config.num_hidden_layers), int(kv_heads), int(head_dim), dtype)
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Keys and values of one token in every layer."""
+        return self.num_layers * 2 * self.kv_heads * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
+
+
+def plan_num_slots(shape: KVShape, max_model_len: int, max_num_seqs: int, budget_bytes: int) -> int:
+    """How many sequences of up to `max_model_len` tokens the budget holds (at most `max_num_seqs`)."""
+    per_seq = shape.bytes_per_token * max_model_len
+    slots = min(max_num_seqs, budget_bytes // per_seq)
+    if slots < 1:
+        raise ValueError(
+            f"the KV-cache budget of {budget_bytes / MiB:.1f} MiB cannot hold one sequence of max_model_len="
+            f"{max_model_len} tokens: that needs {per_seq / MiB:.1f} MiB ({shape.bytes_per_token} bytes per token); "
+            f"raise kv_cache_memory_bytes or lower max_model_len"
+        )
+    return int(slots)
+
+
+class _SlotLayer(DynamicLayer):
+    """What one attention layer sees of the slot buffers during a forward (prefill or decode)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, view):
         super().__init__()
-        self.length = 0
-        self._k: torch.Tensor | None = None
-        self._v: torch.Tensor | None = None
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.device = key_states.device
+        self._buffers = (keys, values)
+        self._view = view
         self.is_initialized = True
 
-    def _set(self, k: torch.Tensor, v: torch.Tensor, length: int) -> None:
-        self._k, self._v, self.length = k, v, length
-        self.keys, self.values = k[:, :, :length], v[:, :, :length]
-
-    def _reserve(self, need: int, like: torch.Tensor, like_v: torch.Tensor) -> None:
-        if self._k is not None and need <= self._k.shape[2]:
-            return
-        b, h, _, d = like.shape
-        k = like.new_zeros(b, h, need + GROW_TOKENS, d)
-        v = like_v.new_zeros(b, h, need + GROW_TOKENS, like_v.shape[-1])
-        if self._k is not None and self.length:
-            k[:, :, : self.length] = self._k[:, :, : self.length]
-            v[:, :, : self.length] = self._v[:, :, : self.length]
-        self._set(k, v, self.length)
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        pass
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        t = key_states.shape[-2]
-        self._reserve(self.length + t, key_states, value_states)
-        self._k[:, :, self.length : self.length + t] = key_states
-        self._v[:, :, self.length : self.length + t] = value_states
-        self._set(self._k, self._v, self.length + t)
-        return self.keys, self.values
+        return self._view.update(self._buffers, key_states, value_states)
 
     def get_seq_length(self) -> int:
-        return self.length
-
-    def reset(self) -> None:
-        self._k = self._v = None
-        self.length = 0
-        super().reset()
-
-    def take(self, rows: torch.Tensor, first_col: int) -> None:
-        """Keep `rows` and the columns from `first_col` on, in fresh buffers (the old memory is released)."""
-        n = self.length - first_col
-        k = self._k.new_zeros(len(rows), self._k.shape[1], n + GROW_TOKENS, self._k.shape[3])
-        v = self._v.new_zeros(len(rows), self._v.shape[1], n + GROW_TOKENS, self._v.shape[3])
-        k[:, :, :n] = self._k.index_select(0, rows)[:, :, first_col : self.length]
-        v[:, :, :n] = self._v.index_select(0, rows)[:, :, first_col : self.length]
-        self._set(k, v, n)
-
-    @staticmethod
-    def joined(a: "PaddedLayer", b: "PaddedLayer") -> "PaddedLayer":
-        """Rows of `a` then rows of `b`, right-aligned to the longer of the two (the shorter padded on the left)."""
-        n = max(a.length, b.length)
-        rows = a._k.shape[0] + b._k.shape[0]
-        k = a._k.new_zeros(rows, a._k.shape[1], n + GROW_TOKENS, a._k.shape[3])
-        v = a._v.new_zeros(rows, a._v.shape[1], n + GROW_TOKENS, a._v.shape[3])
-        for src, start in ((a, 0), (b, a._k.shape[0])):
-            end = start + src._k.shape[0]
-            k[start:end, :, n - src.length : n] = src._k[:, :, : src.length]
-            v[start:end, :, n - src.length : n] = src._v[:, :, : src.length]
-        out = PaddedLayer()
-        out.device, out.is_initialized = a.device, True
-        out._set(k, v, n)
-        return out
+        return 0
 
 
-class PaddedKVCache(Cache):
-    def __init__(self, num_layers: int):
-        super().__init__(layers=[PaddedLayer() for _ in range(num_layers)])
+class _PrefillWrite:
+    """Left-padded prompts [n, heads, width, dim]: each row's real tokens go to its slot's first columns; the
+    prompts attend only to themselves, so the layer returns the new states unchanged."""
+
+    def __init__(self, slots: Sequence[int], lengths: Sequence[int], width: int, device: torch.device):
+        rows, src, dst_slot, dst_col = [], [], [], []
+        for row, (slot, n) in enumerate(zip(slots, lengths)):
+            rows += [row] * n
+            src += range(width - n, width)
+            dst_slot += [slot] * n
+            dst_col += range(n)
+        as_t = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
+        self.rows, self.src, self.dst_slot, self.dst_col = as_t(rows), as_t(src), as_t(dst_slot), as_t(dst_col)
+
+    def update(self, buffers, key_states, value_states):
+        for buf, new in zip(buffers, (key_states, value_states)):
+            # [tokens, heads, dim] on both sides: one scatter per layer for the whole prefill.
+            buf[self.dst_slot, :, self.dst_col] = new[self.rows, :, self.src]
+        return key_states, value_states
 
 
-class KVBatch:
-    """The KV cache of the running sequences plus their attention mask `[rows, length]` (1 = real token)."""
+class _DecodeWrite:
+    """One new token per row r of the slot prefix, written at column positions[r]; attention reads the prefix's
+    first `width` columns in place."""
 
-    def __init__(self, cache: PaddedKVCache, mask: torch.Tensor):
-        self.cache = cache
-        self.mask = mask
+    def __init__(self, rows: torch.Tensor, positions: torch.Tensor, width: int):
+        self.rows, self.positions, self.width = rows, positions, width
+
+    def update(self, buffers, key_states, value_states):
+        n = self.rows.shape[0]
+        out = []
+        for buf, new in zip(buffers, (key_states, value_states)):
+            buf[self.rows, :, self.positions] = new[:, :, 0]
+            out.append(buf[:n, :, : self.width])
+        return out[0], out[1]
+
+
+class SlotKVCache:
+    def __init__(self, shape: KVShape, num_slots: int, max_model_len: int, device: torch.device | str):
+        self.shape, self.num_slots, self.max_model_len = shape, num_slots, max_model_len
+        self.device = torch.device(device)
+        dims = (num_slots, shape.kv_heads, max_model_len, shape.head_dim)
+        # Zeroed, not empty: masked columns get weight exactly 0, and 0 * NaN from stale memory would be NaN.
+        self.keys = [torch.zeros(dims, dtype=shape.dtype, device=self.device) for _ in range(shape.num_layers)]
+        self.values = [torch.zeros(dims, dtype=shape.dtype, device=self.device) for _ in range(shape.num_layers)]
+        self._free = list(range(num_slots))  # a heap: the lowest free slot goes first, keeping the prefix dense
+        self._used: set[int] = set()
 
     @property
-    def size(self) -> int:
-        return self.mask.shape[0]
+    def nbytes(self) -> int:
+        return self.num_slots * self.max_model_len * self.shape.bytes_per_token
 
     @property
-    def length(self) -> int:
-        return self.mask.shape[1]
+    def num_free(self) -> int:
+        return len(self._free)
 
-    def next_positions(self) -> torch.Tensor:
-        """[rows, 1]: the position of each row's next token = how many real tokens it has."""
-        return self.mask.sum(-1, keepdim=True)
+    @property
+    def usage(self) -> float:
+        """Share of the allocated cache reserved by running sequences (each holds a whole slot)."""
+        return len(self._used) / self.num_slots
 
-    def mask_with_new_column(self) -> torch.Tensor:
-        return torch.cat([self.mask, self.mask.new_ones(self.size, 1)], dim=1)
+    @property
+    def prefix(self) -> int:
+        """Rows a decode step runs: every slot up to the highest one in use."""
+        return max(self._used) + 1 if self._used else 0
 
-    def keep(self, rows: list[int]) -> None:
-        """Drop every other row; columns that are padding for all remaining rows go too."""
-        index = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
-        mask = self.mask.index_select(0, index)
-        real_cols = torch.nonzero(mask.any(0)).reshape(-1)
-        first = int(real_cols[0]) if real_cols.numel() else mask.shape[1]
-        for layer in self.cache.layers:
-            layer.take(index, first)
-        self.mask = mask[:, first:].contiguous()
+    def allocate(self) -> int | None:
+        if not self._free:
+            return None
+        slot = heapq.heappop(self._free)
+        self._used.add(slot)
+        return slot
 
-    def concat(self, other: "KVBatch") -> None:
-        """Append `other`'s rows (newly prefilled sequences) after this batch's rows."""
-        self.cache.layers = [PaddedLayer.joined(a, b) for a, b in zip(self.cache.layers, other.cache.layers)]
-        n = max(self.length, other.length)
-        pad = lambda m: torch.nn.functional.pad(m, (n - m.shape[1], 0))  # noqa: E731
-        self.mask = torch.cat([pad(self.mask), pad(other.mask)], dim=0)
+    def free(self, slot: int) -> None:
+        if slot in self._used:
+            self._used.remove(slot)
+            heapq.heappush(self._free, slot)
+
+    def _cache(self, view) -> Cache:
+        return Cache(layers=[_SlotLayer(k, v, view) for k, v in zip(self.keys, self.values)])
+
+    def prefill_view(self, slots: Sequence[int], lengths: Sequence[int], width: int) -> Cache:
+        return self._cache(_PrefillWrite(slots, lengths, width, self.device))
+
+    def decode_view(self, rows: torch.Tensor, positions: torch.Tensor, width: int) -> Cache:
+        """rows/positions: [n] device tensors (row r = slot r); attention sees columns [0, width)."""
+        return self._cache(_DecodeWrite(rows, positions, width))
+
+
+def prefill_mask(lengths: Sequence[int], width: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """Additive [n, 1, width, width] causal mask over left-padded prompts. A padding query attends to itself only,
+    so no softmax row is empty (an all-masked row would be NaN); its output is never read."""
+    n = len(lengths)
+    col = torch.arange(width, device=device)
+    real = col.unsqueeze(0) >= (width - torch.tensor(lengths, device=device)).unsqueeze(1)  # [n, width]
+    causal = col.view(1, -1) <= col.view(-1, 1)  # [q, k]
+    allowed = causal.unsqueeze(0) & real.unsqueeze(1)  # real keys at or before the query
+    allowed |= torch.eye(width, dtype=torch.bool, device=device).unsqueeze(0)
+    return _additive(allowed.view(n, 1, width, width), dtype)
+
+
+def decode_mask_into(out: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Fill the additive [n, 1, 1, width] mask in place: row r sees columns 0..positions[r]."""
+    col = torch.arange(out.shape[-1], device=out.device)
+    allowed = col.view(1, -1) <= positions.view(-1, 1)
+    out.copy_(_additive(allowed, out.dtype).view_as(out))
+    return out
+
+
+def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)

@@ -1,7 +1,9 @@
-"""The model side of generation: load the causal LM and tokenizer, run batched prefill and decode forwards.
+"""The model side of generation: load the causal LM, size its KV cache, run prefill and decode forwards.
 
-Sequences of a batch are left-padded into one `KVBatch`; each row carries its own LoRA slot and scale through
-the shared `LoRAContext` of the patched model (rows without an adapter run the exact base computation).
+Each sequence owns a slot of the `SlotKVCache`; prefill writes new prompts into their slots, decode appends one
+token per slot. Each row carries its own LoRA slot and scale through the shared `LoRAContext` of the patched model
+(rows without an adapter run the exact base computation). On CUDA the decode step replays CUDA graphs captured at
+load per batch-size bucket (`DecodeGraphs`); elsewhere, or with `enforce_eager`, it runs eagerly.
 """
 
 from __future__ import annotations
@@ -12,18 +14,61 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import psutil
 import torch
 
-from backends.llm.kv_cache import KVBatch, PaddedKVCache
+from backends.llm.kv_cache import MiB, KVShape, SlotKVCache, decode_mask_into, plan_num_slots, prefill_mask
+from backends.lora.cuda_graphs import GraphedLoRAForward
 from backends.lora.patch import LoRAContext, patch_model
+from backends.model_params import param_bool, param_float, param_int
 
 log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# On CPU, without an explicit budget: at most this, and at most half the memory available at load.
+CPU_KV_CACHE_BYTES = 4 << 30
+GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 
 @dataclass(frozen=True)
 class LoRASettings:
     max_loras: int = 16  # device slots = distinct adapters in one step
     max_rank: int = 16
+
+
+@dataclass(frozen=True)
+class RunnerSettings:
+    dtype: str = "auto"  # auto = bfloat16 on a GPU that has it (else float16), float32 on CPU
+    max_model_len: int | None = None  # None = the model's max_position_embeddings
+    max_num_seqs: int = 32  # KV slots wanted; the budget may allow fewer
+    kv_cache_memory_bytes: int | None = None  # None: CPU min(4 GiB, half the free RAM); GPU see below
+    gpu_memory_utilization: float = 0.9  # share of the GPU this model may fill (weights, KV, graphs)
+    enforce_eager: bool = False  # no CUDA graphs
+    cuda_graphs: bool | None = None  # None = on CUDA unless enforce_eager; True forces capture (tests)
+    max_graph_batch: int = 64  # largest captured decode batch; larger batches run eagerly
+
+    @classmethod
+    def from_parameters(cls, params: dict[str, str]) -> "RunnerSettings":
+        """Model parameters of the same names (empty = default)."""
+        d = cls()
+        settings = cls(
+            dtype=(params.get("dtype") or "").strip() or d.dtype,
+            max_model_len=param_int(params, "max_model_len", d.max_model_len),
+            max_num_seqs=param_int(params, "max_num_seqs", d.max_num_seqs),
+            kv_cache_memory_bytes=param_int(params, "kv_cache_memory_bytes", d.kv_cache_memory_bytes),
+            gpu_memory_utilization=param_float(params, "gpu_memory_utilization", d.gpu_memory_utilization),
+            enforce_eager=param_bool(params, "enforce_eager", d.enforce_eager),
+            max_graph_batch=param_int(params, "max_graph_batch", d.max_graph_batch),
+        )
+        if settings.max_num_seqs < 1:
+            raise ValueError(f"model parameter 'max_num_seqs' must be >= 1, got {settings.max_num_seqs}")
+        if settings.kv_cache_memory_bytes is not None and settings.kv_cache_memory_bytes < 1:
+            raise ValueError(f"model parameter 'kv_cache_memory_bytes' must be positive, got "
+                             f"{settings.kv_cache_memory_bytes}")
+        if not 0 < settings.gpu_memory_utilization <= 1:
+            raise ValueError(f"model parameter 'gpu_memory_utilization' must be in (0, 1], got "
+                             f"{settings.gpu_memory_utilization}")
+        return settings
 
 
 @dataclass(frozen=True)
@@ -34,9 +79,26 @@ class RowLoRA:
     scale: float = 0.0
 
 
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The `dtype` model parameter on this device; a clear ValueError for unknown or unsupported ones."""
+    key = (name or "auto").strip().lower()
+    key = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}.get(key, key)
+    if key == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if key not in DTYPES:
+        raise ValueError(f"dtype {name!r} is not one of auto, {', '.join(DTYPES)}")
+    if device.type == "cpu" and key == "float16":
+        raise ValueError("dtype float16 is not supported on CPU (slow and inexact there); use float32 or bfloat16")
+    if device.type == "cuda" and key == "bfloat16" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"dtype bfloat16 is not supported by {torch.cuda.get_device_name(device)}; use float16")
+    return DTYPES[key]
+
+
 class ModelRunner:
-    def __init__(self, model_path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                 lora: LoRASettings | None = LoRASettings()):
+    def __init__(self, model_path: str | Path, device: str = "cpu", lora: LoRASettings | None = LoRASettings(),
+                 settings: RunnerSettings = RunnerSettings()):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         path = Path(model_path)
@@ -47,26 +109,39 @@ class ModelRunner:
             )
         started = time.monotonic()
         self.device = torch.device(device)
+        self.dtype = resolve_dtype(settings.dtype, self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(path)  # engine thread: detokenising
         # Triton's execute thread encodes prompts while the engine thread decodes: a fast tokenizer shared between
         # threads can fail with "Already borrowed", so each side has its own.
         self._prompt_tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(self.device).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype).to(self.device).eval()
         config = self.model.config.get_text_config(decoder=True)
         layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
         if layer_types != {"full_attention"}:
             raise ValueError(f"{path}: only full-attention decoder models are supported, this one has {layer_types}")
-        self.num_layers = int(config.num_hidden_layers)
         self.model_path = path
-        self.max_model_len = int(getattr(config, "max_position_embeddings", 2048))
+        model_len = int(getattr(config, "max_position_embeddings", 2048))
+        if settings.max_model_len is not None and not 1 <= settings.max_model_len <= model_len:
+            raise ValueError(f"max_model_len {settings.max_model_len} must be in 1..{model_len} (the model's "
+                             f"max_position_embeddings)")
+        self.max_model_len = settings.max_model_len or model_len
         self.eos_token_ids = self._eos_ids()
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.lora: LoRAContext | None = None
         if lora is not None:
             self.lora = patch_model(self.model, lora.max_loras, lora.max_rank, model_name=str(path))
+        loaded = time.monotonic() - started
+        self.kv = self._allocate_kv(KVShape.of(config, self.dtype), settings)
+        self.graphs: GraphedLoRAForward | None = None
+        if settings.cuda_graphs or (settings.cuda_graphs is None and self.device.type == "cuda"
+                                    and not settings.enforce_eager):
+            self.graphs = self._capture(settings.max_graph_batch)
         log.info(
-            "loaded %s on %s in %.1f s (context %d, eos %s, LoRA %s)",
-            path, self.device, time.monotonic() - started, self.max_model_len, sorted(self.eos_token_ids), lora,
+            "loaded %s on %s (%s) in %.1f s: context %d, KV cache %d slots (%.0f MiB), decode %s, eos %s, LoRA %s",
+            path, self.device, str(self.dtype).removeprefix("torch."), loaded, self.max_model_len,
+            self.kv.num_slots, self.kv.nbytes / MiB,
+            f"CUDA graphs for batches {self.graphs.buckets}" if self.graphs else "eager",
+            sorted(self.eos_token_ids), lora,
         )
 
     def _eos_ids(self) -> set[int]:
@@ -77,6 +152,22 @@ class ModelRunner:
             elif source:
                 ids.update(source)
         return ids
+
+    def _allocate_kv(self, shape: KVShape, settings: RunnerSettings) -> SlotKVCache:
+        need = settings.max_num_seqs * self.max_model_len * shape.bytes_per_token
+        budget = settings.kv_cache_memory_bytes
+        if budget is None and self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            # What this process may still take under the utilisation cap, less headroom for activations and graphs.
+            allowed = int(total * settings.gpu_memory_utilization) - (total - free)
+            budget = min(need, max(0, allowed - max(1 << 30, total // 20)))
+        elif budget is None:
+            budget = min(need, CPU_KV_CACHE_BYTES, psutil.virtual_memory().available // 2)
+        slots = plan_num_slots(shape, self.max_model_len, settings.max_num_seqs, budget)
+        if slots < settings.max_num_seqs:
+            log.warning("the KV-cache budget (%.0f MiB) holds %d sequences of %d tokens, fewer than max_num_seqs=%d; "
+                        "more requests wait", budget / MiB, slots, self.max_model_len, settings.max_num_seqs)
+        return SlotKVCache(shape, slots, self.max_model_len, self.device)
 
     def encode(self, text: str) -> list[int]:
         """Prompt text -> ids, on Triton's execute thread. No special tokens added: chat templates carry them."""
@@ -89,28 +180,79 @@ class ModelRunner:
             return self.model(**kwargs).logits[:, -1, :]
 
     @torch.inference_mode()
-    def prefill(self, prompts: Sequence[list[int]], rows_lora: Sequence[RowLoRA]) -> tuple[torch.Tensor, KVBatch]:
-        """Prompts of new sequences, left-padded into one forward: last-position logits [n, vocab] and their cache."""
+    def prefill(self, prompts: Sequence[list[int]], slots: Sequence[int], rows_lora: Sequence[RowLoRA]) -> torch.Tensor:
+        """Prompts of new sequences, left-padded into one forward, their K/V written to `slots`: last-position
+        logits [n, vocab]."""
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        positions = torch.zeros((len(prompts), width), dtype=torch.long)
         for row, prompt in enumerate(prompts):
             ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-            mask[row, width - len(prompt):] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp_(min=0)
-        cache = PaddedKVCache(self.num_layers)
-        logits = self._forward(rows_lora, input_ids=ids, attention_mask=mask, position_ids=positions,
-                               cache=cache, use_cache=True, logits_to_keep=1)
-        return logits, KVBatch(cache, mask)
+            positions[row, width - len(prompt):] = torch.arange(len(prompt))
+        lengths = [len(p) for p in prompts]
+        return self._forward(
+            rows_lora, input_ids=ids.to(self.device), position_ids=positions.to(self.device),
+            attention_mask=prefill_mask(lengths, width, self.dtype, self.device),
+            cache=self.kv.prefill_view(slots, lengths, width), use_cache=True, logits_to_keep=1,
+        )
 
     @torch.inference_mode()
-    def decode(self, batch: KVBatch, token_ids: Sequence[int], rows_lora: Sequence[RowLoRA]) -> torch.Tensor:
-        """One new token per running row; the batch's cache and mask grow by one column. Logits [rows, vocab]."""
-        ids = torch.tensor(token_ids, dtype=torch.long, device=self.device).view(-1, 1)
-        positions = batch.next_positions()
-        mask = batch.mask_with_new_column()
-        logits = self._forward(rows_lora, input_ids=ids, attention_mask=mask, position_ids=positions,
-                               cache=batch.cache, use_cache=True)
-        batch.mask = mask
-        return logits
+    def decode(self, slots: Sequence[int], token_ids: Sequence[int], positions: Sequence[int],
+               rows_lora: Sequence[RowLoRA]) -> torch.Tensor:
+        """One new token per running sequence (in its KV slot, at column `positions[i]` = tokens it has cached).
+        Logits [len(slots), vocab] in the order given."""
+        rows = max(slots) + 1  # the slot prefix: row r = slot r; free slots inside it are dummy rows
+        ids = [self.pad_token_id] * rows
+        pos = [0] * rows
+        lora = [RowLoRA()] * rows
+        for slot, token, p, row_lora in zip(slots, token_ids, positions, rows_lora):
+            ids[slot], pos[slot], lora[slot] = token, p, row_lora
+        if self.graphs is not None and rows <= self.graphs.buckets[-1]:
+            logits = self.graphs(self._decode_inputs(ids, pos), [r.slot for r in lora], [r.scale for r in lora])
+        else:
+            logits = self._decode_eager(ids, pos, lora)
+        return logits.index_select(0, torch.tensor(list(slots), device=logits.device))
+
+    def _decode_inputs(self, ids: list[int], positions: list[int]) -> dict[str, torch.Tensor]:
+        return {"input_ids": torch.tensor(ids, dtype=torch.long).view(-1, 1),
+                "position_ids": torch.tensor(positions, dtype=torch.long).view(-1, 1)}
+
+    def _decode_eager(self, ids: list[int], positions: list[int], lora: list[RowLoRA]) -> torch.Tensor:
+        inputs = {k: v.to(self.device) for k, v in self._decode_inputs(ids, positions).items()}
+        width = max(positions) + 1  # attention reads only the columns some row has filled
+        return self._decode_forward(inputs, width, lora)
+
+    def _decode_forward(self, inputs: dict[str, torch.Tensor], width: int,
+                        lora: Sequence[RowLoRA] | None = None) -> torch.Tensor:
+        """The decode step over fixed tensors: `width` = max_model_len makes every shape static (the graphed form)."""
+        positions = inputs["position_ids"]
+        rows = positions.shape[0]
+        mask = decode_mask_into(torch.empty(rows, 1, 1, width, dtype=self.dtype, device=self.device), positions)
+        cache = self.kv.decode_view(torch.arange(rows, device=self.device), positions.view(-1), width)
+        kwargs = dict(input_ids=inputs["input_ids"], position_ids=positions, attention_mask=mask, cache=cache,
+                      use_cache=True)
+        if lora is None:  # graph capture: LoRA rows come from the context's static buffers
+            return self.model(**kwargs).logits[:, -1, :]
+        return self._forward(lora, **kwargs)
+
+    def _capture(self, max_batch: int) -> GraphedLoRAForward | None:
+        buckets = [b for b in GRAPH_BUCKETS if b <= min(max_batch, self.kv.num_slots)]
+        if self.kv.num_slots not in buckets and self.kv.num_slots < max_batch:
+            buckets.append(self.kv.num_slots)
+        started = time.monotonic()
+        before = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
+        try:
+            graphs = GraphedLoRAForward(
+                self.lora, self.device, lambda inputs: self._decode_forward(inputs, self.max_model_len),
+                lambda n: {"input_ids": torch.full((n, 1), self.pad_token_id, dtype=torch.long, device=self.device),
+                           "position_ids": torch.zeros((n, 1), dtype=torch.long, device=self.device)},
+                buckets=buckets,
+            )
+        except Exception as exc:  # serving eagerly is slower, never wrong
+            log.warning("CUDA-graph capture failed (%s: %s); the decode step runs eagerly", type(exc).__name__, exc)
+            return None
+        after = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
+        log.info("captured decode CUDA graphs for batches %s (%s) in %.1f s, %.0f MiB", buckets,
+                 "with and without LoRA" if self.lora else "base model", time.monotonic() - started,
+                 (after - before) / MiB)
+        return graphs

@@ -1,7 +1,7 @@
 """Next-token choice for a batch of rows, each with its own parameters and random generator.
 
-Each sampled row draws from its own `torch.Generator`, seeded from the request, so a seeded request gets the same
-tokens whatever other requests share its batch. A row whose logits are not finite (NaN or +inf from a broken
+Each sampled row draws from its own `torch.Generator` on the logits' device, seeded from the request, so a seeded
+request gets the same tokens whatever other requests share its batch (and on the same device, run after run). A row whose logits are not finite (NaN or +inf from a broken
 adapter or overflow) gets an error instead of a token; the other rows are unaffected.
 """
 
@@ -16,8 +16,8 @@ from backends.errors import InternalError
 from backends.llm.params import SamplingParams
 
 
-def make_generator(seed: int | None) -> torch.Generator:
-    gen = torch.Generator(device="cpu")
+def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
+    gen = torch.Generator(device=device)
     gen.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
     return gen
 
@@ -37,7 +37,7 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch
 
 
 def sample_next_tokens(
-    logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator]
+    logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]
 ) -> list[int | Exception]:
     """logits: [batch, vocab] float; returns one token id per row, or the error that row failed with."""
     logits = logits.float()

@@ -18,10 +18,11 @@ from backends.errors import BackendError, InvalidArgument, Unavailable
 from backends.llm.engine import GenerationChunk, LLMEngine
 from backends.llm.metrics import TritonEngineMetrics
 from backends.llm.params import GenerationRequest, build_sampling_params
-from backends.llm.runner import LoRASettings, ModelRunner
+from backends.llm.runner import LoRASettings, ModelRunner, RunnerSettings
 from backends.llm.scheduler import SchedulerLimits
 from backends.lora.resolver import select_lora
 from backends.lora.serving import LoRAServingConfig, build_resolver
+from backends.model_params import param_int
 from backends.settings import LLM_MODEL_PATH_ENV, default_llm_model_path
 
 log = logging.getLogger(__name__)
@@ -70,12 +71,13 @@ class TritonLLMModel:
         log.info("model '%s' serving %s on %s (set parameter model_path or %s to change)",
                  args["model_name"], model_path, device, LLM_MODEL_PATH_ENV)
         lora = LoRAServingConfig.from_parameters(params)
+        settings = RunnerSettings.from_parameters(params)
         self.lora = None
 
         def setup(engine: LLMEngine):  # on the engine thread, which does all torch work
             runner = ModelRunner(
                 model_path, device=device,
-                lora=LoRASettings(lora.max_loras, lora.max_lora_rank) if lora.enabled else None,
+                lora=LoRASettings(lora.max_loras, lora.max_lora_rank) if lora.enabled else None, settings=settings,
             )
             if not lora.enabled:
                 return runner, None
@@ -85,12 +87,11 @@ class TritonLLMModel:
         defaults = SchedulerLimits()
         self.engine = LLMEngine(
             setup,
-            default_max_tokens=int(params.get("default_max_tokens") or 256),
-            max_model_len=int(params["max_model_len"]) if params.get("max_model_len") else None,
+            default_max_tokens=param_int(params, "default_max_tokens", 256),
             observer=TritonEngineMetrics(args["model_name"]),
             limits=SchedulerLimits(
-                max_num_seqs=int(params.get("max_num_seqs") or defaults.max_num_seqs),
-                max_num_batched_tokens=int(params.get("max_num_batched_tokens") or defaults.max_num_batched_tokens),
+                max_num_seqs=settings.max_num_seqs,
+                max_num_batched_tokens=param_int(params, "max_num_batched_tokens", defaults.max_num_batched_tokens),
             ),
             # Triton 2.51 cannot be told that a Python model went unready: new requests and the supervisor's
             # probes get UNAVAILABLE from now on, and the frontend's supervisor reloads the model.

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import re
+from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from backends.lora.adapter import LoRAAdapter, TargetSpec
+from backends.lora import triton_ops
 from backends.lora.ops import LoRABatch, lora_apply, lora_apply_rows
 
 # Transformer-block linears of HF decoder LMs (Llama, Mistral, Qwen, ...): attention and MLP projections.
@@ -50,16 +52,52 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         ctx = self._context[0]
-        if ctx.rows is not None:
-            lora_apply_rows(y.view(-1, self.out_features), x.reshape(-1, self.in_features), ctx.rows[0],
-                            ctx.rows[1], self.lora_A, self.lora_B)
+        rows = ctx.rows
+        if rows is not None:  # fixed-shape path (CUDA graphs): every layer runs, whatever the slots hold
+            y2, x2 = y.view(-1, self.out_features), x.reshape(-1, self.in_features)
+            if rows.segments is not None:
+                triton_ops.lora_apply_triton(y2, x2.contiguous(), rows.segments, self.lora_A, self.lora_B)
+            else:
+                lora_apply_rows(y2, x2, rows.slots, rows.scales, self.lora_A, self.lora_B)
         elif ctx.batch is not None and not ctx.batch.empty and not self.loaded_slots.isdisjoint(ctx.batch.live_slots):
-            lora_apply(y.view(-1, self.out_features), x.reshape(-1, self.in_features), ctx.batch,
-                       self.lora_A, self.lora_B)
+            y2, x2 = y.view(-1, self.out_features), x.reshape(-1, self.in_features)
+            if ctx.kernels:
+                triton_ops.lora_apply_triton(y2, x2.contiguous(), ctx.segments_for(x2.shape[0]), self.lora_A,
+                                             self.lora_B)
+            else:
+                lora_apply(y2, x2, ctx.batch, self.lora_A, self.lora_B)
         return y
 
     def extra_repr(self) -> str:
         return f"{self.name}, slots={self.lora_A.shape[0]}, max_rank={self.lora_A.shape[1]}"
+
+
+@dataclass
+class RowSlots:
+    """Fixed-size per-row LoRA buffers of one captured batch size: slot (>= 0) and scale (0 = no LoRA) per row,
+    and on CUDA the kernels' segment metadata, rebuilt from them by `refresh` (inside the graph)."""
+
+    slots: torch.Tensor
+    scales: torch.Tensor
+    segments: "triton_ops.SegmentMeta | None" = None
+
+    @classmethod
+    def allocate(cls, rows: int, context: "LoRAContext") -> "RowSlots":
+        slots = torch.zeros(rows, dtype=torch.long, device=context.device)
+        scales = torch.zeros(rows, dtype=context.dtype, device=context.device)
+        segments = triton_ops.SegmentMeta.build(slots, scales, context.max_loras) if context.kernels else None
+        return cls(slots, scales, segments)
+
+    def write(self, live: Sequence[tuple[int, float]]) -> None:
+        """Rows 0..len(live)-1 get (slot, scale); the rest scale 0. In place: captured graphs read these buffers."""
+        n = len(live)
+        self.scales.zero_()
+        self.slots[:n].copy_(torch.tensor([s for s, _ in live], dtype=torch.long), non_blocking=True)
+        self.scales[:n].copy_(torch.tensor([c for _, c in live], dtype=self.scales.dtype), non_blocking=True)
+
+    def refresh(self) -> None:
+        if self.segments is not None:
+            self.segments.build_into(self.slots, self.scales)
 
 
 class LoRAContext:
@@ -74,8 +112,13 @@ class LoRAContext:
         self.model_name = model_name
         self.layers: dict[str, LoRALinear] = {}
         self.batch: LoRABatch | None = None
-        # Fixed-size per-row buffers for the CUDA-graph path (slot, scale); None = grouped path.
-        self.rows: tuple[torch.Tensor, torch.Tensor] | None = None
+        # Fixed-size per-row buffers for the CUDA-graph path; None = the per-batch paths.
+        self.rows: RowSlots | None = None
+        # On CUDA the LoRA math runs in the Triton-language shrink/expand kernels; CPU keeps the torch paths.
+        self.kernels = self.device.type == "cuda" and triton_ops.triton is not None
+        if self.kernels:
+            triton_ops.check_rank(max_rank)
+        self._segments: dict[int, "triton_ops.SegmentMeta"] = {}
 
     @property
     def spec(self) -> TargetSpec:
@@ -85,9 +128,21 @@ class LoRAContext:
     def set_batch(self, slot_ids: Sequence[int], scales: Sequence[float]) -> None:
         """One slot (-1 = none) and scale per sequence; layers see [S, ...] or [S, T, ...] inputs."""
         self.batch = LoRABatch.build(slot_ids, scales, self.max_rank, self.device, self.dtype)
+        self._segments = {}
+
+    def segments_for(self, rows: int) -> "triton_ops.SegmentMeta":
+        """Kernel metadata for a layer input of `rows` = S sequences x T tokens, built once per forward."""
+        meta = self._segments.get(rows)
+        if meta is None:
+            per_seq = rows // self.batch.num_seqs
+            slots = self.batch.seq_slots.repeat_interleave(per_seq)
+            scales = self.batch.seq_scales.view(-1).repeat_interleave(per_seq)
+            meta = self._segments[rows] = triton_ops.SegmentMeta.build(slots, scales, self.max_loras)
+        return meta
 
     def clear(self) -> None:
         self.batch = None
+        self._segments = {}
 
     @contextlib.contextmanager
     def use(self, slot_ids: Sequence[int], scales: Sequence[float]) -> Iterator[None]:

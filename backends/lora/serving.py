@@ -13,6 +13,7 @@ from typing import Callable
 
 
 from backends.lora.adapter import LoRAAdapter, load_adapter
+from backends.model_params import param_int
 from backends.lora.cache import AdapterRef, LoRACache
 from backends.lora.patch import LoRAContext
 from backends.lora.registry import AdapterEntry, LoRARegistry, parse_lora_modules
@@ -22,16 +23,6 @@ from backends.settings import (
 )
 
 log = logging.getLogger(__name__)
-
-
-def _int(params: dict[str, str], key: str, default: int | None) -> int | None:
-    raw = (params.get(key) or "").strip()
-    if not raw:
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise ValueError(f"model parameter '{key}' must be an integer, got {raw!r}") from None
 
 
 def _paths(params: dict[str, str], key: str) -> list[Path]:
@@ -63,14 +54,14 @@ class LoRAServingConfig:
             replace(e, path=str(p if (p := Path(e.path).expanduser()).is_absolute() else cache_dir() / p))
             for e in parse_lora_modules(params.get("lora_modules") or "")
         )
-        max_loras = _int(params, "max_loras", cls.max_loras)
-        max_cpu = _int(params, "max_cpu_loras", cls.max_cpu_loras)
+        max_loras = param_int(params, "max_loras", cls.max_loras)
+        max_cpu = param_int(params, "max_cpu_loras", cls.max_cpu_loras)
         registry = (params.get("lora_registry_file") or "").strip()
         return cls(
             max_loras=max_loras,
-            max_lora_rank=_int(params, "max_lora_rank", cls.max_lora_rank),
+            max_lora_rank=param_int(params, "max_lora_rank", cls.max_lora_rank),
             max_cpu_loras=max(max_cpu, max_loras),
-            max_cpu_lora_bytes=_int(params, "max_cpu_lora_bytes", None),
+            max_cpu_lora_bytes=param_int(params, "max_cpu_lora_bytes", None),
             static=static,
             registry_file=Path(registry).expanduser() if registry else lora_registry_file(),
             allowed_roots=(adapters_dir(), *_paths(params, "allowed_lora_roots"), *env_paths(ALLOWED_LORA_ROOTS_ENV)),

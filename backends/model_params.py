@@ -1,0 +1,39 @@
+"""Typed reads of a model's config.pbtxt `parameters` (all strings in Triton): empty means the default, a bad
+value fails the model load with a message naming the parameter."""
+
+from __future__ import annotations
+
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+
+
+def _raw(params: dict[str, str], key: str) -> str:
+    return (params.get(key) or "").strip()
+
+
+def param_int(params: dict[str, str], key: str, default: int | None) -> int | None:
+    raw = _raw(params, key)
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"model parameter '{key}' must be an integer, got {raw!r}") from None
+
+
+def param_float(params: dict[str, str], key: str, default: float | None) -> float | None:
+    raw = _raw(params, key)
+    if not raw:
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"model parameter '{key}' must be a number, got {raw!r}") from None
+
+
+def param_bool(params: dict[str, str], key: str, default: bool) -> bool:
+    raw = _raw(params, key).lower()
+    if not raw:
+        return default
+    if raw not in _TRUE | _FALSE:
+        raise ValueError(f"model parameter '{key}' must be true or false, got {raw!r}")
+    return raw in _TRUE
