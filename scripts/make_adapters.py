@@ -30,6 +30,36 @@ def tiny_llama(seed: int = 0):
     return model
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
+                   "generation_config.json")
+
+
+def random_smollm2(dest: Path, tokenizer_dir: Path | None = None, seed: int = 0, num_layers: int | None = None) -> Path:
+    """A Llama with SmolLM2-135M's shape and random weights, saved with SmolLM2's tokenizer files: for machines
+    that have the code but not the weights (the GPU check). Correctness there compares against transformers/PEFT
+    on the same random weights."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if (dest / "model.safetensors").is_file():
+        return dest
+    source = tokenizer_dir or default_llm_model_path()
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=num_layers or 30, num_attention_heads=9, num_key_value_heads=3,
+                         max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(dest)
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy(source / name, dest / name)
+    if not (dest / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"no tokenizer.json in {source}: the random model needs SmolLM2's tokenizer files")
+    return dest
+
+
 def load_smollm2():
     from transformers import AutoModelForCausalLM
 

@@ -8,12 +8,14 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
-import tritonclient.grpc as grpcclient
-import tritonclient.http as httpclient
 
 from backends.settings import ALLOWED_LORA_ROOTS_ENV, LORA_REGISTRY_ENV, cache_dir, default_llm_model_path
 from scripts.make_fixtures import TINY_SD15, TINY_SD3
 from scripts.triton_launcher import TritonServer, copy_model, free_port
+
+
+# scripts/gpu_check --cpu sets this: GPU tests marked `cpu_dry_run` then run on CPU (small), so they cannot rot.
+CHECK_DEVICE_ENV = "MULTILORA_CHECK_DEVICE"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -22,8 +24,9 @@ def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
+    dry_run = os.environ.get(CHECK_DEVICE_ENV) == "cpu"
     for item in items:
-        if "gpu" in item.keywords:
+        if "gpu" in item.keywords and not (dry_run and "cpu_dry_run" in item.keywords):
             item.add_marker(skip)
 
 
@@ -79,6 +82,8 @@ def triton_server(tmp_path_factory, lora_root):
 
 @pytest.fixture(scope="session")
 def http_client(triton_server):
+    import tritonclient.http as httpclient  # here, not at import: the GPU check machine has no tritonclient
+
     client = httpclient.InferenceServerClient(triton_server.http_url)
     yield client
     client.close()
@@ -87,6 +92,8 @@ def http_client(triton_server):
 @pytest.fixture
 def grpc_client(triton_server):
     """A fresh gRPC client per test: a stream left open by a failing test cannot leak into the next one."""
+    import tritonclient.grpc as grpcclient
+
     client = grpcclient.InferenceServerClient(triton_server.grpc_url)
     yield client
     client.stop_stream()

@@ -1,4 +1,5 @@
-"""CUDA paths: slot buffers on the device, and CUDA-graph replay equal to eager mixed-adapter forwards."""
+"""CUDA paths: slot buffers on the device, and CUDA-graph replay (LoRA and base-only graphs, Triton kernels inside)
+equal to eager mixed-adapter forwards."""
 
 from __future__ import annotations
 
@@ -25,10 +26,11 @@ def test_cuda_graph_replay_matches_eager_for_any_adapter_mix(tmp_path, dtype, to
     def forward(inputs):
         return model(input_ids=inputs["input_ids"], use_cache=False).logits
 
-    graphed = GraphedLoRAForward(ctx, forward, lambda n: {"input_ids": torch.zeros(n, 1, dtype=torch.long,
+    graphed = GraphedLoRAForward(ctx, "cuda", forward, lambda n: {"input_ids": torch.zeros(n, 1, dtype=torch.long,
                                                                                    device="cuda")}, buckets=(4, 8))
     gen = torch.Generator().manual_seed(0)
-    for slots, scales in [([0, 1, -1, 2, 0], [1, 1, 1, 0.5, 0]), ([2, 2, 2], [1, 1, 1]), ([-1, 1], [1, 2])]:
+    for slots, scales in [([0, 1, -1, 2, 0], [1, 1, 1, 0.5, 0]), ([2, 2, 2], [1, 1, 1]), ([-1, 1], [1, 2]),
+                          ([-1, 0, -1], [0, 0, 1])]:  # the last one replays the base-only graph
         ids = torch.randint(0, 256, (len(slots), 1), generator=gen).cuda()
         replayed = graphed({"input_ids": ids}, slots, scales).clone()
         with torch.inference_mode(), ctx.use(slots, scales):
@@ -49,7 +51,7 @@ def test_cuda_graph_of_patched_linears_matches_eager():
         ctx.load_slot(slot, LoRAAdapter(path=None, config=config, modules={
             name: ModuleLoRA(torch.randn(8, layer.in_features), torch.randn(8, layer.out_features))
             for name, layer in ctx.layers.items()}))
-    graphed = GraphedLoRAForward(ctx, lambda i: model(i["x"]),
+    graphed = GraphedLoRAForward(ctx, "cuda", lambda i: model(i["x"]),
                                  lambda n: {"x": torch.zeros(n, 32, device="cuda")}, buckets=(2, 8))
     x = torch.randn(5, 32, device="cuda")
     slots, scales = [2, -1, 0, 1, 2], [1.0, 1.0, 0.5, 1.0, 0.0]

@@ -47,6 +47,7 @@ class GenerationChunk:
     finish_reason: str | None
     num_input_tokens: int
     num_output_tokens: int
+    token_ids: tuple[int, ...] = ()  # the generated ids this chunk covers (EOS excluded)
 
 
 class OutputSink(Protocol):
@@ -83,6 +84,7 @@ class Sequence:
         self.output_ids: list[int] = []
         self.finish_reason: str | None = None
         self.pending_text = ""  # non-stream: everything; stream: the delta since the last send
+        self._sent_ids = 0  # output_ids already covered by a sent chunk
         self.num_prompt_tokens = len(request.prompt_token_ids)
         self.adapter_key = request.lora.ref.key if request.lora else None
         self.bypassed_steps = 0
@@ -110,8 +112,9 @@ class Sequence:
             self.pending_text += self.detok.flush()
 
     def take_chunk(self) -> GenerationChunk:
-        chunk = GenerationChunk(self.pending_text, self.finish_reason, self.num_prompt_tokens, len(self.output_ids))
-        self.pending_text = ""
+        chunk = GenerationChunk(self.pending_text, self.finish_reason, self.num_prompt_tokens, len(self.output_ids),
+                                tuple(self.output_ids[self._sent_ids:]))
+        self.pending_text, self._sent_ids = "", len(self.output_ids)
         return chunk
 
     @property

@@ -66,7 +66,8 @@ class SegmentMeta:
     def build(cls, slots: torch.Tensor, scales: torch.Tensor, max_loras: int) -> "SegmentMeta":
         """slots [N] (-1 = no LoRA) and scales [N] on the same device. No host sync, no data-dependent shape."""
         slots = slots.reshape(-1).to(torch.int64)
-        scales = scales.reshape(-1).to(device=slots.device, dtype=torch.float32)
+        # A copy: the metadata is a snapshot, later writes to the caller's scales do not leak into it.
+        scales = scales.reshape(-1).to(device=slots.device, dtype=torch.float32, copy=True)
         if slots.shape != scales.shape:
             raise ValueError(f"{slots.numel()} slots but {scales.numel()} scales")
         live = (slots >= 0) & (slots < max_loras) & (scales != 0)
@@ -90,6 +91,9 @@ class SegmentMeta:
 
 
 if triton is not None:
+    # Kernels use tl builtins only, no @jit helpers of triton.language (tl.cdiv, tl.zeros, ...): whether those
+    # are interpreted was fixed when triton was first imported, which breaks a copy of this module decorated later
+    # under TRITON_INTERPRET=1 (the tests' CPU runs).
 
     @triton.jit
     def _shrink_kernel(x_ptr, a_ptr, h_ptr, order_ptr, seg_start_ptr, seg_len_ptr, scale_ptr,
@@ -109,8 +113,8 @@ if triton is not None:
         x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :]
         # A[slot] read as its transpose [BLOCK_K, BLOCK_R]: rank padding beyond R loads as zeros.
         a_ptrs = a_ptr + slot.to(tl.int64) * stride_al + offs_r[None, :] * stride_ar + offs_k[:, None]
-        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for k in range(0, tl.cdiv(K, BLOCK_K)):
+        acc = tl.full((BLOCK_M, BLOCK_R), 0.0, dtype=tl.float32)
+        for k in range(0, (K + BLOCK_K - 1) // BLOCK_K):
             k_ok = offs_k < K - k * BLOCK_K
             xt = tl.load(x_ptrs, mask=in_seg[:, None] & k_ok[None, :], other=0.0)
             at = tl.load(a_ptrs, mask=k_ok[:, None] & rank_ok[None, :], other=0.0)
@@ -131,7 +135,7 @@ if triton is not None:
                        N_OUT, R, stride_hm, stride_bl, stride_br, stride_ym,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST: tl.constexpr):
         # Row tiles outermost: the programs of a short segment are the first ones, the exiting ones the last.
-        tiles_n = tl.cdiv(N_OUT, BLOCK_N)
+        tiles_n = (N_OUT + BLOCK_N - 1) // BLOCK_N
         pid_m = tl.program_id(0) // tiles_n
         pid_n = tl.program_id(0) % tiles_n
         slot = tl.program_id(1)
@@ -146,8 +150,8 @@ if triton is not None:
         offs_r = tl.arange(0, BLOCK_R)
         h_ptrs = h_ptr + rows[:, None] * stride_hm + offs_r[None, :]
         b_ptrs = b_ptr + slot.to(tl.int64) * stride_bl + offs_r[:, None] * stride_br + offs_n[None, :]
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for r in range(0, tl.cdiv(R, BLOCK_R)):
+        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
+        for r in range(0, (R + BLOCK_R - 1) // BLOCK_R):
             r_ok = offs_r < R - r * BLOCK_R
             ht = tl.load(h_ptrs, mask=in_seg[:, None] & r_ok[None, :], other=0.0)
             bt = tl.load(b_ptrs, mask=r_ok[:, None] & n_ok[None, :], other=0.0)
@@ -233,13 +237,6 @@ def lora_shrink(x: torch.Tensor, A: torch.Tensor, meta: SegmentMeta) -> torch.Te
     _shrink_kernel[(triton.cdiv(n, cfg["BLOCK_M"]), max_loras)](
         x, A, h, meta.order, meta.seg_start, meta.seg_len, meta.scales,
         k, max_rank, x.stride(0), A.stride(0), A.stride(1), h.stride(0), UPCAST=_upcast(A), **cfg)
-    return h
-    block_m = 16 if n < 256 else (64 if block_r <= 64 else 32)
-    block_k = 64 if block_r <= 64 else 32
-    _shrink_kernel[(triton.cdiv(n, block_m), max_loras)](
-        x, A, h, meta.order, meta.seg_start, meta.seg_len, meta.scales,
-        k, max_rank, x.stride(0), A.stride(0), A.stride(1), h.stride(0),
-        BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, UPCAST=_upcast(A), num_warps=4, num_stages=2)
     return h
 
 
