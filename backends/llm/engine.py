@@ -7,7 +7,7 @@ or its client cancels (its KV-cache slot and LoRA slot are freed at once, nobody
 
 Failures are contained: an error while prefilling fails the requests being admitted, an error while decoding
 fails the running batch, a row with non-finite logits fails alone; each gets one final error response and gives
-back its slot and KV rows, and the engine keeps serving. If the engine thread itself dies, every request it holds
+back its LoRA and KV slots, and the engine keeps serving. If the engine thread itself dies, every request it holds
 is failed, `submit` refuses new work at once (UNAVAILABLE) and `on_dead` is told.
 """
 
