@@ -201,3 +201,25 @@ def test_dtype_auto_is_float32_on_cpu_and_bfloat16_is_accepted():
 def test_bad_model_parameters_are_named(params, message):
     with pytest.raises(ValueError, match=message):
         RunnerSettings.from_parameters(params)
+
+
+def test_dummy_row_and_gathered_decode_agree_around_a_hole(runner):
+    """A free slot inside the prefix: the in-place form runs it as a dummy row, the sparse form gathers the live
+    slots; both give the live rows the same logits."""
+    seqs = [_Live(runner, i) for i in range(3)]
+    try:
+        _prefill(runner, seqs)
+        runner.kv.free(seqs[1].slot)
+        live = [seqs[0], seqs[2]]
+        tokens, positions = [s.tokens[-1] for s in live], [s.cached for s in live]
+        width = max(positions) + 1
+        with torch.inference_mode():
+            gathered = runner._decode_forward(runner._decode_inputs(tokens, positions), width, [RowLoRA(0, 1.0)] * 2,
+                                              torch.tensor([s.slot for s in live]))
+            in_place = runner._decode_forward(
+                runner._decode_inputs([tokens[0], runner.pad_token_id, tokens[1]], [positions[0], 0, positions[1]]),
+                width, [RowLoRA(0, 1.0), RowLoRA(), RowLoRA(0, 1.0)])
+        torch.testing.assert_close(in_place[[0, 2]], gathered, atol=2e-4, rtol=1e-4)
+    finally:
+        for s in (seqs[0], seqs[2]):
+            runner.kv.free(s.slot)

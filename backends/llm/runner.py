@@ -202,33 +202,36 @@ class ModelRunner:
         """One new token per running sequence (in its KV slot, at column `positions[i]` = tokens it has cached).
         Logits [len(slots), vocab] in the order given."""
         rows = max(slots) + 1  # the slot prefix: row r = slot r; free slots inside it are dummy rows
+        graphed = self.graphs is not None and rows <= self.graphs.buckets[-1]
+        if not graphed and rows - len(slots) > len(slots) // 8:  # sparse: run the live rows, gather their K/V
+            inputs = self._decode_inputs(token_ids, positions)
+            return self._decode_forward(inputs, max(positions) + 1, rows_lora,
+                                        torch.tensor(list(slots), device=self.device))
         ids = [self.pad_token_id] * rows
         pos = [0] * rows
         lora = [RowLoRA()] * rows
         for slot, token, p, row_lora in zip(slots, token_ids, positions, rows_lora):
             ids[slot], pos[slot], lora[slot] = token, p, row_lora
-        if self.graphs is not None and rows <= self.graphs.buckets[-1]:
-            logits = self.graphs(self._decode_inputs(ids, pos), [r.slot for r in lora], [r.scale for r in lora])
-        else:
-            logits = self._decode_eager(ids, pos, lora)
+        if graphed:
+            logits = self.graphs(self._decode_inputs(ids, pos, "cpu"), [r.slot for r in lora],
+                                 [r.scale for r in lora])
+        else:  # attention reads only the columns some row has filled
+            logits = self._decode_forward(self._decode_inputs(ids, pos), max(pos) + 1, lora)
         return logits.index_select(0, torch.tensor(list(slots), device=logits.device))
 
-    def _decode_inputs(self, ids: list[int], positions: list[int]) -> dict[str, torch.Tensor]:
-        return {"input_ids": torch.tensor(ids, dtype=torch.long).view(-1, 1),
-                "position_ids": torch.tensor(positions, dtype=torch.long).view(-1, 1)}
+    def _decode_inputs(self, ids: Sequence[int], positions: Sequence[int], device=None) -> dict[str, torch.Tensor]:
+        device = device or self.device
+        return {"input_ids": torch.tensor(ids, dtype=torch.long, device=device).view(-1, 1),
+                "position_ids": torch.tensor(positions, dtype=torch.long, device=device).view(-1, 1)}
 
-    def _decode_eager(self, ids: list[int], positions: list[int], lora: list[RowLoRA]) -> torch.Tensor:
-        inputs = {k: v.to(self.device) for k, v in self._decode_inputs(ids, positions).items()}
-        width = max(positions) + 1  # attention reads only the columns some row has filled
-        return self._decode_forward(inputs, width, lora)
-
-    def _decode_forward(self, inputs: dict[str, torch.Tensor], width: int,
-                        lora: Sequence[RowLoRA] | None = None) -> torch.Tensor:
-        """The decode step over fixed tensors: `width` = max_model_len makes every shape static (the graphed form)."""
+    def _decode_forward(self, inputs: dict[str, torch.Tensor], width: int, lora: Sequence[RowLoRA] | None = None,
+                        slots: torch.Tensor | None = None) -> torch.Tensor:
+        """One decode step; row i is slot i, or slots[i] when given. With `width` = max_model_len and no `lora`
+        (LoRA from the context's fixed row buffers) every shape is static: the form CUDA graphs capture."""
         positions = inputs["position_ids"]
         rows = positions.shape[0]
         mask = decode_mask_into(torch.empty(rows, 1, 1, width, dtype=self.dtype, device=self.device), positions)
-        cache = self.kv.decode_view(torch.arange(rows, device=self.device), positions.view(-1), width)
+        cache = self.kv.decode_view(positions.view(-1), width, slots)
         kwargs = dict(input_ids=inputs["input_ids"], position_ids=positions, attention_mask=mask, cache=cache,
                       use_cache=True)
         if lora is None:  # graph capture: LoRA rows come from the context's static buffers
