@@ -34,13 +34,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from rich.console import Console
-from rich.table import Table
 from tqdm import tqdm
+
+try:
+    from rich.console import Console
+    from rich.table import Table
+except ImportError:  # the GPU machine's image may lack rich: plain text tables
+    Console = Table = None
 
 from backends.settings import REPO_ROOT, default_llm_model_path
 
-console = Console(width=150)
+class _Plain:
+    def print(self, item) -> None:
+        print(item)
+
+
+console = Console(width=150) if Console else _Plain()
 GPU_TESTS = ["tests/test_gpu_path.py", "tests/test_lora_kernels.py", "tests/test_lora_gpu.py"]
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "List three fruits.",
            "Explain gravity in one sentence.", "Tell me a story about a dragon and a knight."]
@@ -72,16 +81,18 @@ class Report:
     markdown: list[str] = field(default_factory=list)
 
     def table(self, title: str, columns: list[str], rows: list[list], key: str) -> None:
-        table = Table(title=title)
-        for c in columns:
-            table.add_column(c, justify="right")
-        for row in rows:
-            table.add_row(*[str(v) for v in row])
-        console.print(table)
-        self.markdown += [f"### {title}", "", "| " + " | ".join(columns) + " |",
-                          "|" + "---|" * len(columns)]
-        self.markdown += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
-        self.markdown.append("")
+        lines = [f"### {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
+        if Table is not None:
+            table = Table(title=title)
+            for c in columns:
+                table.add_column(c, justify="right")
+            for row in rows:
+                table.add_row(*[str(v) for v in row])
+            console.print(table)
+        else:
+            console.print("\n".join(lines))
+        self.markdown += lines + [""]
         self.sections[key] = {"columns": columns, "rows": rows}
 
     def note(self, text: str) -> None:
@@ -164,7 +175,7 @@ def bench_ops(report: Report, model: Path, adapters: list[Path], device: torch.d
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from backends.llm.runner import LoRASettings, ModelRunner, RowLoRA, RunnerSettings
+    from backends.llm.runner import LoRASettings, ModelRunner, RowLoRA, RunnerSettings, cache_kwarg
     from backends.lora.adapter import load_adapter
 
     kmax = max(sizes.ks)
@@ -178,6 +189,7 @@ def bench_ops(report: Report, model: Path, adapters: list[Path], device: torch.d
     for i, folder in enumerate(adapters[1:kmax], 1):
         peft.load_adapter(folder, adapter_name=f"a{i}")
     peft = peft.to(device).eval()
+    kwarg = cache_kwarg(peft.get_base_model())
     dtype = str(runner.dtype).removeprefix("torch.")
     gen = torch.Generator().manual_seed(0)
     past = 32
@@ -189,7 +201,8 @@ def bench_ops(report: Report, model: Path, adapters: list[Path], device: torch.d
         tokens, positions = [1] * batch, [past] * batch
         peft_ids = torch.tensor(prompts, device=device)
         with torch.inference_mode():
-            peft_cache = peft(peft_ids, use_cache=True).cache
+            out = peft(peft_ids, use_cache=True)
+            peft_cache = out.cache if hasattr(out, "cache") else out.past_key_values
         step_ids = torch.ones(batch, 1, dtype=torch.long, device=device)
 
         def timed(lora, eager):
@@ -204,7 +217,7 @@ def bench_ops(report: Report, model: Path, adapters: list[Path], device: torch.d
         def peft_step(names):
             def step():
                 with torch.inference_mode():
-                    peft(step_ids, cache=peft_cache, use_cache=True, adapter_names=names)
+                    peft(step_ids, use_cache=True, adapter_names=names, **{kwarg: peft_cache})
                 peft_cache.crop(-1)  # drop the token just added: every step sees the same past
             return step
 

@@ -35,8 +35,8 @@ class TritonEngineMetrics:
         )
 
         self._kv_usage = self._metric(
-            "multilora_llm_kv_cache_usage_ratio", "Cached token positions of running sequences over "
-            "max_num_seqs x max_model_len (1 = full)", pb_utils.MetricFamily.GAUGE
+            "multilora_llm_kv_cache_usage_ratio", "KV-cache slots held by running sequences over the slots "
+            "allocated at load (1 = full: new requests wait)", pb_utils.MetricFamily.GAUGE
         )
         self._lora = TritonLoRAMetrics(model_name)
 

@@ -8,13 +8,13 @@ load per batch-size bucket (`DecodeGraphs`); elsewhere, or with `enforce_eager`,
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import psutil
 import torch
 
 from backends.llm.kv_cache import MiB, KVShape, SlotKVCache, decode_mask_into, plan_num_slots, prefill_mask
@@ -79,6 +79,12 @@ class RowLoRA:
     scale: float = 0.0
 
 
+def cache_kwarg(model) -> str:
+    """The forward's KV-cache argument: `cache` in transformers >= 5.2x, `past_key_values` before (the GPU check
+    machine's 5.17)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """The `dtype` model parameter on this device; a clear ValueError for unknown or unsupported ones."""
     key = (name or "auto").strip().lower()
@@ -127,6 +133,7 @@ class ModelRunner:
         self.max_model_len = settings.max_model_len or model_len
         self.eos_token_ids = self._eos_ids()
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self._cache_kwarg = cache_kwarg(self.model)
         self.lora: LoRAContext | None = None
         if lora is not None:
             self.lora = patch_model(self.model, lora.max_loras, lora.max_rank, model_name=str(path))
@@ -162,6 +169,8 @@ class ModelRunner:
             allowed = int(total * settings.gpu_memory_utilization) - (total - free)
             budget = min(need, max(0, allowed - max(1 << 30, total // 20)))
         elif budget is None:
+            import psutil  # not on every GPU image; only the CPU default needs it
+
             budget = min(need, CPU_KV_CACHE_BYTES, psutil.virtual_memory().available // 2)
         slots = plan_num_slots(shape, self.max_model_len, settings.max_num_seqs, budget)
         if slots < settings.max_num_seqs:
@@ -193,7 +202,7 @@ class ModelRunner:
         return self._forward(
             rows_lora, input_ids=ids.to(self.device), position_ids=positions.to(self.device),
             attention_mask=prefill_mask(lengths, width, self.dtype, self.device),
-            cache=self.kv.prefill_view(slots, lengths, width), use_cache=True, logits_to_keep=1,
+            use_cache=True, logits_to_keep=1, **{self._cache_kwarg: self.kv.prefill_view(slots, lengths, width)},
         )
 
     @torch.inference_mode()
@@ -232,8 +241,8 @@ class ModelRunner:
         rows = positions.shape[0]
         mask = decode_mask_into(torch.empty(rows, 1, 1, width, dtype=self.dtype, device=self.device), positions)
         cache = self.kv.decode_view(positions.view(-1), width, slots)
-        kwargs = dict(input_ids=inputs["input_ids"], position_ids=positions, attention_mask=mask, cache=cache,
-                      use_cache=True)
+        kwargs = {"input_ids": inputs["input_ids"], "position_ids": positions, "attention_mask": mask,
+                  "use_cache": True, self._cache_kwarg: cache}
         if lora is None:  # graph capture: LoRA rows come from the context's static buffers
             return self.model(**kwargs).logits[:, -1, :]
         return self._forward(lora, **kwargs)
