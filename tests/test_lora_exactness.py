@@ -43,12 +43,13 @@ def _peft_reference(factory, folders, ids, names):
         return model(input_ids=ids, adapter_names=names).logits
 
 
+@pytest.mark.parametrize("tokens", [10, 1], ids=["prefill-segments", "decode-dense"])
 @pytest.mark.parametrize("factory", [tiny_llama, load_smollm2], ids=["tiny-llama", "smollm2"])
-def test_mixed_batch_matches_peft_per_row(factory, tmp_path):
+def test_mixed_batch_matches_peft_per_row(factory, tokens, tmp_path):
     folders = {n: make_random_adapter(factory, tmp_path / n, seed=i, **cfg) for i, (n, cfg) in enumerate(ADAPTERS.items())}
     folders["a_half"] = _half_scale_copy(folders["a"], tmp_path / "a_half")
     vocab = factory().config.vocab_size
-    ids = torch.randint(0, vocab, (6, 10), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, vocab, (6, tokens), generator=torch.Generator().manual_seed(0))
     rows = ["a", "b", "__base__", "a_half", "c", "a"]
     expected = _peft_reference(factory, folders, ids, rows)
 
