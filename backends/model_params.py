@@ -10,24 +10,22 @@ def _raw(params: dict[str, str], key: str) -> str:
     return (params.get(key) or "").strip()
 
 
-def param_int(params: dict[str, str], key: str, default: int | None) -> int | None:
+def _typed(params: dict[str, str], key: str, default, convert, what: str):
     raw = _raw(params, key)
     if not raw:
         return default
     try:
-        return int(raw)
+        return convert(raw)
     except ValueError:
-        raise ValueError(f"model parameter '{key}' must be an integer, got {raw!r}") from None
+        raise ValueError(f"model parameter '{key}' must be {what}, got {raw!r}") from None
+
+
+def param_int(params: dict[str, str], key: str, default: int | None) -> int | None:
+    return _typed(params, key, default, int, "an integer")
 
 
 def param_float(params: dict[str, str], key: str, default: float | None) -> float | None:
-    raw = _raw(params, key)
-    if not raw:
-        return default
-    try:
-        return float(raw)
-    except ValueError:
-        raise ValueError(f"model parameter '{key}' must be a number, got {raw!r}") from None
+    return _typed(params, key, default, float, "a number")
 
 
 def param_bool(params: dict[str, str], key: str, default: bool) -> bool:
