@@ -407,7 +407,7 @@ def main() -> None:
             except Exception as exc:  # one broken stage must not cost the others' figures
                 report.note(f"{name}: FAILED {type(exc).__name__}: {exc}")
                 report.sections[name] = {"error": f"{type(exc).__name__}: {exc}"}
-            console.print(f"[bold]{name}[/bold] took {time.monotonic() - started:.0f} s")
+            console.print(f"{name} took {time.monotonic() - started:.0f} s")
     finally:
         shutil.rmtree(work, ignore_errors=True)
         report.markdown.append(f"Total {report.elapsed():.0f} s.")

@@ -182,8 +182,8 @@ def test_mixed_adapter_logits_equal_peft_adapter_names(model_dir, adapter_dirs, 
             peft_err = float((want[k] - truth[k]).abs().max())
             assert err <= max(tol, 2 * peft_err), f"{step} row {row} ({name}, {dtype}): error {err:.4g} vs " \
                                                     f"PEFT's {peft_err:.4g} (tolerance {tol})"
-        if name != "__base__":  # the adapter really changes the output: the comparison is not vacuous
-            assert (truth[1] - base).abs().max() > 10 * tol
+        if name != "__base__":  # the adapter moves the logits by whole units: the comparison is not vacuous
+            assert (truth[1] - base).abs().max() > 1.0
 
 
 def test_graphs_and_eager_decode_give_the_same_tokens_through_the_engine(model_dir, adapter_dirs, device):
@@ -205,11 +205,13 @@ def test_graphs_and_eager_decode_give_the_same_tokens_through_the_engine(model_d
 
 @pytest.mark.cpu_dry_run
 def test_seeded_sampling_is_reproducible_on_the_device(model_dir, device):
-    runner = _runner(model_dir, device)
+    """One request at a time in float32: batch composition changes GEMM shapes, and a random model's nearly flat
+    distribution would turn that rounding into different samples."""
+    runner = _runner(model_dir, device, dtype="float32")
     engine = _engine(runner)
     try:
-        first = _generate(engine, PROMPTS[:2], temperature=1.0, top_p=0.9, seed=1234)
-        again = _generate(engine, PROMPTS[:2], temperature=1.0, top_p=0.9, seed=1234)
+        first = _generate(engine, PROMPTS[:1], temperature=1.0, top_p=0.9, seed=1234)
+        again = _generate(engine, PROMPTS[:1], temperature=1.0, top_p=0.9, seed=1234)
         tiny = _generate(engine, PROMPTS[:1], temperature=1e-40, seed=5)  # greedy, not a NaN crash
     finally:
         engine.shutdown()

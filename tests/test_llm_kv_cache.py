@@ -223,3 +223,29 @@ def test_dummy_row_and_gathered_decode_agree_around_a_hole(runner):
     finally:
         for s in (seqs[0], seqs[2]):
             runner.kv.free(s.slot)
+
+
+@pytest.mark.parametrize("scrub", [False, True])
+def test_a_failed_sequences_slot_is_scrubbed_for_its_next_owner(runner, scrub):
+    """A sequence that failed with non-finite values may leave NaN in its slot. The next owner, decoding beside a
+    longer sequence, reads its slot's masked columns too, and 0 x NaN is NaN: the engine scrubs a failed sequence's
+    slot on release (scrub=False shows what happens otherwise)."""
+    failed = _Live(runner, 0)
+    for buf in runner.kv.keys + runner.kv.values:
+        buf[failed.slot, :, :128] = float("nan")
+    runner.kv.free(failed.slot, scrub=scrub)
+    short = _Live(runner, 1)
+    assert short.slot == failed.slot
+    long = _Live(runner, 0)
+    long.prompt = long.prompt * 3
+    long.cached = len(long.prompt)
+    try:
+        _prefill(runner, [short, long])
+        logits = runner.decode([short.slot, long.slot], [short.tokens[-1], long.tokens[-1]],
+                               [short.cached, long.cached], [RowLoRA()] * 2)
+        assert bool(torch.isfinite(logits[0]).all()) == scrub
+        if scrub:
+            assert logits[0].argmax().item() == _reference(runner, short.prompt, 2)[1]
+    finally:
+        for s in (short, long):
+            runner.kv.free(s.slot, scrub=True)

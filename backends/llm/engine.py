@@ -391,9 +391,9 @@ class LLMEngine:
         if len(keep) != len(self._running):
             self._running = [self._running[i] for i in keep]
 
-    def _release(self, seq: Sequence) -> None:
+    def _release(self, seq: Sequence, failed: bool = False) -> None:
         if seq.kv_slot >= 0:
-            self.runner.kv.free(seq.kv_slot)
+            self.runner.kv.free(seq.kv_slot, scrub=failed)
             seq.kv_slot = -1
         if seq.row_lora.slot >= 0:
             self.lora_cache.release([seq.request.lora.ref])
@@ -413,8 +413,8 @@ class LLMEngine:
             seq.done = True
 
     def _fail(self, seq: Sequence, error: Exception) -> None:
-        """One final error response (never after the final response), and the request's slot back."""
-        self._release(seq)
+        """One final error response (never after the final response), and the request's slots back."""
+        self._release(seq, failed=True)
         if seq.done:
             return
         seq.done = True

@@ -160,8 +160,13 @@ class SlotKVCache:
         self._used.add(slot)
         return slot
 
-    def free(self, slot: int) -> None:
+    def free(self, slot: int, scrub: bool = False) -> None:
+        """Give the slot back. `scrub` zeroes it: a sequence that failed may have left NaN/inf keys or values, and
+        the next owner's masked columns would still turn them into NaN (0 x NaN) in attention."""
         if slot in self._used:
+            if scrub:
+                for buf in (*self.keys, *self.values):
+                    buf[slot].zero_()
             self._used.remove(slot)
             heapq.heappush(self._free, slot)
 

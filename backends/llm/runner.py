@@ -8,6 +8,7 @@ load per batch-size bucket (`DecodeGraphs`); elsewhere, or with `enforce_eager`,
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import time
@@ -178,6 +179,11 @@ class ModelRunner:
                         "more requests wait", budget / MiB, slots, self.max_model_len, settings.max_num_seqs)
         return SlotKVCache(shape, slots, self.max_model_len, self.device)
 
+    def _on_device(self):
+        """Kernels, graph capture and streams use the thread's current CUDA device: make it ours (an instance on
+        GPU N > 0, or a runner built on another thread than the one that calls it)."""
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+
     def encode(self, text: str) -> list[int]:
         """Prompt text -> ids, on Triton's execute thread. No special tokens added: chat templates carry them."""
         return self._prompt_tokenizer(text, add_special_tokens=False).input_ids
@@ -199,17 +205,22 @@ class ModelRunner:
             ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
             positions[row, width - len(prompt):] = torch.arange(len(prompt))
         lengths = [len(p) for p in prompts]
-        return self._forward(
-            rows_lora, input_ids=ids.to(self.device), position_ids=positions.to(self.device),
-            attention_mask=prefill_mask(lengths, width, self.dtype, self.device),
-            use_cache=True, logits_to_keep=1, **{self._cache_kwarg: self.kv.prefill_view(slots, lengths, width)},
-        )
+        with self._on_device():
+            return self._forward(
+                rows_lora, input_ids=ids.to(self.device), position_ids=positions.to(self.device),
+                attention_mask=prefill_mask(lengths, width, self.dtype, self.device),
+                use_cache=True, logits_to_keep=1, **{self._cache_kwarg: self.kv.prefill_view(slots, lengths, width)},
+            )
 
     @torch.inference_mode()
     def decode(self, slots: Sequence[int], token_ids: Sequence[int], positions: Sequence[int],
                rows_lora: Sequence[RowLoRA]) -> torch.Tensor:
         """One new token per running sequence (in its KV slot, at column `positions[i]` = tokens it has cached).
         Logits [len(slots), vocab] in the order given."""
+        with self._on_device():
+            return self._decode(slots, token_ids, positions, rows_lora)
+
+    def _decode(self, slots, token_ids, positions, rows_lora) -> torch.Tensor:
         rows = max(slots) + 1  # the slot prefix: row r = slot r; free slots inside it are dummy rows
         graphed = self.graphs is not None and rows <= self.graphs.buckets[-1]
         if not graphed and rows - len(slots) > len(slots) // 8:  # sparse: run the live rows, gather their K/V
@@ -249,21 +260,23 @@ class ModelRunner:
 
     def _capture(self, max_batch: int) -> GraphedLoRAForward | None:
         buckets = [b for b in GRAPH_BUCKETS if b <= min(max_batch, self.kv.num_slots)]
-        if self.kv.num_slots not in buckets and self.kv.num_slots < max_batch:
+        if self.kv.num_slots not in buckets and self.kv.num_slots <= max_batch:
             buckets.append(self.kv.num_slots)
         started = time.monotonic()
-        before = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
+        before = torch.cuda.memory_reserved(self.device) if self.device.type == "cuda" else 0
         try:
-            graphs = GraphedLoRAForward(
-                self.lora, self.device, lambda inputs: self._decode_forward(inputs, self.max_model_len),
-                lambda n: {"input_ids": torch.full((n, 1), self.pad_token_id, dtype=torch.long, device=self.device),
-                           "position_ids": torch.zeros((n, 1), dtype=torch.long, device=self.device)},
-                buckets=buckets,
-            )
+            with self._on_device():
+                graphs = GraphedLoRAForward(
+                    self.lora, self.device, lambda inputs: self._decode_forward(inputs, self.max_model_len),
+                    lambda n: {"input_ids": torch.full((n, 1), self.pad_token_id, dtype=torch.long,
+                                                       device=self.device),
+                               "position_ids": torch.zeros((n, 1), dtype=torch.long, device=self.device)},
+                    buckets=buckets,
+                )
         except Exception as exc:  # serving eagerly is slower, never wrong
             log.warning("CUDA-graph capture failed (%s: %s); the decode step runs eagerly", type(exc).__name__, exc)
             return None
-        after = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
+        after = torch.cuda.memory_reserved(self.device) if self.device.type == "cuda" else 0
         log.info("captured decode CUDA graphs for batches %s (%s) in %.1f s, %.0f MiB", buckets,
                  "with and without LoRA" if self.lora else "base model", time.monotonic() - started,
                  (after - before) / MiB)

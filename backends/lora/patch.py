@@ -84,7 +84,7 @@ class RowSlots:
     @classmethod
     def allocate(cls, rows: int, context: "LoRAContext") -> "RowSlots":
         slots = torch.zeros(rows, dtype=torch.long, device=context.device)
-        scales = torch.zeros(rows, dtype=context.dtype, device=context.device)
+        scales = torch.zeros(rows, dtype=torch.float32, device=context.device)  # 1.3 stays 1.3 in a bf16 model
         segments = triton_ops.SegmentMeta.build(slots, scales, context.max_loras) if context.kernels else None
         return cls(slots, scales, segments)
 
