@@ -39,7 +39,8 @@ def _timed(cls, name: str, spent: dict) -> None:
 
 
 class Collect:
-    """Output sink: the last chunk, and an event set by the final response (an error fails the benchmark)."""
+    """Output sink: the last chunk, and an event set by the final response (an error fails the benchmark). Not
+    tests/engine_helpers.Collect: this script also runs against older checkouts, which do not have it."""
 
     def __init__(self) -> None:
         import threading
