@@ -10,6 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 
 from backends.settings import ALLOWED_LORA_ROOTS_ENV, LORA_REGISTRY_ENV, cache_dir, default_llm_model_path
+from scripts.llm_families import make_family
 from scripts.make_fixtures import TINY_SD15, TINY_SD3
 from scripts.triton_launcher import TritonServer, copy_model, free_port
 
@@ -40,6 +41,7 @@ TIGHT_MODEL = "llm_tight"  # the llm model with 2 LoRA slots and no static adapt
 PINNED_MODEL = "llm_pinned"  # the llm model whose only LoRA slot holds a pinned adapter, loaded by the tests needing it
 SD15_MODEL = "diffusion_sd15"  # the diffusion model serving the tiny SD1.5-style pipeline
 BATCHED_MODEL = "diffusion_batched"  # the diffusion model whose batcher waits for 4 requests (mixed-batch proof)
+PHI3_MODEL = "llm_phi3"  # the llm model serving the tiny random Phi-3 (fused projections), loaded by its test
 
 
 def _extra_repository(root: Path) -> Path:
@@ -48,6 +50,8 @@ def _extra_repository(root: Path) -> Path:
                 {"max_loras": "2", "max_cpu_loras": "2", "lora_modules": "", "max_num_seqs": "8"})
     copy_model(repo, "llm", PINNED_MODEL, {"max_loras": "1", "max_cpu_loras": "2", "max_num_seqs": "4",
                                            "lora_modules": "uppercase=adapters/demo/uppercase"})
+    copy_model(repo, "llm", PHI3_MODEL, {"model_path": str(make_family("phi3")), "lora_modules": "",
+                                         "max_loras": "2", "max_model_len": "128", "max_num_seqs": "4"})
     copy_model(repo, "diffusion", SD15_MODEL, {
         "model_path": str(cache_dir() / "models" / TINY_SD15),
         "lora_modules": "tiny-sd15-a=adapters/diffusion/tiny-sd15-a",

@@ -77,3 +77,15 @@ def test_stop_matcher_agrees_with_a_naive_search_fed_in_pieces():
         if found is None:  # the held-back tail is the longest proper stop prefix ending the text
             assert matcher.partial == max((n for s in stops for n in range(1, len(s)) if text.endswith(s[:n])),
                                           default=0)
+
+
+def test_generation_ending_inside_a_character_flushes_it_as_decode_does(tokenizer):
+    """A length limit can cut a multi-byte character: the final text keeps it (U+FFFD), as decode of every output
+    id gives it, instead of dropping the tail."""
+    ids = tokenizer("ok 😀", add_special_tokens=False).input_ids
+    cut = next(i for i in range(1, len(ids)) if tokenizer.decode(ids[:i]).endswith("\ufffd"))
+    detok = IncrementalDetokenizer(tokenizer)
+    deltas = [detok.add_token(t).delta for t in ids[:cut]]
+    assert "\ufffd" not in "".join(deltas)
+    deltas.append(detok.flush())
+    assert "".join(deltas) == tokenizer.decode(ids[:cut])

@@ -185,22 +185,29 @@ class SlotKVCache:
         return self._cache(_DecodeWrite(slots, positions, width, gather=True))
 
 
-def prefill_mask(lengths: Sequence[int], width: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """Additive [n, 1, width, width] causal mask over left-padded prompts. A padding query attends to itself only,
-    so no softmax row is empty (an all-masked row would be NaN); its output is never read."""
+def prefill_mask(lengths: Sequence[int], width: int, dtype: torch.dtype, device, window: int | None = None
+                 ) -> torch.Tensor:
+    """Additive [n, 1, width, width] causal mask over left-padded prompts (keys within `window` positions of the
+    query when given). A padding query attends to itself only, so no softmax row is empty (an all-masked row
+    would be NaN); its output is never read."""
     n = len(lengths)
     col = torch.arange(width, device=device)
     real = col.unsqueeze(0) >= (width - torch.tensor(lengths, device=device)).unsqueeze(1)  # [n, width]
     causal = col.view(1, -1) <= col.view(-1, 1)  # [q, k]
+    if window is not None:  # transformers' sliding window: key > query - window
+        causal &= col.view(1, -1) > col.view(-1, 1) - window
     allowed = causal.unsqueeze(0) & real.unsqueeze(1)  # real keys at or before the query
     allowed |= torch.eye(width, dtype=torch.bool, device=device).unsqueeze(0)
     return _additive(allowed.view(n, 1, width, width), dtype)
 
 
-def decode_mask_into(out: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Fill the additive [n, 1, 1, width] mask in place: row r sees columns 0..positions[r]."""
+def decode_mask_into(out: torch.Tensor, positions: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """Fill the additive [n, 1, 1, width] mask in place: row r sees columns 0..positions[r] (the last `window`
+    of them when given)."""
     col = torch.arange(out.shape[-1], device=out.device)
     allowed = col.view(1, -1) <= positions.view(-1, 1)
+    if window is not None:
+        allowed &= col.view(1, -1) > positions.view(-1, 1) - window
     out.copy_(_additive(allowed, out.dtype).view_as(out))
     return out
 

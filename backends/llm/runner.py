@@ -14,13 +14,14 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from backends.llm.kv_cache import MiB, KVShape, SlotKVCache, decode_mask_into, plan_num_slots, prefill_mask
 from backends.lora.cuda_graphs import GraphedLoRAForward
 from backends.lora.patch import LoRAContext, patch_model
+from backends.lora.targets import llm_targets, packed_parts, parse_target_modules
 from backends.model_params import param_bool, param_float, param_int
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 class LoRASettings:
     max_loras: int = 16  # device slots = distinct adapters in one step
     max_rank: int = 16
+    target_modules: str | None = None  # `lora_target_modules`: None = every linear of the decoder blocks
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,41 @@ class RunnerSettings:
             raise ValueError(f"model parameter 'gpu_memory_utilization' must be in (0, 1], got "
                              f"{settings.gpu_memory_utilization}")
         return settings
+
+
+@dataclass(frozen=True)
+class AttentionLayout:
+    """The masks a model's attention layers take: layer type -> sliding window (None = full causal).
+
+    Hybrid models (Gemma-2/3, Qwen2/3 with `layer_types`) take a dict of masks keyed by layer type; Mistral and
+    Phi-3 apply their `sliding_window` to every layer through one mask. Transformers uses a 4-D mask as given, so
+    the window must be in the mask we build, or sliding layers would attend over the whole context."""
+
+    windows: dict[str, int | None]
+    per_layer_type: bool
+
+    @classmethod
+    def of(cls, config, max_model_len: int, where: str) -> "AttentionLayout":
+        window = getattr(config, "sliding_window", None)
+        if window is not None and int(window) >= max_model_len:
+            window = None  # a window as long as the context is full attention
+        types = set(getattr(config, "layer_types", None) or [])
+        if not types:
+            return cls({"full_attention": window}, per_layer_type=False)
+        unsupported = types - {"full_attention", "sliding_attention"}
+        if unsupported:
+            raise ValueError(f"{where}: attention layer types {sorted(unsupported)} are not supported; only full and "
+                             f"sliding-window attention layers are")
+        return cls({t: window if t == "sliding_attention" else None for t in types}, per_layer_type=True)
+
+    def build(self, make: Callable[[int | None], torch.Tensor]):
+        """The model's `attention_mask` argument from `make(window)`; one mask per distinct window."""
+        made: dict[int | None, torch.Tensor] = {}
+        for w in self.windows.values():
+            if w not in made:
+                made[w] = make(w)
+        masks = {t: made[w] for t, w in self.windows.items()}
+        return masks if self.per_layer_type else next(iter(masks.values()))
 
 
 @dataclass(frozen=True)
@@ -123,21 +160,19 @@ class ModelRunner:
         self._prompt_tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype).to(self.device).eval()
         config = self.model.config.get_text_config(decoder=True)
-        layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
-        if layer_types != {"full_attention"}:
-            raise ValueError(f"{path}: only full-attention decoder models are supported, this one has {layer_types}")
         self.model_path = path
         model_len = int(getattr(config, "max_position_embeddings", 2048))
         if settings.max_model_len is not None and not 1 <= settings.max_model_len <= model_len:
             raise ValueError(f"max_model_len {settings.max_model_len} must be in 1..{model_len} (the model's "
                              f"max_position_embeddings)")
         self.max_model_len = settings.max_model_len or model_len
+        self.attention = AttentionLayout.of(config, self.max_model_len, str(path))
         self.eos_token_ids = self._eos_ids()
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._cache_kwarg = cache_kwarg(self.model)
         self.lora: LoRAContext | None = None
         if lora is not None:
-            self.lora = patch_model(self.model, lora.max_loras, lora.max_rank, model_name=str(path))
+            self.lora = self._patch(lora)
         loaded = time.monotonic() - started
         self.kv = self._allocate_kv(KVShape.of(config, self.dtype), settings)
         self.graphs: GraphedLoRAForward | None = None
@@ -151,6 +186,16 @@ class ModelRunner:
             f"CUDA graphs for batches {self.graphs.buckets}" if self.graphs else "eager",
             sorted(self.eos_token_ids), lora,
         )
+
+    def _patch(self, lora: LoRASettings) -> LoRAContext:
+        targets = llm_targets(self.model, parse_target_modules(lora.target_modules))
+        if not any(targets(n, m) for n, m in self.model.named_modules()):
+            linears = [n for n, m in self.model.named_modules() if isinstance(m, torch.nn.Linear)]
+            raise ValueError(f"{self.model_path}: lora_target_modules {lora.target_modules!r} match no linear layer of "
+                             f"{type(self.model).__name__} (its linears look like {linears[:3]})")
+        context = patch_model(self.model, lora.max_loras, lora.max_rank, targets, model_name=str(self.model_path))
+        context.packed = packed_parts(self.model, context.layers)
+        return context
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -208,7 +253,7 @@ class ModelRunner:
         with self._on_device():
             return self._forward(
                 rows_lora, input_ids=ids.to(self.device), position_ids=positions.to(self.device),
-                attention_mask=prefill_mask(lengths, width, self.dtype, self.device),
+                attention_mask=self.attention.build(lambda w: prefill_mask(lengths, width, self.dtype, self.device, w)),
                 use_cache=True, logits_to_keep=1, **{self._cache_kwarg: self.kv.prefill_view(slots, lengths, width)},
             )
 
@@ -250,7 +295,8 @@ class ModelRunner:
         (LoRA from the context's fixed row buffers) every shape is static: the form CUDA graphs capture."""
         positions = inputs["position_ids"]
         rows = positions.shape[0]
-        mask = decode_mask_into(torch.empty(rows, 1, 1, width, dtype=self.dtype, device=self.device), positions)
+        mask = self.attention.build(lambda w: decode_mask_into(
+            torch.empty(rows, 1, 1, width, dtype=self.dtype, device=self.device), positions, w))
         cache = self.kv.decode_view(positions.view(-1), width, slots)
         kwargs = {"input_ids": inputs["input_ids"], "position_ids": positions, "attention_mask": mask,
                   "use_cache": True, self._cache_kwarg: cache}

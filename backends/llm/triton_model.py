@@ -71,14 +71,13 @@ class TritonLLMModel:
         log.info("model '%s' serving %s on %s (set parameter model_path or %s to change)",
                  args["model_name"], model_path, device, LLM_MODEL_PATH_ENV)
         lora = LoRAServingConfig.from_parameters(params)
+        lora_settings = LoRASettings(lora.max_loras, lora.max_lora_rank, params.get("lora_target_modules") or None)
         settings = RunnerSettings.from_parameters(params)
         self.lora = None
 
         def setup(engine: LLMEngine):  # on the engine thread, which does all torch work
-            runner = ModelRunner(
-                model_path, device=device,
-                lora=LoRASettings(lora.max_loras, lora.max_lora_rank) if lora.enabled else None, settings=settings,
-            )
+            runner = ModelRunner(model_path, device=device, lora=lora_settings if lora.enabled else None,
+                                 settings=settings)
             if not lora.enabled:
                 return runner, None
             self.lora = build_resolver(runner.lora, lora, run=engine.call)

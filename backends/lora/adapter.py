@@ -29,6 +29,8 @@ BIN_FILE = "adapter_model.bin"
 MAX_HEADER_BYTES = 100_000_000
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[A-Za-z0-9_-]+)?\.weight$")
 _DEFAULT_LAYER = re.compile(r".*\.[^.]*\.(\d+)\.")
+# PEFT saves the base weight of an lm_head it targets (save_embedding_layers="auto"): a copy, not a delta.
+_BASE_COPY = re.compile(r"^(?:base_model\.model\.)?(?P<module>(?:.+\.)?lm_head)\.base_layer\.weight$")
 _MAX_LISTED = 6
 
 
@@ -53,6 +55,14 @@ class TargetSpec:
 
     modules: Mapping[str, tuple[int, int]]
     model_name: str | None = None  # compared with the adapter's base_model_name_or_path
+    # Fused module -> its parts (`backends.lora.targets.PackedPart`: name, first output row, rows), so adapters
+    # trained on the parts (q/k/v_proj) load onto the fused layer (qkv_proj).
+    packed: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
+
+    def with_parts(self) -> dict[str, tuple[int, int]]:
+        """Every module an adapter may name: the layers and the parts of fused layers."""
+        parts = {p.name: (self.modules[f][0], p.size) for f, ps in self.packed.items() for p in ps}
+        return {**self.modules, **parts}
 
 
 @dataclass(frozen=True)
@@ -305,24 +315,34 @@ def load_adapter(
     for key, tensor in state.items():
         match = _KEY.match(key)
         if match is None:
+            if (copy := _BASE_COPY.match(key)) and copy["module"] in spec.modules:
+                fan_in, fan_out = spec.modules[copy["module"]]
+                if tuple(tensor.shape) != (fan_out, fan_in):
+                    problems.append(f"{key} has shape {list(tensor.shape)}, the served model's {copy['module']} is "
+                                    f"[{fan_out}, {fan_in}] (adapters for a resized vocabulary are not supported)")
+                continue  # the served model's own weights are used
             unexpected.append(key)
             continue
         found.setdefault(match["module"], {})[match["ab"]] = tensor
     if unexpected:
         problems.append(f"unexpected tensors (not lora_A/lora_B weights): {_listed(unexpected)}")
 
-    expected = {m for m in spec.modules if config.targets(m)}
+    nameable = spec.with_parts()
+    expected = {m for m in nameable if config.targets(m)}
+    for fused, parts in spec.packed.items():  # an adapter names either the fused layer or its parts, not both
+        names = {p.name for p in parts}
+        expected -= names if fused in found or not names & set(found) else {fused}
     if not expected:
         example = next(iter(spec.modules), "none")
         problems.append(
             f"target_modules {config.target_modules!r} match zero layers of the served model "
             f"(LoRA-enabled layers look like '{example}')"
         )
-    unknown = set(found) - set(spec.modules)
+    unknown = set(found) - set(nameable)
     if unknown:
         problems.append(f"tensors for modules the served model does not have or does not LoRA-enable: "
                         f"{_listed(unknown)}")
-    not_targeted = (set(found) & set(spec.modules)) - expected
+    not_targeted = (set(found) & set(nameable)) - expected
     if not_targeted:
         problems.append(f"tensors for modules outside target_modules: {_listed(not_targeted)}")
     missing = {m for m in expected if set(found.get(m, {})) != {"A", "B"}}
@@ -335,7 +355,7 @@ def load_adapter(
     for name in sorted(expected - missing):
         a, b = found[name]["A"], found[name]["B"]
         r, _ = config.rank_and_alpha(name)
-        fan_in, fan_out = spec.modules[name]
+        fan_in, fan_out = nameable[name]
         if tuple(a.shape) != (r, fan_in) or tuple(b.shape) != (fan_out, r):
             bad_shape.append(f"{name}: lora_A {list(a.shape)}, lora_B {list(b.shape)}, expected [{r}, {fan_in}] "
                              f"and [{fan_out}, {r}]")
@@ -344,6 +364,7 @@ def load_adapter(
             too_big.append(f"{name} (rank {r})")
         modules[name] = ModuleLoRA(A=a, Bt=b)
     not_finite = finalize_modules(modules, config.scaling, dtype)
+    problems += fuse_parts(modules, spec, max_rank)
     if bad_shape:
         problems.append(f"shape mismatch with the served model at {len(bad_shape)} modules, e.g. {bad_shape[0]}")
     if too_big and config.r <= max_rank:
@@ -353,3 +374,28 @@ def load_adapter(
     if problems:
         raise AdapterError(path, problems)
     return LoRAAdapter(path=path, config=config, modules=modules)
+
+
+def fuse_parts(modules: dict[str, ModuleLoRA], spec: TargetSpec, max_rank: int) -> list[str]:
+    """In place: the parts of each fused layer (scaling already folded in) become one LoRA on it, A stacked by
+    rows and B^T block-diagonal, so the fused output's rows of part p get exactly B_p A_p x. Returns problems."""
+    problems = []
+    for fused, parts in spec.packed.items():
+        present = [p for p in parts if p.name in modules]
+        if not present:
+            continue
+        pieces = [modules.pop(p.name) for p in present]
+        ranks = [m.A.shape[0] for m in pieces]
+        if sum(ranks) > max_rank:
+            terms = " + ".join(f"{r} ({p.name.rsplit('.', 1)[-1]})" for r, p in zip(ranks, present))
+            problems.append(f"{fused}: its parts' ranks {terms} = {sum(ranks)} on the fused layer exceed "
+                            f"max_lora_rank {max_rank}")
+            continue
+        first = pieces[0].Bt
+        bt = torch.zeros(sum(ranks), spec.modules[fused][1], dtype=first.dtype)
+        row = 0
+        for part, piece, r in zip(present, pieces, ranks):
+            bt[row:row + r, part.offset:part.offset + part.size] = piece.Bt
+            row += r
+        modules[fused] = ModuleLoRA(A=torch.cat([m.A for m in pieces]), Bt=bt)
+    return problems

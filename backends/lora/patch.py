@@ -18,9 +18,7 @@ from torch import nn
 from backends.lora.adapter import LoRAAdapter, TargetSpec
 from backends.lora import triton_ops
 from backends.lora.ops import LoRABatch, lora_apply, lora_apply_rows
-
-# Transformer-block linears of HF decoder LMs (Llama, Mistral, Qwen, ...): attention and MLP projections.
-DEFAULT_LLM_TARGETS = r".*\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+from backends.lora.targets import PackedPart, llm_targets
 
 
 class LoRALinear(nn.Module):
@@ -111,6 +109,8 @@ class LoRAContext:
         self.dtype, self.device = dtype, torch.device(device)
         self.model_name = model_name
         self.layers: dict[str, LoRALinear] = {}
+        # Fused layers (Phi-3 qkv_proj, ...) -> their parts, so adapters trained on the parts load onto them.
+        self.packed: dict[str, tuple[PackedPart, ...]] = {}
         self.batch: LoRABatch | None = None
         # Fixed-size per-row buffers for the CUDA-graph path; None = the per-batch paths.
         self.rows: RowSlots | None = None
@@ -122,7 +122,8 @@ class LoRAContext:
 
     @property
     def spec(self) -> TargetSpec:
-        return TargetSpec({n: (m.in_features, m.out_features) for n, m in self.layers.items()}, self.model_name)
+        return TargetSpec({n: (m.in_features, m.out_features) for n, m in self.layers.items()}, self.model_name,
+                          self.packed)
 
     # -- per forward -----------------------------------------------------------------------------------------
     def set_batch(self, slot_ids: Sequence[int], scales: Sequence[float]) -> None:
@@ -187,14 +188,17 @@ def patch_model(
     model: nn.Module,
     max_loras: int,
     max_rank: int,
-    targets: str | Callable[[str, nn.Module], bool] = DEFAULT_LLM_TARGETS,
+    targets: str | Callable[[str, nn.Module], bool] | None = None,
     dtype: torch.dtype | None = None,
     model_name: str | None = None,
 ) -> LoRAContext:
-    """Replace every `nn.Linear` whose name matches `targets` (regex, full match, or predicate) with `LoRALinear`."""
+    """Replace every `nn.Linear` whose name matches `targets` (regex, full match, or predicate; default: every
+    linear of the decoder blocks, see `backends.lora.targets`) with `LoRALinear`."""
     first = next(model.parameters())
     model_name = model_name or getattr(getattr(model, "config", None), "name_or_path", None) or None
     context = LoRAContext(max_loras, max_rank, dtype or first.dtype, first.device, model_name)
+    if targets is None:
+        targets = llm_targets(model)
     match = targets if callable(targets) else (lambda name, _m, rx=re.compile(targets): rx.fullmatch(name))
     chosen = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and match(n, m)]
     if not chosen:
