@@ -311,3 +311,15 @@ def test_served_phi3_with_a_split_qkv_adapter_gives_pefts_greedy_text(phi3, http
             reference.set_adapter("scaled" if scale else "full")
             want = _generate(reference, ids, until_eos=True)
         assert got.text == tokenizer.decode(want, skip_special_tokens=True), f"{prompt!r} ({adapter}, {scale})"
+
+
+def test_a_model_without_linear_projections_is_refused_naming_its_layers(tmp_path):
+    """GPT-2 computes its projections with transformers' Conv1D, which takes no LoRA here."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from scripts.llm_families import byte_tokenizer
+
+    GPT2LMHeadModel(GPT2Config(vocab_size=259, n_embd=32, n_layer=1, n_head=2, n_positions=64)).save_pretrained(tmp_path)
+    byte_tokenizer().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"GPT2LMHeadModel has no nn.Linear in its decoder blocks .*Conv1D"):
+        ModelRunner(tmp_path, lora=LoRASettings(1, 8), settings=RunnerSettings(max_model_len=32))

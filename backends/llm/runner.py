@@ -191,6 +191,10 @@ class ModelRunner:
         targets = llm_targets(self.model, parse_target_modules(lora.target_modules))
         if not any(targets(n, m) for n, m in self.model.named_modules()):
             linears = [n for n, m in self.model.named_modules() if isinstance(m, torch.nn.Linear)]
+            if lora.target_modules is None:  # e.g. GPT-2, whose projections are transformers' Conv1D
+                kinds = sorted({type(m).__name__ for m in self.model.modules() if not list(m.children())})
+                raise ValueError(f"{self.model_path}: {type(self.model).__name__} has no nn.Linear in its decoder "
+                                 f"blocks to put LoRA on (its layers are {', '.join(kinds)})")
             raise ValueError(f"{self.model_path}: lora_target_modules {lora.target_modules!r} match no linear layer of "
                              f"{type(self.model).__name__} (its linears look like {linears[:3]})")
         context = patch_model(self.model, lora.max_loras, lora.max_rank, targets, model_name=str(self.model_path))
