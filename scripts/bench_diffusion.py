@@ -11,7 +11,12 @@ diffusers `load_lora_weights` (cold) and `set_adapters` (cached), next to the ti
 With --triton (default: the tiny pipeline) the same batches also run end to end through tritonserver. Prints a
 table; writes CSV and PNG.
 
+With --locon, only this: on an SDXL-shaped UNet (bench-random-sdxl), a mixed batch [X, none, Y, X@0.5] through
+`DiffusionGenerator.run` where X is a linear-only kohya adapter, then a LoCon adapter (the same linears plus the
+ResNet, shortcut and resampler convolutions), Y a second linear-only adapter; next to the batch without LoRA.
+
     .venv/bin/python -m scripts.bench_diffusion [--repeats 5] [--pipelines tiny-random-sd3 bench-random-sd3]
+    .venv/bin/python -m scripts.bench_diffusion --locon [--repeats 5]
 """
 
 from __future__ import annotations
@@ -36,7 +41,9 @@ from backends.diffusion.pipeline import load_pipeline
 from backends.lora.cache import AdapterRef, LoRACache
 from backends.lora.resolver import LoRASelection
 from backends.settings import REPO_ROOT, adapters_dir
-from scripts.make_fixtures import BENCH_SD3, TINY_SD3, _random_lora, fixtures_dir, make_pipeline
+from scripts.make_fixtures import (
+    BENCH_SD3, BENCH_SDXL, TINY_SD3, AdapterFixture, _random_lora, fixtures_dir, make_adapter, make_pipeline,
+)
 
 console = Console(width=150)
 RANK = 16
@@ -192,6 +199,44 @@ def run_pipeline(name: str, repeats: int) -> tuple[list[dict], list[dict]]:
     return rows, switch
 
 
+UNET_LINEARS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out")
+LOCON_ADAPTERS = {
+    "linear": AdapterFixture("bench-sdxl-linear", BENCH_SDXL, r=RANK, alpha=RANK, targets=UNET_LINEARS,
+                             formats=("kohya",), seed=200, std=0.05),
+    "other": AdapterFixture("bench-sdxl-other", BENCH_SDXL, r=RANK, alpha=RANK, targets=UNET_LINEARS,
+                            formats=("kohya",), seed=201, std=0.05),
+    "locon": AdapterFixture("bench-sdxl-locon", BENCH_SDXL, r=RANK, alpha=RANK,
+                            targets=UNET_LINEARS + ("conv1", "conv2", "conv_shortcut", "conv"), formats=("kohya",),
+                            seed=202, std=0.05),
+}
+
+
+def run_locon(repeats: int, size: int = 256, steps: int = 4) -> list[dict]:
+    make_pipeline(BENCH_SDXL)
+    folders = {k: make_adapter(f)[0] for k, f in LOCON_ADAPTERS.items()}
+    loaded = load_pipeline(str(fixtures_dir() / BENCH_SDXL))
+    lora = PipelineLoRA(loaded, max_loras=4, max_rank=RANK)
+    cache = LoRACache(lora.context, lambda ref: lora.load(ref.path), max_cpu_loras=4)
+    gen = DiffusionGenerator(loaded, ImageLimits(), lora, cache)
+    refs = {k: AdapterRef(i + 1, k, str(folder)) for i, (k, folder) in enumerate(folders.items())}
+    prompts = ["a red cat", "a blue dog", "a green tree", "a yellow house"]
+
+    def batch(x: str | None):
+        rows = [(x, 1.0), (None, 0.0), ("other", 1.0), (x, 0.5)] if x else [(None, 0.0)] * 4
+        reqs = [build_request(loaded, gen.limits, prompt=p, height=size, width=size, steps=steps, seed=i,
+                              lora=None if a is None else LoRASelection(refs[a], scale))
+                for i, (p, (a, scale)) in enumerate(zip(prompts, rows))]
+        return lambda: gen.run(reqs)
+
+    console.print(f"{BENCH_SDXL}: {size}x{size}, {steps} steps, batch of 4 (8 UNet rows under CFG), r={RANK}, "
+                  f"{len(lora.context.spec.kernels)} LoRA-enabled convs, {repeats} repeats")
+    cases = {"no LoRA": batch(None), "X = linear-only": batch("linear"), "X = LoCon": batch("locon")}
+    timings = interleaved(cases, repeats)
+    linear = statistics.median(timings["X = linear-only"])
+    return [dict(pipeline=BENCH_SDXL, batch=k, p50_s=statistics.median(v), p99_s=pct(v, 0.99),
+                 vs_linear=statistics.median(v) / linear) for k, v in timings.items()]
+
+
 def run_triton(name: str, repeats: int) -> list[dict]:
     """The same batches end to end: 4 clients send at once, Triton's dynamic batcher hands them to the diffusion
     model together (preferred batch 4), LoRA fields travel as request parameters. Latency = until all 4 answered."""
@@ -285,6 +330,7 @@ def main() -> None:
     p.add_argument("--triton", nargs="*", default=[TINY_SD3], choices=list(SETTINGS),
                    help="pipelines to also run end to end through tritonserver (default: the tiny one)")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "bench_out")
+    p.add_argument("--locon", action="store_true", help="only the LoCon vs linear-only batch on bench-random-sdxl")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import warnings
@@ -294,6 +340,22 @@ def main() -> None:
     diffusers_logging.set_verbosity_error()  # "no LoRA keys for the text encoder" per load: expected here
     warnings.filterwarnings("ignore", category=UserWarning, module="peft")
     console.print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch of 4, r={RANK}")
+    if args.locon:
+        rows = run_locon(args.repeats)
+        table = Table(title="Mixed batch [X, none, Y, X@0.5], Y linear-only (p50/p99 over repeats)")
+        for col in ("pipeline", "batch", "p50 s", "p99 s", "vs linear-only"):
+            table.add_column(col, justify="right")
+        for r in rows:
+            table.add_row(r["pipeline"], r["batch"], f"{r['p50_s']:.3f}", f"{r['p99_s']:.3f}",
+                          f"{r['vs_linear']:.2f}x")
+        console.print(table)
+        args.out.mkdir(parents=True, exist_ok=True)
+        with open(args.out / "diffusion_locon.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        console.print(f"wrote {args.out / 'diffusion_locon.csv'}")
+        return
     rows, switch = [], []
     for name in args.pipelines:
         r, s = run_pipeline(name, args.repeats * (6 if name == TINY_SD3 else 1))

@@ -5,9 +5,11 @@ Accepted, in the forms people download or train:
 - a PEFT folder (`adapter_config.json` + `adapter_model.safetensors`) trained on the denoiser (transformer/UNet):
   validated by the same code as LLM adapters;
 - diffusers LoRA files (`pytorch_lora_weights.safetensors`, PEFT-style or the older `lora.down/up` keys, with
-  alphas from the file's `lora_adapter_metadata`) and kohya/A1111 files (`lora_unet_*`, `lora_te*_*` keys with
-  `.alpha`), given as the file or its folder. Non-PEFT keys are converted by diffusers' own utilities: the
-  pipeline class's `lora_state_dict`, then diffusers' key mappings to PEFT names.
+  alphas, alpha_pattern and rank_pattern from the file's `lora_adapter_metadata`) and kohya/A1111 files
+  (`lora_unet_*`, `lora_te*_*` keys with `.alpha`), given as the file or its folder. Non-PEFT keys are converted
+  by diffusers' own utilities: the pipeline class's `lora_state_dict`, then diffusers' key mappings to PEFT names.
+  These may carry LoCon weights for a UNet's convolutions (down [r, in, kh, kw] with the layer's kernel, up
+  [out, r, 1, 1]), which are flattened to the [r, in*kh*kw] / [out, r] layout of the slot buffers.
 Everything wrong is collected into one `AdapterError` naming the file.
 """
 
@@ -22,7 +24,7 @@ import torch
 
 from backends.lora.adapter import (
     CONFIG_FILE, AdapterError, AdapterNotFoundError, LoRAAdapter, LoRAConfig, ModuleLoRA, TargetSpec,
-    _listed, _read_safetensors, finalize_modules, load_adapter,
+    _listed, _pattern_value, _read_safetensors, checked_pair, finalize_modules, load_adapter,
 )
 
 DIFFUSERS_WEIGHT_FILE = "pytorch_lora_weights.safetensors"
@@ -76,8 +78,19 @@ def _metadata_alphas(file: Path) -> dict[str, dict]:
     return out
 
 
+def _served_name(module: str, spec: TargetSpec) -> str:
+    """transformers 5's CLIPTextModel lost its `text_model` level (CLIPTextModelWithProjection kept it); files
+    written against transformers 4 (most in the wild: SD1.5/SDXL text encoder 1, Flux's CLIP) still name it."""
+    component, _, rest = module.partition(".")
+    if module not in spec.modules and rest.startswith("text_model."):
+        flat = f"{component}.{rest.removeprefix('text_model.')}"
+        if flat in spec.modules:
+            return flat
+    return module
+
+
 def _load_single_file(file: Path, spec: TargetSpec, denoiser: str, pipeline_cls, max_rank: int,
-                      dtype: torch.dtype) -> LoRAAdapter:
+                      dtype: torch.dtype, state_dict_kwargs: dict) -> LoRAAdapter:
     problems: list[str] = []
     raw = _read_safetensors(file, problems)
     if raw is None:
@@ -89,7 +102,7 @@ def _load_single_file(file: Path, spec: TargetSpec, denoiser: str, pipeline_cls,
         state, alphas = raw, {}  # already PEFT names under our component names: nothing to convert
     else:
         try:
-            converted = pipeline_cls.lora_state_dict(dict(raw))
+            converted = pipeline_cls.lora_state_dict(dict(raw), **state_dict_kwargs)
         except (ValueError, KeyError) as exc:  # diffusers' converters reject keys they cannot rename
             raise AdapterError(file, [f"not a LoRA file diffusers can read for {pipeline_cls.__name__}: "
                                       f"{exc}"]) from None
@@ -106,20 +119,25 @@ def _load_single_file(file: Path, spec: TargetSpec, denoiser: str, pipeline_cls,
         if match is None or not isinstance(tensor, torch.Tensor):
             unexpected.append(key)
         else:
-            found.setdefault(match["module"], {})[match["ab"]] = tensor
+            found.setdefault(_served_name(match["module"], spec), {})[match["ab"]] = tensor
     if unexpected:
         problems.append(f"unexpected tensors (not LoRA down/up weights): {_listed(unexpected)}")
     alpha_of = {}
     for key, value in alphas.items():
         match = _ALPHA.match(key)
         if match:
-            alpha_of[match["module"]] = float(value.item() if isinstance(value, torch.Tensor) else value)
+            alpha_of[_served_name(match["module"], spec)] = float(value.item() if isinstance(value, torch.Tensor) else value)
     meta = _metadata_alphas(file)
 
     unknown = set(found) - set(spec.modules)
     if unknown:
+        served = {n.split(".", 1)[0] for n in spec.modules}
+        foreign = sorted({n.split(".", 1)[0] for n in unknown} - served)
+        hint = (f" (this {pipeline_cls.__name__} has no {', '.join(foreign)}: an adapter for another model "
+                f"family?)") if foreign else ""
         problems.append(f"weights for modules this pipeline does not have or does not LoRA-enable (only linear "
-                        f"layers of the denoiser and text encoders are): {_listed(unknown)}")
+                        f"layers of the denoiser and text encoders, and a UNet's convolutions, are): "
+                        f"{_listed(unknown)}{hint}")
     incomplete = {m for m, ab in found.items() if set(ab) != {"A", "B"}}
     if incomplete:
         problems.append(f"down/up (lora_A/lora_B) pair incomplete for {len(incomplete)} modules: "
@@ -130,17 +148,22 @@ def _load_single_file(file: Path, spec: TargetSpec, denoiser: str, pipeline_cls,
     scaling: dict[str, float] = {}
     bad_shape, too_big = [], []
     for name in sorted(set(found) - unknown - incomplete):
-        a, b = found[name]["A"], found[name]["B"]
-        fan_in, fan_out = spec.modules[name]
+        pair = checked_pair(name, found[name]["A"], found[name]["B"], *spec.modules[name], spec.kernels.get(name))
+        if isinstance(pair, str):
+            bad_shape.append(pair)
+            continue
+        a, b = pair
         r = a.shape[0]
-        if a.dim() != 2 or b.dim() != 2 or tuple(a.shape) != (r, fan_in) or tuple(b.shape) != (fan_out, r):
-            bad_shape.append(f"{name}: down {list(a.shape)}, up {list(b.shape)}, expected [r, {fan_in}] and "
-                             f"[{fan_out}, r]")
+        component, _, local = name.partition(".")
+        cfg = meta.get(component, {})
+        # PEFT's rank_pattern/alpha_pattern: keys matched against the end of the name within the component.
+        want_r = _pattern_value(cfg.get("rank_pattern") or {}, local, cfg.get("r", r))
+        if want_r != r:
+            bad_shape.append(f"{name}: rank {r}, but the file's metadata says r/rank_pattern {want_r}")
             continue
         if r > max_rank:
             too_big.append(f"{name} (rank {r})")
-        cfg = meta.get(name.split(".", 1)[0], {})
-        alpha = alpha_of.get(name, cfg.get("lora_alpha", r))
+        alpha = alpha_of.get(name, _pattern_value(cfg.get("alpha_pattern") or {}, local, cfg.get("lora_alpha", r)))
         scaling[name] = float(alpha) / (math.sqrt(r) if cfg.get("use_rslora") else r)
         modules[name] = ModuleLoRA(A=a, Bt=b)
     if bad_shape:
@@ -158,15 +181,18 @@ def _load_single_file(file: Path, spec: TargetSpec, denoiser: str, pipeline_cls,
 
 
 def load_diffusion_adapter(path: str | Path, spec: TargetSpec, denoiser: str, pipeline_cls, max_rank: int,
-                           dtype: torch.dtype = torch.float32) -> LoRAAdapter:
-    """A PEFT folder (denoiser), or a diffusers/kohya single file (or its folder), for the pipeline `spec`."""
+                           dtype: torch.dtype = torch.float32, state_dict_kwargs: dict | None = None) -> LoRAAdapter:
+    """A PEFT folder (denoiser), or a diffusers/kohya single file (or its folder), for the pipeline `spec`
+    (LoRA-enabled convolutions in `spec.kernels`). `state_dict_kwargs` go to
+    the pipeline class's `lora_state_dict` (diffusers passes SDXL's `unet_config`, which maps kohya's SGM block
+    names onto the diffusers UNet)."""
     path = Path(path)
     if not path.exists():
         raise AdapterNotFoundError(path, "no such file or folder")
     if path.is_dir() and (path / CONFIG_FILE).is_file():
         prefix = denoiser + "."
-        sub = TargetSpec({n[len(prefix):]: d for n, d in spec.modules.items() if n.startswith(prefix)},
-                         spec.model_name)
+        local = lambda d: {n[len(prefix):]: v for n, v in d.items() if n.startswith(prefix)}  # noqa: E731
+        sub = TargetSpec(local(spec.modules), spec.model_name, kernels=local(spec.kernels))
         adapter = load_adapter(path, sub, max_rank, dtype=dtype)
         adapter.modules = {prefix + n: m for n, m in adapter.modules.items()}
         return adapter
@@ -177,4 +203,4 @@ def load_diffusion_adapter(path: str | Path, spec: TargetSpec, denoiser: str, pi
     if file.suffix != ".safetensors":
         raise AdapterError(file, ["only .safetensors LoRA files are accepted (pickled .bin/.ckpt files can run "
                                   "code when loaded)"])
-    return _load_single_file(file, spec, denoiser, pipeline_cls, max_rank, dtype)
+    return _load_single_file(file, spec, denoiser, pipeline_cls, max_rank, dtype, state_dict_kwargs or {})

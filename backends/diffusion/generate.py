@@ -69,6 +69,9 @@ def build_request(loaded: LoadedPipeline, limits: ImageLimits, *, prompt: str | 
     for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt or "")):
         if len(text) > limits.max_prompt_chars:
             raise InvalidArgument(f"input '{name}' has {len(text)} characters, max is {limits.max_prompt_chars}")
+    if negative_prompt and not loaded.negative_prompt:
+        raise InvalidArgument(f"{loaded.name} ({loaded.kind}) takes no negative_prompt: its guidance is embedded in "
+                              f"the model (guidance_scale), there is no classifier-free guidance pass")
     factor = loaded.size_factor
     size = {}
     for name, value in (("height", height), ("width", width)):
@@ -134,6 +137,27 @@ class DiffusionGenerator:
             chunk.append(i)
         return [c for chunks in groups.values() for c in chunks]
 
+    @staticmethod
+    def pipeline_kwargs(batch: list[ImageRequest]) -> dict:
+        """The pipeline call for a planned batch: one row per image, in request order."""
+        first = batch[0]
+        rows = [(req, j) for req in batch for j in range(req.num_images)]
+        kwargs = dict(
+            prompt=[req.prompt for req, _ in rows],
+            height=first.height, width=first.width,
+            generator=[torch.Generator("cpu").manual_seed(req.seed + j) for req, j in rows],
+            output_type="pil",
+        )
+        # Only when some row has one: without it SDXL guides against zero embeddings, not an encoded "" (the
+        # other pipelines encode "" either way).
+        if any(req.negative_prompt for req in batch):
+            kwargs["negative_prompt"] = [req.negative_prompt for req, _ in rows]
+        if first.steps is not None:
+            kwargs["num_inference_steps"] = first.steps
+        if first.guidance_scale is not None:
+            kwargs["guidance_scale"] = first.guidance_scale
+        return kwargs
+
     @torch.inference_mode()
     def run(self, batch: list[ImageRequest]) -> BatchResult:
         """Denoise one planned batch; every row gets its own adapter, scale, prompt and seed."""
@@ -141,17 +165,7 @@ class DiffusionGenerator:
         first = batch[0]
         rows = [(req, j) for req in batch for j in range(req.num_images)]
         refs = [req.lora.ref for req in batch if req.lora is not None]
-        kwargs = dict(
-            prompt=[req.prompt for req, _ in rows],
-            negative_prompt=[req.negative_prompt for req, _ in rows],
-            height=first.height, width=first.width,
-            generator=[torch.Generator("cpu").manual_seed(req.seed + j) for req, j in rows],
-            output_type="pil",
-        )
-        if first.steps is not None:
-            kwargs["num_inference_steps"] = first.steps
-        if first.guidance_scale is not None:
-            kwargs["guidance_scale"] = first.guidance_scale
+        kwargs = self.pipeline_kwargs(batch)
         if refs and (self.lora is None or self.cache is None):
             raise InvalidArgument("this model serves no LoRA adapters (max_loras is 0)")
         if refs:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -29,8 +30,9 @@ class LoadedPipeline:
     name: str  # what the server reports: the folder name or the Hugging Face id
     denoiser: str  # "transformer" or "unet"
     text_encoders: tuple[str, ...]
-    size_factor: int  # height and width must be multiples of this (VAE downscale x patch size)
+    size_factor: int  # height and width must be multiples of this (VAE downscale x latent packing x patch size)
     default_size: int
+    negative_prompt: bool = True  # takes a negative prompt (classic classifier-free guidance)
 
     @property
     def kind(self) -> str:
@@ -64,11 +66,38 @@ def load_pipeline(model: str, device: str = "cpu", dtype: torch.dtype = torch.fl
         raise ValueError(f"{type(pipe).__name__} at {source} has neither a transformer nor a unet to serve LoRA on")
     text_encoders = tuple(n for n in ("text_encoder", "text_encoder_2", "text_encoder_3")
                           if isinstance(getattr(pipe, n, None), torch.nn.Module))
-    vae_factor = int(getattr(pipe, "vae_scale_factor", 8))
-    net_config = getattr(pipe, denoiser).config
-    patch = int(getattr(net_config, "patch_size", None) or 1)
-    default_size = int(net_config.sample_size) * vae_factor
+    factor = _size_factor(pipe, denoiser)
+    default_size = _default_size(pipe, denoiser, factor)
     name = path.name if local else model
     log.info("diffusion pipeline %s (%s) from %s on %s: sizes in multiples of %d, default %dx%d",
-             name, type(pipe).__name__, source, device, vae_factor * patch, default_size, default_size)
-    return LoadedPipeline(pipe, name, denoiser, text_encoders, vae_factor * patch, default_size)
+             name, type(pipe).__name__, source, device, factor, default_size, default_size)
+    return LoadedPipeline(pipe, name, denoiser, text_encoders, factor, default_size, _takes_negative_prompt(pipe))
+
+
+def _takes_negative_prompt(pipe) -> bool:
+    """Flux embeds guidance in the transformer (no CFG pass); its negative prompt only acts in a second "true CFG"
+    mode (true_cfg_scale) that the server does not expose."""
+    params = inspect.signature(pipe.__call__).parameters
+    return "negative_prompt" in params and "true_cfg_scale" not in params
+
+
+def _size_factor(pipe, denoiser: str) -> int:
+    """Pixels per latent token: the image processor's factor (the VAE's, x2 where latents are packed 2x2 as in
+    Flux) times the denoiser's patch size (SD3 patchifies the latents; a UNet has none)."""
+    processor = getattr(pipe, "image_processor", None)
+    vae_factor = getattr(getattr(processor, "config", None), "vae_scale_factor", None)
+    vae_factor = int(vae_factor or getattr(pipe, "vae_scale_factor", 8))
+    patch = int(getattr(getattr(pipe, denoiser).config, "patch_size", None) or 1)
+    return vae_factor * patch
+
+
+def _default_size(pipe, denoiser: str, factor: int) -> int:
+    """The denoiser's latent sample_size times the VAE factor; a denoiser without one (Flux's transformer) takes
+    the VAE's sample_size, which is in pixels. Rounded down to a valid size."""
+    sample_size = getattr(getattr(pipe, denoiser).config, "sample_size", None)
+    if sample_size is not None:
+        size = int(sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
+    else:
+        vae_size = pipe.vae.config.sample_size
+        size = int(vae_size[0] if isinstance(vae_size, (list, tuple)) else vae_size)
+    return max(factor, size // factor * factor)

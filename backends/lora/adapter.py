@@ -58,6 +58,8 @@ class TargetSpec:
     # Fused module -> its parts (`backends.lora.targets.PackedPart`: name, first output row, rows), so adapters
     # trained on the parts (q/k/v_proj) load onto the fused layer (qkv_proj).
     packed: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
+    # Convolutions (LoCon) -> (in_channels, kh, kw); their `modules` entry is (in_channels * kh * kw, out).
+    kernels: Mapping[str, tuple[int, int, int]] = field(default_factory=dict)
 
     def with_parts(self) -> dict[str, tuple[int, int]]:
         """Every module an adapter may name: the layers and the parts of fused layers."""
@@ -353,13 +355,12 @@ def load_adapter(
     bad_shape: list[str] = []
     too_big: list[str] = []
     for name in sorted(expected - missing):
-        a, b = found[name]["A"], found[name]["B"]
         r, _ = config.rank_and_alpha(name)
-        fan_in, fan_out = nameable[name]
-        if tuple(a.shape) != (r, fan_in) or tuple(b.shape) != (fan_out, r):
-            bad_shape.append(f"{name}: lora_A {list(a.shape)}, lora_B {list(b.shape)}, expected [{r}, {fan_in}] "
-                             f"and [{fan_out}, {r}]")
+        pair = checked_pair(name, found[name]["A"], found[name]["B"], *nameable[name], spec.kernels.get(name), r)
+        if isinstance(pair, str):
+            bad_shape.append(pair)
             continue
+        a, b = pair
         if r > max_rank:
             too_big.append(f"{name} (rank {r})")
         modules[name] = ModuleLoRA(A=a, Bt=b)
@@ -374,6 +375,23 @@ def load_adapter(
     if problems:
         raise AdapterError(path, problems)
     return LoRAAdapter(path=path, config=config, modules=modules)
+
+
+def checked_pair(name: str, a: torch.Tensor, b: torch.Tensor, fan_in: int, fan_out: int,
+                 kernel: tuple[int, int, int] | None, rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor] | str:
+    """(A [r, fan_in], B [fan_out, r]) in the slot layout, or what is wrong with the pair's shapes. A conv layer
+    (`kernel` = (in, kh, kw)) takes LoCon's down [r, in, kh, kw] and up [out, r, 1, 1], flattened. `rank`: the
+    rank the config promises (None: whatever A has)."""
+    r = rank if rank is not None else (a.shape[0] if a.dim() else 0)
+    if kernel is None:
+        if tuple(a.shape) == (r, fan_in) and tuple(b.shape) == (fan_out, r):
+            return a, b
+        return f"{name}: lora_A {list(a.shape)}, lora_B {list(b.shape)}, expected [{r}, {fan_in}] and [{fan_out}, {r}]"
+    channels, kh, kw = kernel
+    if tuple(a.shape) == (r, channels, kh, kw) and tuple(b.shape) == (fan_out, r, 1, 1):
+        return a.reshape(r, fan_in), b.reshape(fan_out, r)
+    return (f"{name}: lora_A {list(a.shape)}, lora_B {list(b.shape)}, expected [{r}, {channels}, {kh}, {kw}] (the "
+            f"layer's {kh}x{kw} kernel) and [{fan_out}, {r}, 1, 1]")
 
 
 def fuse_parts(modules: dict[str, ModuleLoRA], spec: TargetSpec, max_rank: int) -> list[str]:

@@ -123,7 +123,7 @@ class LoRAContext:
     @property
     def spec(self) -> TargetSpec:
         return TargetSpec({n: (m.in_features, m.out_features) for n, m in self.layers.items()}, self.model_name,
-                          self.packed)
+                          self.packed, {n: m.kernel for n, m in self.layers.items() if hasattr(m, "kernel")})
 
     # -- per forward -----------------------------------------------------------------------------------------
     def set_batch(self, slot_ids: Sequence[int], scales: Sequence[float]) -> None:

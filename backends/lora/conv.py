@@ -1,0 +1,114 @@
+"""LoCon: per-row LoRA on `nn.Conv2d` layers, sharing a `LoRAContext` (slots, batch mapping) with the linears.
+
+For a row i with slot s and scale c: y_i += c * conv1x1(conv2d(x_i, A_s, stride, padding, dilation), B_s), A_s
+[r, in, kh, kw] (the layer's own kernel), B_s [out, r]. The slot buffers hold A flattened to [r, in * kh * kw] and
+B transposed to [r, out], the layout of a `LoRALinear`'s, so `LoRAContext.load_slot`/`clear_slot` and the adapter
+cache move conv weights like any others.
+
+One forward runs one down conv over the rows that use them against the run of slots [lo, hi) that the batch
+touches and that hold weights for this layer (out channels (hi - lo) * R), zeroes each row's other adapters'
+channels with a per-row scale mask, and one 1x1 conv up: the "dense" idea of `backends.lora.ops`. Rows without
+an adapter for the layer get nothing (or exactly +0).
+
+There is no fixed-shape (CUDA-graph) variant: only diffusion pipelines patch convolutions, and they do not
+capture graphs.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from backends.lora.ops import LoRABatch
+
+if TYPE_CHECKING:
+    from backends.lora.patch import LoRAContext
+
+
+class LoRAConv2d(nn.Module):
+    def __init__(self, base: nn.Conv2d, context: "LoRAContext", name: str):
+        super().__init__()
+        self.base = base
+        self.name = name
+        self._context = [context]  # a list, so nn.Module does not register the context as a child
+        kh, kw = base.kernel_size
+        self.kernel = (base.in_channels, kh, kw)  # what an adapter's down weight [r, in, kh, kw] must match
+        # The flattened sizes the slot buffers (and TargetSpec) use, as for a linear of the same weights.
+        self.in_features, self.out_features = base.in_channels * kh * kw, base.out_channels
+        slots = (context.max_loras, context.max_rank)
+        self.register_buffer("lora_A", torch.zeros(*slots, self.in_features, dtype=context.dtype,
+                                                   device=context.device), persistent=False)
+        self.register_buffer("lora_B", torch.zeros(*slots, self.out_features, dtype=context.dtype,
+                                                   device=context.device), persistent=False)
+        self.loaded_slots: set[int] = set()
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        batch = self._context[0].batch
+        if batch is None or batch.empty:
+            return y
+        # Only the slots with weights here: a LoCon row next to linear-only adapters convolves with its own slot.
+        live = self.loaded_slots & batch.live_slots
+        if live:
+            conv_lora_apply(y, x, batch, self.lora_A, self.lora_B, self.base, min(live), max(live) + 1)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"{self.name}, slots={self.lora_A.shape[0]}, max_rank={self.lora_A.shape[1]}"
+
+
+def conv_lora_apply(y: torch.Tensor, x: torch.Tensor, batch: LoRABatch, A: torch.Tensor, Bt: torch.Tensor,
+                    base: nn.Conv2d, lo: int, hi: int) -> torch.Tensor:
+    """In place on y [N, out, H', W'] for x [N, in, H, W] (N = the batch's rows); A [K, R, in*kh*kw],
+    Bt [K, R, out]; rows whose slot is outside [lo, hi) get nothing. Returns y."""
+    n = x.shape[0]
+    if n != batch.num_seqs:
+        raise ValueError(f"LoRA batch maps {batch.num_seqs} rows but the conv input has {n}")
+    rank = A.shape[1]
+    # Row i keeps only its own slot's R channels, times its scale (dead rows: slot 0 with scale 0).
+    owner = batch.seq_slots.view(n, 1) == torch.arange(lo, hi, device=x.device).view(1, -1)
+    scale = owner.to(x.dtype) * batch.seq_scales.view(n, 1)
+    # Convolve only the rows that use these slots (a LoCon row among base or linear-only rows): the activation
+    # copy is small next to the k x k convolution it saves.
+    rows = scale.any(1).nonzero().view(-1)
+    subset = rows.numel() < n
+    if subset:
+        x, scale = x.index_select(0, rows), scale.index_select(0, rows)
+    down = A[lo:hi].view((hi - lo) * rank, base.in_channels, *base.kernel_size)  # a view: slots are contiguous
+    h = F.conv2d(x, down, None, base.stride, base.padding, base.dilation)
+    h.view(h.shape[0], hi - lo, rank, *h.shape[2:]).mul_(scale.view(-1, hi - lo, 1, 1, 1))
+    up = Bt[lo:hi].reshape((hi - lo) * rank, base.out_channels).t()
+    delta = F.conv2d(h, up.unsqueeze(-1).unsqueeze(-1))
+    return y.index_add_(0, rows, delta) if subset else y.add_(delta)
+
+
+def lora_convertible(module: nn.Module) -> bool:
+    """Plain 2-D convolutions (PEFT's LoCon layers: groups 1, zero padding)."""
+    return isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros"
+
+
+def patch_convs(model: nn.Module, context: "LoRAContext",
+                targets: str | Callable[[str, nn.Module], bool]) -> list[str]:
+    """Wrap every plain `nn.Conv2d` of `model` whose name matches `targets` (regex, full match, or predicate) with
+    `LoRAConv2d`, registered in `context.layers` under its name; returns the names."""
+    match = targets if callable(targets) else (lambda name, _m, rx=re.compile(targets): rx.fullmatch(name))
+    chosen = [(n, m) for n, m in model.named_modules() if lora_convertible(m) and match(n, m)]
+    for name, module in chosen:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        layer = LoRAConv2d(module, context, name)
+        setattr(parent, attr, layer)
+        context.layers[name] = layer
+    return [n for n, _ in chosen]
