@@ -16,43 +16,25 @@ capture graphs.
 
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from backends.lora.layer import SlotLayer, wrap_matching
 from backends.lora.ops import LoRABatch
 
 if TYPE_CHECKING:
     from backends.lora.patch import LoRAContext
 
 
-class LoRAConv2d(nn.Module):
+class LoRAConv2d(SlotLayer):
     def __init__(self, base: nn.Conv2d, context: "LoRAContext", name: str):
-        super().__init__()
-        self.base = base
-        self.name = name
-        self._context = [context]  # a list, so nn.Module does not register the context as a child
         kh, kw = base.kernel_size
+        # Slot buffers hold the kernel flattened: A [r, in * kh * kw], as for a linear of the same weights.
+        super().__init__(base, context, name, base.in_channels * kh * kw, base.out_channels)
         self.kernel = (base.in_channels, kh, kw)  # what an adapter's down weight [r, in, kh, kw] must match
-        # The flattened sizes the slot buffers (and TargetSpec) use, as for a linear of the same weights.
-        self.in_features, self.out_features = base.in_channels * kh * kw, base.out_channels
-        slots = (context.max_loras, context.max_rank)
-        self.register_buffer("lora_A", torch.zeros(*slots, self.in_features, dtype=context.dtype,
-                                                   device=context.device), persistent=False)
-        self.register_buffer("lora_B", torch.zeros(*slots, self.out_features, dtype=context.dtype,
-                                                   device=context.device), persistent=False)
-        self.loaded_slots: set[int] = set()
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -64,9 +46,6 @@ class LoRAConv2d(nn.Module):
         if live:
             conv_lora_apply(y, x, batch, self.lora_A, self.lora_B, self.base, min(live), max(live) + 1)
         return y
-
-    def extra_repr(self) -> str:
-        return f"{self.name}, slots={self.lora_A.shape[0]}, max_rank={self.lora_A.shape[1]}"
 
 
 def conv_lora_apply(y: torch.Tensor, x: torch.Tensor, batch: LoRABatch, A: torch.Tensor, Bt: torch.Tensor,
@@ -103,12 +82,4 @@ def patch_convs(model: nn.Module, context: "LoRAContext",
                 targets: str | Callable[[str, nn.Module], bool]) -> list[str]:
     """Wrap every plain `nn.Conv2d` of `model` whose name matches `targets` (regex, full match, or predicate) with
     `LoRAConv2d`, registered in `context.layers` under its name; returns the names."""
-    match = targets if callable(targets) else (lambda name, _m, rx=re.compile(targets): rx.fullmatch(name))
-    chosen = [(n, m) for n, m in model.named_modules() if lora_convertible(m) and match(n, m)]
-    for name, module in chosen:
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        layer = LoRAConv2d(module, context, name)
-        setattr(parent, attr, layer)
-        context.layers[name] = layer
-    return [n for n, _ in chosen]
+    return wrap_matching(model, context, lora_convertible, targets, LoRAConv2d)

@@ -8,7 +8,6 @@ outputs are bit-identical to the unpatched model.
 from __future__ import annotations
 
 import contextlib
-import re
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -17,35 +16,14 @@ from torch import nn
 
 from backends.lora.adapter import LoRAAdapter, TargetSpec
 from backends.lora import triton_ops
+from backends.lora.layer import SlotLayer, wrap_matching
 from backends.lora.ops import LoRABatch, lora_apply, lora_apply_rows
 from backends.lora.targets import PackedPart, llm_targets
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(SlotLayer):
     def __init__(self, base: nn.Linear, context: "LoRAContext", name: str):
-        super().__init__()
-        self.base = base
-        self.name = name
-        self._context = [context]  # a list, so nn.Module does not register the context as a child
-        self.in_features, self.out_features = base.in_features, base.out_features
-        kw = dict(dtype=context.dtype, device=context.device)
-        # Not persistent: the model's state_dict stays the base model's.
-        self.register_buffer("lora_A", torch.zeros(context.max_loras, context.max_rank, base.in_features, **kw),
-                             persistent=False)
-        # B transposed ([slot, rank, out]) so a run of slots is one contiguous [slots * rank, out] matrix.
-        self.register_buffer("lora_B", torch.zeros(context.max_loras, context.max_rank, base.out_features, **kw),
-                             persistent=False)
-        # Slots holding weights for this layer: a batch whose adapters all skip it costs nothing here (adapters
-        # usually target a subset, e.g. only attention, of the patched layers).
-        self.loaded_slots: set[int] = set()
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base.bias
+        super().__init__(base, context, name, base.in_features, base.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -65,9 +43,6 @@ class LoRALinear(nn.Module):
             else:
                 lora_apply(y2, x2, ctx.batch, self.lora_A, self.lora_B)
         return y
-
-    def extra_repr(self) -> str:
-        return f"{self.name}, slots={self.lora_A.shape[0]}, max_rank={self.lora_A.shape[1]}"
 
 
 @dataclass
@@ -108,7 +83,7 @@ class LoRAContext:
         self.max_loras, self.max_rank = max_loras, max_rank
         self.dtype, self.device = dtype, torch.device(device)
         self.model_name = model_name
-        self.layers: dict[str, LoRALinear] = {}
+        self.layers: dict[str, SlotLayer] = {}
         # Fused layers (Phi-3 qkv_proj, ...) -> their parts, so adapters trained on the parts load onto them.
         self.packed: dict[str, tuple[PackedPart, ...]] = {}
         self.batch: LoRABatch | None = None
@@ -199,14 +174,6 @@ def patch_model(
     context = LoRAContext(max_loras, max_rank, dtype or first.dtype, first.device, model_name)
     if targets is None:
         targets = llm_targets(model)
-    match = targets if callable(targets) else (lambda name, _m, rx=re.compile(targets): rx.fullmatch(name))
-    chosen = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and match(n, m)]
-    if not chosen:
+    if not wrap_matching(model, context, lambda m: isinstance(m, nn.Linear), targets, LoRALinear):
         raise ValueError(f"no nn.Linear of {type(model).__name__} matches the LoRA targets {targets!r}")
-    for name, module in chosen:
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        layer = LoRALinear(module, context, name)
-        setattr(parent, attr, layer)
-        context.layers[name] = layer
     return context
