@@ -89,3 +89,22 @@ def test_generation_ending_inside_a_character_flushes_it_as_decode_does(tokenize
     assert "\ufffd" not in "".join(deltas)
     deltas.append(detok.flush())
     assert "".join(deltas) == tokenizer.decode(ids[:cut])
+
+
+def test_a_stop_string_inside_the_flushed_tail_still_cuts():
+    """A byte-level token holding '.' and the first bytes of a character stays held back (it decodes with a
+    trailing U+FFFD); when generation ends there, the stop string '.' inside it must still cut the text."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())}
+    vocab[".âĢ"] = len(vocab)  # '.' + 0xE2 0x80: the start of a 3-byte character
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok)
+    detok = IncrementalDetokenizer(tokenizer, (".",))
+    assert detok.add_token(vocab["a"]).delta == "a"
+    step = detok.add_token(vocab[".âĢ"])
+    assert step.delta == "" and not step.stopped
+    assert detok.flush() == "" and detok.text == "a"

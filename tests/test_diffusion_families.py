@@ -221,3 +221,13 @@ def test_metadata_alpha_and_rank_patterns_are_honoured(sdxl, tmp_path):
     type(lora.loaded.pipe).save_lora_weights(tmp_path / "q", unet_lora_layers=unet, unet_lora_adapter_metadata=bad)
     with pytest.raises(AdapterError, match=r"attn2\.to_k: rank 4, but the file's metadata says r/rank_pattern 2"):
         lora.load(str(tmp_path / "q"))
+
+
+def test_sdxl_rows_with_and_without_a_negative_prompt_are_not_batched_together(sdxl):
+    """SDXL guides against zero embeddings without a negative prompt, but encodes "" once any row of the call has
+    one: mixing them would make an image depend on its batch mates. SD3 encodes "" either way and may mix them."""
+    for pipeline, batches in ((TINY_SDXL, 2), (TINY_SD3, 1)):
+        loaded, _, _, generator = sdxl if pipeline == TINY_SDXL else _served(TINY_SD3)
+        requests = [build_request(loaded, generator.limits, prompt="a cat", negative_prompt=negative, height=SIZE,
+                                  width=SIZE, steps=1, seed=1) for negative in (None, "blurry", None)]
+        assert len(generator.plan(requests)) == batches, pipeline

@@ -204,6 +204,36 @@ def test_fused_rank_over_the_slot_rank_is_refused_naming_the_layer(phi3):
     assert "exceed max_lora_rank 16" in str(error.value)
 
 
+def test_split_adapter_missing_a_layers_parts_is_refused(phi3):
+    """Without layer 1's q/k/v tensors the adapter is incomplete, as it would be on a split model."""
+    from safetensors.torch import load_file, save_file
+
+    llama = lambda: _phi3_as_llama(_load(phi3.folder))  # noqa: E731
+    folder = make_random_adapter(llama, phi3.tmp / "truncated", seed=7, r=4, lora_alpha=4,
+                                 target_modules=["q_proj", "k_proj", "v_proj"])
+    weights = folder / "adapter_model.safetensors"
+    save_file({k: v for k, v in load_file(weights).items() if ".layers.1." not in k}, weights)
+    with pytest.raises(AdapterError, match=r"missing for 3 targeted modules: model.layers.1.self_attn.k_proj"):
+        load_adapter(folder, phi3.runner.lora.spec, 16)
+
+
+def test_adapter_naming_a_fused_layer_and_its_parts_is_refused(phi3):
+    from safetensors.torch import load_file, save_file
+
+    folder = make_random_adapter(lambda: _load(phi3.folder), phi3.tmp / "both", seed=8, r=4, lora_alpha=4,
+                                 target_modules=["qkv_proj"])
+    weights = folder / "adapter_model.safetensors"
+    state = load_file(weights)
+    for ab, shape in (("A", (4, 64)), ("B", (64, 4))):
+        state[f"base_model.model.model.layers.0.self_attn.q_proj.lora_{ab}.weight"] = torch.zeros(shape)
+    save_file(state, weights)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["qkv_proj", "q_proj"]}))
+    with pytest.raises(AdapterError, match=r"tensors for both model.layers.0.self_attn.qkv_proj and its parts "
+                                           r"model.layers.0.self_attn.q_proj"):
+        load_adapter(folder, phi3.runner.lora.spec, 16)
+
+
 def test_adapter_for_modules_the_model_lacks_is_refused(phi3, tmp_path):
     """A GPT-NeoX adapter (query_key_value) sent to Phi-3."""
     neox = make_family("gpt_neox")
@@ -252,6 +282,21 @@ def test_lora_target_modules_narrow_the_patched_layers(targets, layers):
 def test_lora_target_modules_that_match_nothing_fail_the_load(targets, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
         ModelRunner(make_family("llama"), lora=LoRASettings(1, 8, targets), settings=RunnerSettings(max_model_len=32))
+
+
+def test_a_window_the_model_ignores_is_not_applied(tmp_path):
+    """A Llama whose config.json carries a stray "sliding_window" (Qwen2 conversions do): LlamaModel's forward
+    attends over everything, and so must our masks. (transformers' own `generate` does not: its DynamicCache drops
+    keys beyond any configured window, so the forward is the reference here.)"""
+    shutil.copytree(make_family("llama"), tmp_path / "llama", dirs_exist_ok=True)
+    config = json.loads((tmp_path / "llama" / "config.json").read_text())
+    (tmp_path / "llama" / "config.json").write_text(json.dumps({**config, "sliding_window": 8}))
+    runner = ModelRunner(tmp_path / "llama", lora=None, settings=RunnerSettings(max_model_len=96, max_num_seqs=4))
+    assert runner.attention.windows == {"full_attention": None}
+    logits, _ = Rows(runner, [RowLoRA()] * len(PROMPTS)).run(steps=1)
+    reference = _load(tmp_path / "llama")
+    for row, prompt in enumerate(PROMPTS):
+        torch.testing.assert_close(logits[row], _last_logits(reference, runner.encode(prompt)), atol=1e-4, rtol=0)
 
 
 def test_unsupported_attention_layer_types_are_refused_naming_them():

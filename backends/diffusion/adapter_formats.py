@@ -113,13 +113,16 @@ def _load_single_file(file: Path, spec: TargetSpec, denoiser: str, pipeline_cls,
     state = {k: v for k, v in state.items() if not k.endswith(".alpha")}
 
     found: dict[str, dict[str, torch.Tensor]] = {}
+    file_name: dict[str, str] = {}  # served module name -> the file's (metadata patterns use the file's names)
     unexpected = []
     for key, tensor in state.items():
         match = _KEY.match(key)
         if match is None or not isinstance(tensor, torch.Tensor):
             unexpected.append(key)
         else:
-            found.setdefault(_served_name(match["module"], spec), {})[match["ab"]] = tensor
+            served = _served_name(match["module"], spec)
+            file_name[served] = match["module"]
+            found.setdefault(served, {})[match["ab"]] = tensor
     if unexpected:
         problems.append(f"unexpected tensors (not LoRA down/up weights): {_listed(unexpected)}")
     alpha_of = {}
@@ -154,7 +157,7 @@ def _load_single_file(file: Path, spec: TargetSpec, denoiser: str, pipeline_cls,
             continue
         a, b = pair
         r = a.shape[0]
-        component, _, local = name.partition(".")
+        component, _, local = file_name[name].partition(".")
         cfg = meta.get(component, {})
         # PEFT's rank_pattern/alpha_pattern: keys matched against the end of the name within the component.
         want_r = _pattern_value(cfg.get("rank_pattern") or {}, local, cfg.get("r", r))

@@ -51,10 +51,14 @@ class ImageRequest:
     seed: int
     num_images: int
     lora: LoRASelection | None = None
+    # SDXL-style pipelines (force_zeros_for_empty_prompt) guide against zero embeddings without a negative prompt
+    # but encode "" once any row of the call has one: such rows must not share a batch, or an image would depend
+    # on its batch mates.
+    zero_negative: bool = False
 
     @property
     def batch_key(self) -> tuple:
-        return (self.height, self.width, self.steps, self.guidance_scale)
+        return (self.height, self.width, self.steps, self.guidance_scale, self.zero_negative)
 
 
 def build_request(loaded: LoadedPipeline, limits: ImageLimits, *, prompt: str | None,
@@ -93,8 +97,9 @@ def build_request(loaded: LoadedPipeline, limits: ImageLimits, *, prompt: str | 
         seed = secrets.randbelow(2**31)
     elif not 0 <= seed <= MAX_SEED - num_images:
         raise InvalidArgument(f"seed must be between 0 and {MAX_SEED - num_images}, got {seed}")
+    zero_negative = not negative_prompt and bool(getattr(loaded.pipe.config, "force_zeros_for_empty_prompt", False))
     return ImageRequest(prompt, negative_prompt or "", size["height"], size["width"], steps, guidance_scale,
-                        seed, num_images, lora)
+                        seed, num_images, lora, zero_negative)
 
 
 @dataclass

@@ -99,11 +99,17 @@ class IncrementalDetokenizer:
         """At the end of generation: everything not yet sent (held-back partial stop matches included), and the
         bytes of a character the last tokens left incomplete, as U+FFFD: the text then equals `decode` of every
         output id, as transformers gives it, instead of silently losing the tail."""
+        delta = ""
         if self._read_offset < len(self._ids):
             prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
-            self.text += self._decode(self._ids[self._prefix_offset :])[len(prefix_text) :]
+            tail = self._decode(self._ids[self._prefix_offset :])[len(prefix_text) :]
             self._read_offset = len(self._ids)
-        delta = self.text[self._sent :]
+            self.text += tail
+            step = self._emit(tail)  # the tail may complete a stop string too
+            if step.stopped:
+                return step.delta
+            delta = step.delta
+        delta += self.text[self._sent :]
         self._sent = len(self.text)
         return delta
 

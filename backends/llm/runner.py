@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,17 +87,21 @@ class AttentionLayout:
     per_layer_type: bool
 
     @classmethod
-    def of(cls, config, max_model_len: int, where: str) -> "AttentionLayout":
-        window = getattr(config, "sliding_window", None)
-        if window is not None and int(window) >= max_model_len:
-            window = None  # a window as long as the context is full attention
+    def of(cls, config, max_model_len: int, where: str, reads_window: bool = True) -> "AttentionLayout":
+        """`reads_window`: the model's code applies `sliding_window` at all. Configs carry the key for models that
+        ignore it (a Llama converted from Qwen2: "sliding_window": 4096, "use_sliding_window": false)."""
         types = set(getattr(config, "layer_types", None) or [])
-        if not types:
-            return cls({"full_attention": window}, per_layer_type=False)
         unsupported = types - {"full_attention", "sliding_attention"}
         if unsupported:
             raise ValueError(f"{where}: attention layer types {sorted(unsupported)} are not supported; only full and "
                              f"sliding-window attention layers are")
+        window = getattr(config, "sliding_window", None)
+        if not reads_window or getattr(config, "use_sliding_window", True) is False:
+            return cls({"full_attention": None}, per_layer_type=False)
+        if window is not None and int(window) >= max_model_len:
+            window = None  # a window as long as the context is full attention
+        if not types:
+            return cls({"full_attention": window}, per_layer_type=False)
         return cls({t: window if t == "sliding_attention" else None for t in types}, per_layer_type=True)
 
     def build(self, make: Callable[[int | None], torch.Tensor]):
@@ -166,7 +171,9 @@ class ModelRunner:
             raise ValueError(f"max_model_len {settings.max_model_len} must be in 1..{model_len} (the model's "
                              f"max_position_embeddings)")
         self.max_model_len = settings.max_model_len or model_len
-        self.attention = AttentionLayout.of(config, self.max_model_len, str(path))
+        # A modeling module that never builds a sliding-window mask ignores the config's window.
+        reads_window = hasattr(sys.modules[type(self.model).__module__], "create_sliding_window_causal_mask")
+        self.attention = AttentionLayout.of(config, self.max_model_len, str(path), reads_window)
         self.eos_token_ids = self._eos_ids()
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._cache_kwarg = cache_kwarg(self.model)

@@ -333,7 +333,10 @@ def load_adapter(
     expected = {m for m in nameable if config.targets(m)}
     for fused, parts in spec.packed.items():  # an adapter names either the fused layer or its parts, not both
         names = {p.name for p in parts}
-        expected -= names if fused in found or not names & set(found) else {fused}
+        if fused in found and names & set(found):
+            problems.append(f"tensors for both {fused} and its parts {_listed(names & set(found))}: an adapter "
+                            f"targets the fused layer or its parts, not both")
+        expected -= names if fused in found else {fused}
     if not expected:
         example = next(iter(spec.modules), "none")
         problems.append(

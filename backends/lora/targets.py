@@ -21,8 +21,10 @@ from typing import Callable
 
 from torch import nn
 
-# Fused layer name -> its parts in output-row order (Phi-3, and vLLM's naming for Llama-style fused models).
+# Fused layer name -> its parts in output-row order, for the model types known to lay them out so (CodeGen's
+# `qkv_proj`, for one, interleaves q, v, k: its adapters must target the fused layer).
 PACKED_MODULES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+PACKED_MODEL_TYPES = {"phi3"}  # Phi-3, Phi-3.5, Phi-4-mini
 ALL_LINEAR = "all-linear"
 LM_HEAD = "lm_head"
 
@@ -104,6 +106,8 @@ def llm_targets(model: nn.Module, target_modules: str | tuple[str, ...] | None =
 def packed_parts(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, tuple[PackedPart, ...]]:
     """For each patched fused layer, its parts' output-row ranges, from the model config's head counts."""
     config = model.config.get_text_config(decoder=True)
+    if getattr(config, "model_type", None) not in PACKED_MODEL_TYPES:
+        return {}
     heads = int(config.num_attention_heads)
     head_dim = getattr(config, "head_dim", None) or int(config.hidden_size) // heads
     kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
