@@ -52,6 +52,11 @@ def get_int(request, name: str) -> int | None:
     return None if array is None else int(_one(array, name))
 
 
+def get_ints(request, name: str) -> list[int] | None:
+    array = _array(request, name)
+    return None if array is None else [int(v) for v in array.reshape(-1)]
+
+
 def get_float(request, name: str) -> float | None:
     array = _array(request, name)
     return None if array is None else float(_one(array, name))
@@ -112,6 +117,10 @@ def get_lora_fields(request) -> LoRAFields:
 
 def string_tensor(name: str, value: str) -> "pb_utils.Tensor":
     return pb_utils.Tensor(name, np.array([value.encode("utf-8")], dtype=np.object_))
+
+
+def array_tensor(name: str, values, dtype) -> "pb_utils.Tensor":
+    return pb_utils.Tensor(name, np.asarray(values, dtype=dtype))
 
 
 def int_tensor(name: str, value: int) -> "pb_utils.Tensor":

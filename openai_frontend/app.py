@@ -17,7 +17,7 @@ from openai_frontend.config import FrontendConfig
 from openai_frontend.body_limit import BodyLimit
 from openai_frontend.errors import install_handlers
 from openai_frontend.metrics import FrontendMetrics
-from openai_frontend.routers import health, images, lora, models, text
+from openai_frontend.routers import health, images, lora, models, text, tokenize
 from openai_frontend.supervisor import Supervisor, SupervisorConfig
 from openai_frontend.triton import TritonGateway
 
@@ -79,6 +79,6 @@ def create_app(config: FrontendConfig) -> FastAPI:
     async def metrics_endpoint() -> Response:
         return Response(await app.state.metrics.render(), media_type="text/plain; version=0.0.4")
 
-    for router in (health.router, models.router, lora.router, text.router, images.router):
+    for router in (health.router, models.router, lora.router, text.router, images.router, tokenize.router):
         app.include_router(router)
     return app

@@ -1,7 +1,7 @@
 """Request bodies (pydantic): OpenAI chat/completions/images, vLLM's LoRA management, vLLM-Omni's `lora` object.
 
-Unknown fields are ignored, as OpenAI-compatible servers do; fields we cannot honour (n > 1, echo, ...) are refused
-by the routes with a clear 400 rather than silently dropped.
+Unknown fields are ignored, as OpenAI-compatible servers do; fields we cannot honour (n > 1, suffix, ...) are
+refused by the routes with a clear 400 rather than silently dropped.
 """
 
 from __future__ import annotations
@@ -64,7 +64,10 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str]
+    # A string, strings, token ids, or lists of token ids: one choice per prompt.
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0)  # 0 with echo: score the prompt only
+    logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
     suffix: str | None = None
 
@@ -81,6 +84,22 @@ class ImageGenerationRequest(_Body):
     negative_prompt: str | None = None
     lora: LoRARequest | None = None
     lora_scale: float | None = None
+
+
+class TokenizeRequest(_Body):
+    """vLLM's /tokenize: a prompt or chat messages; `model` defaults to the served LLM."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(_Body):
+    model: str | None = None
+    tokens: list[int]
 
 
 class LoadLoRAAdapterRequest(_Body):

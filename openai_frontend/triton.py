@@ -79,6 +79,8 @@ def _tensor(name: str, value, batched: bool = False) -> InferInput:
     """One input; `batched` adds the leading batch dimension of models with max_batch_size > 0."""
     if isinstance(value, str):
         array = np.array([value.encode()], dtype=np.object_)
+    elif isinstance(value, list) and name == "input_ids":
+        array = np.array(value, dtype=np.int32)
     elif isinstance(value, list):
         array = np.array([v.encode() for v in value], dtype=np.object_)
     elif isinstance(value, bool):
@@ -94,12 +96,38 @@ def _tensor(name: str, value, batched: bool = False) -> InferInput:
     return tensor
 
 
+@dataclass(frozen=True)
+class Logprobs:
+    """Per-token log-probabilities from the backend: ids, logprob (None: a prompt's first token), top-N pairs."""
+
+    token_ids: list[int]
+    logprobs: list[float | None]
+    top: list[list[tuple[int, float]]]
+
+    @classmethod
+    def read(cls, result, prefix: str = "") -> "Logprobs | None":
+        ids = result.as_numpy(f"{prefix}token_ids")
+        if ids is None:
+            return None
+        values = result.as_numpy(f"{prefix}token_logprobs").reshape(-1).tolist()
+        top_ids, top_values = result.as_numpy(f"{prefix}top_token_ids"), result.as_numpy(f"{prefix}top_token_logprobs")
+        top = ([[(int(i), float(v)) for i, v in zip(row_i, row_v) if i >= 0]
+                for row_i, row_v in zip(top_ids.tolist(), top_values.tolist())]
+               if top_ids is not None else [[] for _ in values])
+        return cls([int(i) for i in ids.reshape(-1)], [None if v != v else float(v) for v in values], top)
+
+    def __add__(self, other: "Logprobs") -> "Logprobs":
+        return Logprobs(self.token_ids + other.token_ids, self.logprobs + other.logprobs, self.top + other.top)
+
+
 @dataclass
 class TextChunk:
     text: str
     finish_reason: str | None
     num_input_tokens: int
     num_output_tokens: int
+    logprobs: Logprobs | None = None  # the generated tokens of this chunk, when asked for
+    prompt_logprobs: Logprobs | None = None  # the prompt's tokens, in the first chunk, when asked for
 
 
 @dataclass
@@ -281,7 +309,8 @@ class TritonGateway:
                         reason = result.as_numpy("finish_reason").reshape(-1)[0].decode() or None
                         yield TextChunk(text.reshape(-1)[0].decode("utf-8", "replace"), reason,
                                         int(result.as_numpy("num_input_tokens").reshape(-1)[0]),
-                                        int(result.as_numpy("num_output_tokens").reshape(-1)[0]))
+                                        int(result.as_numpy("num_output_tokens").reshape(-1)[0]),
+                                        Logprobs.read(result), Logprobs.read(result, "prompt_"))
                     if is_final:
                         return
             except OpenAIError:

@@ -13,7 +13,7 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 _DTYPES = {
     "max_tokens": np.int32, "top_k": np.int32, "seed": np.int64,
     "temperature": np.float32, "top_p": np.float32, "stream": np.bool_,
-    "lora_scale": np.float32, "lora_int_id": np.int64,
+    "lora_scale": np.float32, "lora_int_id": np.int64, "logprobs": np.int32, "prompt_logprobs": np.int32,
 }
 _STRINGS = {"lora_name", "lora_path"}
 
@@ -26,7 +26,9 @@ def make_inputs(text_input: str | bytes | None = None, **params) -> list[grpccli
     for name, value in params.items():
         if value is None:
             continue
-        if name == "stop":
+        if name == "input_ids":
+            values[name] = np.array(value, dtype=np.int32)
+        elif name == "stop":
             values[name] = np.array([s.encode() for s in value], dtype=np.object_)
         elif name in _STRINGS:
             values[name] = np.array([str(value).encode()], dtype=np.object_)

@@ -96,10 +96,10 @@ def test_cancelled_stream_stops_generation(grpc_client, triton_server):
 
 
 BAD_INPUTS = {
-    "missing text_input": (dict(text_input=None, max_tokens=4), r"missing required input 'text_input'"),
+    "missing text_input": (dict(text_input=None, max_tokens=4), r"send exactly one of the inputs 'text_input'"),
     "empty text": (dict(text_input="", max_tokens=4), r"'text_input' must be a non-empty string"),
-    "max_tokens zero": (dict(text_input="hi", max_tokens=0), r"max_tokens must be at least 1, got 0"),
-    "max_tokens negative": (dict(text_input="hi", max_tokens=-5), r"max_tokens must be at least 1, got -5"),
+    "max_tokens zero": (dict(text_input="hi", max_tokens=0), r"max_tokens must be at least 1 \(0 only to score .*got 0"),
+    "max_tokens negative": (dict(text_input="hi", max_tokens=-5), r"max_tokens must be at least 1 .*, got -5"),
     "max_tokens above context": (
         dict(text_input="hi", max_tokens=9000), r"maximum context length is 2048 tokens.*9001 tokens"
     ),
@@ -109,6 +109,13 @@ BAD_INPUTS = {
     "negative top_k": (dict(text_input="hi", top_k=-1), r"top_k must be >= 0"),
     "negative seed": (dict(text_input="hi", seed=-7), r"seed must be in \[0, 2\^63\), got -7"),
     "non-UTF-8 text": (dict(text_input=b"caf\xe9 \xff"), r"'text_input' is not valid UTF-8"),
+    "text and token ids": (dict(text_input="hi", input_ids=[1, 2]), r"send exactly one of the inputs"),
+    "token id outside the vocabulary": (dict(text_input=None, input_ids=[1, 49152]),
+                                        r"prompt token ids \[49152\] are outside the vocabulary \(0..49151\)"),
+    "negative token id": (dict(text_input=None, input_ids=[-3]), r"outside the vocabulary"),
+    "logprobs above 20": (dict(text_input="hi", logprobs=21), r"logprobs must be between 0 and 20, got 21"),
+    "prompt_logprobs negative": (dict(text_input="hi", prompt_logprobs=-1),
+                                 r"prompt_logprobs must be between 0 and 20, got -1"),
 }
 
 

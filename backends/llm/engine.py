@@ -24,8 +24,9 @@ from typing import Callable, Protocol, TypeVar
 
 import torch
 
-from backends.errors import InternalError, Unavailable
+from backends.errors import InternalError, InvalidArgument, Unavailable
 from backends.llm.detokenizer import IncrementalDetokenizer
+from backends.llm.logprobs import TokenLogprob, prompt_logprobs, token_logprobs
 from backends.llm.params import GenerationRequest, SamplingParams, check_context_length
 from backends.llm.runner import ModelRunner, RowLoRA
 from backends.llm.sampling import make_generator, sample_next_tokens
@@ -39,6 +40,8 @@ FINISH_STOP = "stop"  # EOS or a stop string
 FINISH_LENGTH = "length"  # max_tokens reached
 FINISH_ABORT = "abort"  # the client cancelled
 FINISH_ERROR = "error"  # failed with an error response (metrics only)
+# Prefills that score prompts (echo + logprobs) hold every position's logits at once: at most this many bytes.
+PROMPT_LOGITS_BYTES = 256 << 20
 
 
 @dataclass
@@ -48,6 +51,8 @@ class GenerationChunk:
     num_input_tokens: int
     num_output_tokens: int
     token_ids: tuple[int, ...] = ()  # the generated ids this chunk covers (EOS excluded)
+    logprobs: tuple[TokenLogprob, ...] = ()  # with `logprobs`: one per generated token of this chunk, EOS included
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # with `prompt_logprobs`: in the first chunk
 
 
 class OutputSink(Protocol):
@@ -93,6 +98,8 @@ class Sequence:
         self.cached = 0  # tokens in that slot = the position of the next token fed to the model
         self.started = time.monotonic()
         self.error: Exception | None = None  # set when this row failed; the engine retires it with the error
+        self.pending_logprobs: list[TokenLogprob] = []
+        self.prompt_entries: tuple[TokenLogprob, ...] | None = None  # sent once, with the next chunk
         self.done = False  # the final response (or error) was sent: nothing more may go to the sink
 
     def append(self, token_id: int) -> None:
@@ -113,8 +120,10 @@ class Sequence:
 
     def take_chunk(self) -> GenerationChunk:
         chunk = GenerationChunk(self.pending_text, self.finish_reason, self.num_prompt_tokens, len(self.output_ids),
-                                tuple(self.output_ids[self._sent_ids:]))
+                                tuple(self.output_ids[self._sent_ids:]), tuple(self.pending_logprobs),
+                                self.prompt_entries)
         self.pending_text, self._sent_ids = "", len(self.output_ids)
+        self.pending_logprobs, self.prompt_entries = [], None
         return chunk
 
     @property
@@ -239,8 +248,17 @@ class LLMEngine:
 
     # -- called from Triton's execute thread ------------------------------------------------------------------
     def prepare(self, request: GenerationRequest) -> GenerationRequest:
-        """Tokenise and check the context window now, so a bad request fails before it is queued."""
-        request.prompt_token_ids = self.runner.encode(request.prompt)
+        """Tokenise (unless the client sent token ids) and check the context window now, so a bad request fails
+        before it is queued."""
+        if request.prompt_token_ids:
+            vocab = self.runner.vocab_size
+            bad = [t for t in request.prompt_token_ids if not 0 <= t < vocab]
+            if bad:
+                raise InvalidArgument(f"prompt token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
+        else:
+            request.prompt_token_ids = self.runner.encode(request.prompt)
+        if not request.prompt_token_ids:
+            raise InvalidArgument("the prompt has no tokens")
         check_context_length(len(request.prompt_token_ids), request.params.max_tokens, self.max_model_len)
         return request
 
@@ -315,18 +333,30 @@ class LLMEngine:
         admitted = self._admitting = self._admit()
         self._stalled = bool(self._waiting) and not admitted and not self._running
         if admitted:
+            scoring = any(s.params.prompt_logprobs is not None for s in admitted)
             try:
                 logits = self.runner.prefill([s.request.prompt_token_ids for s in admitted],
-                                             [s.kv_slot for s in admitted], [s.row_lora for s in admitted])
+                                             [s.kv_slot for s in admitted], [s.row_lora for s in admitted],
+                                             all_positions=scoring)
             except Exception as exc:  # only the new requests fail; the running batch goes on
                 log.exception("prefill of %d requests failed", len(admitted))
                 error = InternalError(f"prefill failed: {type(exc).__name__}: {exc}")
                 for seq in admitted:
                     self._fail(seq, error)
             else:
-                for seq in admitted:
+                for row, seq in enumerate(admitted):
                     seq.cached = seq.num_prompt_tokens
-                self._sample(admitted, logits)
+                    if seq.params.prompt_logprobs is not None:  # left-padded: the prompt is the last columns
+                        seq.prompt_entries = tuple(prompt_logprobs(
+                            logits[row, -seq.num_prompt_tokens:], seq.request.prompt_token_ids,
+                            seq.params.prompt_logprobs))
+                    if seq.params.max_tokens == 0:  # scoring only: nothing to generate
+                        seq.finish_reason = FINISH_LENGTH
+                last = logits[:, -1] if scoring else logits
+                sampled = [row for row, seq in enumerate(admitted) if seq.finish_reason is None]
+                if sampled:
+                    self._sample([admitted[row] for row in sampled],
+                                 last if len(sampled) == len(admitted) else last[sampled])
                 self._running.extend(admitted)
             self._admitting = []
             self._retire()
@@ -340,7 +370,7 @@ class LLMEngine:
             self._retire()
 
     def _admit(self) -> list[Sequence]:
-        chosen = self.scheduler.admit(self._waiting, self._running)
+        chosen = self._bound_prompt_logits(self.scheduler.admit(self._waiting, self._running))
         admitted = []
         for seq in chosen:
             seq.kv_slot = self.runner.kv.allocate()
@@ -363,13 +393,30 @@ class LLMEngine:
             admitted.append(seq)
         return admitted
 
+    def _bound_prompt_logits(self, chosen: list[Sequence]) -> list[Sequence]:
+        """A prefill that scores prompts keeps the logits of every position (rows x width x vocab floats): admit
+        only as many as PROMPT_LOGITS_BYTES holds, at least one; the rest wait for the next step."""
+        if not any(s.params.prompt_logprobs is not None for s in chosen):
+            return chosen
+        per_token = self.runner.vocab_size * 4
+        kept: list[Sequence] = []
+        width = 0
+        for seq in chosen:
+            width = max(width, seq.num_prompt_tokens)
+            if kept and (len(kept) + 1) * width * per_token > PROMPT_LOGITS_BYTES:
+                break
+            kept.append(seq)
+        return kept
+
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         tokens = sample_next_tokens(logits, [s.params for s in seqs], [s.generator for s in seqs])
-        for seq, token in zip(seqs, tokens):
+        for row, (seq, token) in enumerate(zip(seqs, tokens)):
             if isinstance(token, Exception):
                 log.error("request %s failed: %s", seq.request.request_id, token)
                 seq.error = token
                 continue
+            if seq.params.logprobs is not None:
+                seq.pending_logprobs += token_logprobs(logits[row : row + 1], [token], seq.params.logprobs)
             seq.append(token)
             if seq.finish_reason is None and seq.request.stream and seq.pending_text:
                 self._send(seq, seq.take_chunk(), final=False)

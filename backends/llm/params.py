@@ -9,6 +9,7 @@ from backends.errors import InvalidArgument
 from backends.lora.resolver import LoRASelection
 
 MAX_STOP_STRINGS = 16
+MAX_LOGPROBS = 20  # OpenAI's limit for top logprobs per position
 MAX_STOP_CHARS = 256  # per stop string
 # Temperatures below this are greedy (vLLM's _SAMPLING_EPS): dividing logits by 1e-40 overflows to inf and NaN.
 GREEDY_TEMPERATURE = 1e-5
@@ -22,6 +23,8 @@ class SamplingParams:
     top_k: int = 0  # 0 -> disabled
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # None: none; N: each generated token's logprob and the top N (0..20)
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (OpenAI `echo` + `logprobs`)
 
     @property
     def greedy(self) -> bool:
@@ -47,12 +50,18 @@ def build_sampling_params(
     seed: int | None,
     stop: list[str] | None,
     default_max_tokens: int,
+    logprobs: int | None = None,
+    prompt_logprobs: int | None = None,
 ) -> SamplingParams:
     """Validate client values (None = not given) and fill defaults; raises InvalidArgument naming the field."""
+    for name, value in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
+        if value is not None and not 0 <= value <= MAX_LOGPROBS:
+            raise InvalidArgument(f"{name} must be between 0 and {MAX_LOGPROBS}, got {value}")
     if max_tokens is None:
         max_tokens = default_max_tokens
-    if max_tokens <= 0:
-        raise InvalidArgument(f"max_tokens must be at least 1, got {max_tokens}")
+    if max_tokens < 0 or (max_tokens == 0 and prompt_logprobs is None):
+        raise InvalidArgument(f"max_tokens must be at least 1 (0 only to score the prompt with prompt_logprobs), "
+                              f"got {max_tokens}")
 
     if temperature is None:
         temperature = 1.0
@@ -82,7 +91,8 @@ def build_sampling_params(
         raise InvalidArgument(f"stop strings may have at most {MAX_STOP_CHARS} characters each, got {longest}")
 
     return SamplingParams(
-        max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stops
+        max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stops,
+        logprobs=logprobs, prompt_logprobs=prompt_logprobs,
     )
 
 

@@ -244,16 +244,23 @@ class ModelRunner:
         """Prompt text -> ids, on Triton's execute thread. No special tokens added: chat templates carry them."""
         return self._prompt_tokenizer(text, add_special_tokens=False).input_ids
 
-    def _forward(self, rows_lora: Sequence[RowLoRA], **kwargs) -> torch.Tensor:
+    @property
+    def vocab_size(self) -> int:
+        return self.model.get_output_embeddings().out_features
+
+    def _forward(self, rows_lora: Sequence[RowLoRA], all_positions: bool = False, **kwargs) -> torch.Tensor:
         if self.lora is None or all(r.slot < 0 for r in rows_lora):
-            return self.model(**kwargs).logits[:, -1, :]
-        with self.lora.use([r.slot for r in rows_lora], [r.scale for r in rows_lora]):
-            return self.model(**kwargs).logits[:, -1, :]
+            logits = self.model(**kwargs).logits
+        else:
+            with self.lora.use([r.slot for r in rows_lora], [r.scale for r in rows_lora]):
+                logits = self.model(**kwargs).logits
+        return logits if all_positions else logits[:, -1, :]
 
     @torch.inference_mode()
-    def prefill(self, prompts: Sequence[list[int]], slots: Sequence[int], rows_lora: Sequence[RowLoRA]) -> torch.Tensor:
+    def prefill(self, prompts: Sequence[list[int]], slots: Sequence[int], rows_lora: Sequence[RowLoRA],
+                all_positions: bool = False) -> torch.Tensor:
         """Prompts of new sequences, left-padded into one forward, their K/V written to `slots`: last-position
-        logits [n, vocab]."""
+        logits [n, vocab], or with `all_positions` every position's [n, width, vocab] (prompt scoring)."""
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
         positions = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -263,9 +270,10 @@ class ModelRunner:
         lengths = [len(p) for p in prompts]
         with self._on_device():
             return self._forward(
-                rows_lora, input_ids=ids.to(self.device), position_ids=positions.to(self.device),
+                rows_lora, all_positions, input_ids=ids.to(self.device), position_ids=positions.to(self.device),
                 attention_mask=self.attention.build(lambda w: prefill_mask(lengths, width, self.dtype, self.device, w)),
-                use_cache=True, logits_to_keep=1, **{self._cache_kwarg: self.kv.prefill_view(slots, lengths, width)},
+                use_cache=True, logits_to_keep=0 if all_positions else 1,
+                **{self._cache_kwarg: self.kv.prefill_view(slots, lengths, width)},
             )
 
     @torch.inference_mode()

@@ -11,6 +11,7 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from backends import triton_io as tio
@@ -28,6 +29,23 @@ from backends.settings import LLM_MODEL_PATH_ENV, default_llm_model_path
 log = logging.getLogger(__name__)
 
 
+def _logprob_tensors(prefix: str, entries) -> list:
+    """`{prefix}token_ids` [T], `{prefix}token_logprobs` [T] (NaN: none, a prompt's first token) and, when top
+    logprobs were asked for, `{prefix}top_token_ids` / `{prefix}top_token_logprobs` [T, N]."""
+    tensors = [
+        tio.array_tensor(f"{prefix}token_ids", [e.token_id for e in entries], np.int32),
+        tio.array_tensor(f"{prefix}token_logprobs",
+                         [np.nan if e.logprob is None else e.logprob for e in entries], np.float32),
+    ]
+    width = max(len(e.top) for e in entries)
+    if width:  # a prompt's first token has no alternatives: pad its row (ids -1)
+        top = [list(e.top) + [(-1, np.nan)] * (width - len(e.top)) for e in entries]
+        tensors += [tio.array_tensor(f"{prefix}top_token_ids", [[i for i, _ in row] for row in top], np.int32),
+                    tio.array_tensor(f"{prefix}top_token_logprobs", [[v for _, v in row] for row in top],
+                                     np.float32)]
+    return tensors
+
+
 class TritonResponseSink:
     """Engine output -> Triton responses for one request."""
 
@@ -36,14 +54,17 @@ class TritonResponseSink:
         self._request = request
 
     def send(self, chunk: GenerationChunk, final: bool) -> None:
-        response = pb_utils.InferenceResponse(
-            output_tensors=[
-                tio.string_tensor("text_output", chunk.text),
-                tio.string_tensor("finish_reason", chunk.finish_reason or ""),
-                tio.int_tensor("num_input_tokens", chunk.num_input_tokens),
-                tio.int_tensor("num_output_tokens", chunk.num_output_tokens),
-            ]
-        )
+        outputs = [
+            tio.string_tensor("text_output", chunk.text),
+            tio.string_tensor("finish_reason", chunk.finish_reason or ""),
+            tio.int_tensor("num_input_tokens", chunk.num_input_tokens),
+            tio.int_tensor("num_output_tokens", chunk.num_output_tokens),
+        ]
+        if chunk.logprobs:
+            outputs += _logprob_tensors("", chunk.logprobs)
+        if chunk.prompt_logprobs is not None:
+            outputs += _logprob_tensors("prompt_", chunk.prompt_logprobs)
+        response = pb_utils.InferenceResponse(output_tensors=outputs)
         flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
         self._sender.send(response, flags=flags)
 
@@ -100,10 +121,13 @@ class TritonLLMModel:
 
     def _parse(self, request) -> GenerationRequest:
         prompt = tio.get_string(request, "text_input")
-        if prompt is None:
-            raise InvalidArgument("missing required input 'text_input'")
-        if not prompt:
+        ids = tio.get_ints(request, "input_ids")
+        if (prompt is None) == (ids is None):
+            raise InvalidArgument("send exactly one of the inputs 'text_input' (text) and 'input_ids' (token ids)")
+        if prompt is not None and not prompt:
             raise InvalidArgument("input 'text_input' must be a non-empty string")
+        if ids is not None and not ids:
+            raise InvalidArgument("input 'input_ids' must hold at least one token id")
         sampling = build_sampling_params(
             max_tokens=tio.get_int(request, "max_tokens"),
             temperature=tio.get_float(request, "temperature"),
@@ -112,10 +136,13 @@ class TritonLLMModel:
             seed=tio.get_int(request, "seed"),
             stop=tio.get_strings(request, "stop"),
             default_max_tokens=self.engine.default_max_tokens,
+            logprobs=tio.get_int(request, "logprobs"),
+            prompt_logprobs=tio.get_int(request, "prompt_logprobs"),
         )
         stream = tio.get_bool(request, "stream")
         lora = select_lora(self.lora, tio.get_lora_fields(request))
-        return GenerationRequest(request.request_id() or "", prompt, sampling, stream=bool(stream), lora=lora)
+        return GenerationRequest(request.request_id() or "", prompt or "", sampling, stream=bool(stream),
+                                 prompt_token_ids=ids or [], lora=lora)
 
     def execute(self, requests: list) -> None:
         for request in requests:

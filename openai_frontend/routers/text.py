@@ -3,23 +3,31 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
+from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
-from backends.llm.chat import apply_chat_template, load_tokenizer
+from backends.llm.chat import apply_chat_template
 from openai_frontend.auth import require_api_key
 from openai_frontend.catalog import LLM, Target
 from openai_frontend.disconnect import unless_disconnected
 from openai_frontend.errors import OpenAIError, bad_request
 from openai_frontend.schemas import ChatCompletionRequest, CompletionRequest, _Sampling
-from openai_frontend.triton import TextChunk
+from openai_frontend.tokenizers import cached_tokenizer
+from openai_frontend.triton import Logprobs, TextChunk
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
+
+# One /v1/completions request may carry a list of prompts (one choice each): at most this many, and this many
+# token ids in all (lm-eval sends batches of a few dozen).
+MAX_PROMPTS = 256
+MAX_PROMPT_TOKENS = 262_144
 
 
 def _fields(body: _Sampling, prompt: str, max_tokens: int | None, limit: int) -> dict:
@@ -39,48 +47,77 @@ async def _target(request: Request, body: _Sampling) -> Target:
     return target
 
 
-def _usage(last: TextChunk | None) -> dict:
-    prompt = last.num_input_tokens if last else 0
-    completion = last.num_output_tokens if last else 0
+def _usage(lasts: list[TextChunk | None]) -> dict:
+    prompt = sum(last.num_input_tokens for last in lasts if last)
+    completion = sum(last.num_output_tokens for last in lasts if last)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+@dataclass
+class _Collected:
+    """One finished (non-streamed) generation."""
+
+    text: str
+    last: TextChunk | None
+    logprobs: Logprobs | None
+    prompt_logprobs: Logprobs | None
+
+
+def _record(app, model: str, last: TextChunk | None) -> None:
+    if last is not None:
+        app.metrics.prompt_tokens.labels(model).inc(last.num_input_tokens)
+        app.metrics.completion_tokens.labels(model).inc(last.num_output_tokens)
+
+
+async def _collect(request: Request, body: _Sampling, target: Target, fields: dict) -> _Collected:
+    app = request.app.state
+    adapter = target.lora_name
+    chunks = app.gateway.generate(target.base.name, fields, target.lora_parameters())
+    app.metrics.activity.start(adapter)
+    out = _Collected("", None, None, None)
+    text: list[str] = []
+    started = False
+
+    async def collect() -> None:
+        nonlocal started
+        async for chunk in chunks:
+            if not started:
+                app.metrics.activity.first_output(adapter)
+                started = True
+            text.append(chunk.text)
+            out.last = chunk
+            if chunk.logprobs is not None:
+                out.logprobs = chunk.logprobs if out.logprobs is None else out.logprobs + chunk.logprobs
+            out.prompt_logprobs = chunk.prompt_logprobs or out.prompt_logprobs
+
+    try:
+        await unless_disconnected(request, collect())
+    finally:
+        app.metrics.activity.finish(adapter, started)
+    _record(app, body.model, out.last)
+    out.text = "".join(text)
+    return out
+
+
+def _response_base(body: _Sampling, kind: str) -> dict:
+    return {"id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
+            "model": body.model}
 
 
 async def _generate(request: Request, body: _Sampling, target: Target, fields: dict,
                     render: Callable[[str, str | None, bool], dict], kind: str):
     """Non-streaming: one JSON body. Streaming: SSE chunks built by `render(text, finish_reason, first)`."""
     app = request.app.state
+    base = _response_base(body, kind)
+    if not body.stream:
+        done = await _collect(request, body, target, fields)
+        choice = render(done.text, done.last.finish_reason if done.last else "stop", False)
+        return {**base, "object": "chat.completion" if kind == "chat" else "text_completion", "choices": [choice],
+                "usage": _usage([done.last])}
+
     adapter = target.lora_name
     chunks = app.gateway.generate(target.base.name, fields, target.lora_parameters())
-    base = {"id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
-            "model": body.model}
     app.metrics.activity.start(adapter)
-
-    def record(last: TextChunk | None) -> None:
-        if last is not None:
-            app.metrics.prompt_tokens.labels(body.model).inc(last.num_input_tokens)
-            app.metrics.completion_tokens.labels(body.model).inc(last.num_output_tokens)
-
-    if not body.stream:
-        text, last, started = [], None, False
-
-        async def collect() -> None:
-            nonlocal last, started
-            async for chunk in chunks:
-                if not started:
-                    app.metrics.activity.first_output(adapter)
-                    started = True
-                text.append(chunk.text)
-                last = chunk
-
-        try:
-            await unless_disconnected(request, collect())
-        finally:
-            app.metrics.activity.finish(adapter, started)
-        record(last)
-        choice = render("".join(text), last.finish_reason if last else "stop", False)
-        return {**base, "object": "chat.completion" if kind == "chat" else "text_completion", "choices": [choice],
-                "usage": _usage(last)}
-
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
     try:  # errors before the first token still get a proper status code
@@ -105,12 +142,12 @@ async def _generate(request: Request, body: _Sampling, target: Target, fields: d
                         payload["usage"] = None
                     yield _sse(payload)
             if include_usage:
-                yield _sse({**base, "object": obj, "choices": [], "usage": _usage(last)})
+                yield _sse({**base, "object": obj, "choices": [], "usage": _usage([last])})
         except OpenAIError as exc:
             yield _sse(exc.body())
         finally:
             app.metrics.activity.finish(adapter, started)
-            record(last)
+            _record(app, body.model, last)
         yield b"data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -142,7 +179,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     if sum(len(m["content"]) for m in messages) > config.max_prompt_chars:
         raise bad_request(f"messages exceed {config.max_prompt_chars} characters", "messages")
     try:
-        prompt = apply_chat_template(messages, tokenizer=load_tokenizer(target.base.root))
+        prompt = apply_chat_template(messages, tokenizer=cached_tokenizer(target.base.root))
     except Exception as exc:  # template errors (e.g. role order) are the request's fault
         raise bad_request(f"cannot apply the chat template of {target.base.name}: {exc}", "messages") from None
     fields = _fields(body, prompt, body.max_completion_tokens or body.max_tokens, config.max_tokens_limit)
@@ -161,18 +198,82 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 async def completions(body: CompletionRequest, request: Request):
     config = request.app.state.config
     target = await _target(request, body)
-    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-    if len(prompts) != 1:
-        raise bad_request("exactly one prompt per request is supported", "prompt")
-    if body.echo or body.suffix:
-        raise bad_request("echo and suffix are not supported", "echo" if body.echo else "suffix")
-    if not prompts[0]:
-        raise bad_request("prompt must be a non-empty string", "prompt")
-    if len(prompts[0]) > config.max_prompt_chars:
-        raise bad_request(f"prompt exceeds {config.max_prompt_chars} characters", "prompt")
-    fields = _fields(body, prompts[0], body.max_tokens, config.max_tokens_limit)
+    prompts = _prompts(body.prompt, config.max_prompt_chars)
+    if body.suffix:
+        raise bad_request("suffix is not supported", "suffix")
+    if body.stream and (len(prompts) > 1 or body.echo or body.logprobs is not None):
+        raise bad_request("stream is supported for one prompt without echo or logprobs; send stream: false",
+                          "stream")
+    if body.max_tokens == 0 and not body.echo:
+        raise bad_request("max_tokens 0 needs echo: true (to score the prompt)", "max_tokens")
+    score = body.echo and (body.logprobs is not None or body.max_tokens == 0)
 
-    def render(text: str, finish: str | None, _role_only: bool) -> dict:
-        return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+    def fields_for(prompt: str | list[int]) -> dict:
+        fields = _fields(body, prompt if isinstance(prompt, str) else None, body.max_tokens, config.max_tokens_limit)
+        if not isinstance(prompt, str):
+            fields["input_ids"] = prompt
+        fields["logprobs"] = body.logprobs
+        fields["prompt_logprobs"] = (body.logprobs or 0) if score else None
+        return fields
 
-    return await _generate(request, body, target, fields, render, "completion")
+    if body.stream:
+        def render(text: str, finish: str | None, _role_only: bool) -> dict:
+            return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+
+        return await _generate(request, body, target, fields_for(prompts[0]), render, "completion")
+
+    tokenizer = cached_tokenizer(target.base.root)
+    done = await asyncio.gather(*(_collect(request, body, target, fields_for(p)) for p in prompts))
+    choices = []
+    for index, (prompt, result) in enumerate(zip(prompts, done)):
+        echoed = ""
+        if body.echo:
+            echoed = prompt if isinstance(prompt, str) else tokenizer.decode(prompt)
+        logprobs = None
+        if body.logprobs is not None:
+            entries = [e for e in (result.prompt_logprobs, result.logprobs) if e is not None]
+            logprobs = legacy_logprobs(tokenizer, sum(entries[1:], entries[0]) if entries else None)
+        choices.append({"index": index, "text": echoed + result.text, "logprobs": logprobs,
+                        "finish_reason": result.last.finish_reason if result.last else "stop"})
+    return {**_response_base(body, "completion"), "object": "text_completion", "choices": choices,
+            "usage": _usage([r.last for r in done])}
+
+
+def _prompts(prompt, max_chars: int) -> list[str | list[int]]:
+    """Every OpenAI prompt form -> a list of prompts (text or token ids), within the limits."""
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        prompt = [prompt]
+    if not prompt:
+        raise bad_request("prompt must not be empty", "prompt")
+    if len(prompt) > MAX_PROMPTS:
+        raise bad_request(f"at most {MAX_PROMPTS} prompts per request, got {len(prompt)}", "prompt")
+    tokens = sum(len(p) for p in prompt if not isinstance(p, str))
+    if tokens > MAX_PROMPT_TOKENS:
+        raise bad_request(f"at most {MAX_PROMPT_TOKENS} prompt tokens per request, got {tokens}", "prompt")
+    for p in prompt:
+        if not p:
+            raise bad_request("every prompt must be a non-empty string or token list", "prompt")
+        if isinstance(p, str) and len(p) > max_chars:
+            raise bad_request(f"prompt exceeds {max_chars} characters", "prompt")
+    return prompt
+
+
+def legacy_logprobs(tokenizer, entries: Logprobs | None) -> dict:
+    """OpenAI's completions logprobs object: token strings, their logprobs, the top alternatives per position
+    (the chosen token included, as vLLM does; None for a prompt's first token) and character offsets."""
+    if entries is None:
+        return {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    tokens = [tokenizer.decode([t]) for t in entries.token_ids]
+    offsets, position = [], 0
+    for token in tokens:
+        offsets.append(position)
+        position += len(token)
+    top = []
+    for token, logprob, alternatives in zip(tokens, entries.logprobs, entries.top):
+        if logprob is None:
+            top.append(None)
+            continue
+        row = {tokenizer.decode([i]): v for i, v in alternatives}
+        row.setdefault(token, logprob)
+        top.append(row)
+    return {"tokens": tokens, "token_logprobs": entries.logprobs, "top_logprobs": top, "text_offset": offsets}
