@@ -47,6 +47,11 @@ metric_list:
 """
 
 
+# lm-eval's local-completions settings measured: tokenizer backend (our /tokenize over HTTP, or the model folder's
+# tokenizer in lm-eval's process) and concurrent requests.
+CONFIGS = (("remote", 1), ("huggingface", 1), ("huggingface", 4))
+
+
 def write_task(folder: Path, questions: int) -> None:
     rng = random.Random(0)
     with open(folder / "questions.jsonl", "w") as f:
@@ -103,12 +108,14 @@ def main() -> None:
             server.start()
             frontend = FrontendProcess(server.grpc_url, None, folder / "frontend.log").start()
         try:
-            served = ",".join([f"model=llm", f"base_url={frontend.url}/v1/completions", "tokenizer_backend=remote",
-                               "tokenized_requests=True", "num_concurrent=1",
-                               "max_retries=1"])
-            with console.status("lm-eval local-completions against our server"):
-                rows.append(("ours: local-completions via frontend + tritonserver",
-                             *run(lm_eval, folder, "local-completions", served, args.batch_size, env)))
+            for tokenizer, concurrent in CONFIGS:
+                local = f"tokenizer={default_llm_model_path()}" if tokenizer == "huggingface" else None
+                served = ",".join(filter(None, [
+                    "model=llm", f"base_url={frontend.url}/v1/completions", f"tokenizer_backend={tokenizer}", local,
+                    "tokenized_requests=True", f"num_concurrent={concurrent}", "max_retries=1"]))
+                name = f"ours: {tokenizer} tokenizer, {concurrent} concurrent"
+                with console.status(f"lm-eval local-completions against our server ({name})"):
+                    rows.append((name, *run(lm_eval, folder, "local-completions", served, args.batch_size, env)))
         finally:
             frontend.stop()
             server.stop()
