@@ -132,3 +132,43 @@ def test_tokenize_for_an_unknown_model_is_404(frontend):
     out = _post(frontend, "/tokenize", model="no-such-model", prompt="hi")
     assert out.status_code == 404 and "no-such-model" in out.json()["error"]["message"]
     assert _post(frontend, "/detokenize", tokens=[10**9]).status_code == 400
+
+
+def test_engine_scores_prompts_in_bounded_batches_next_to_generation(monkeypatch):
+    """In-process on the tiny Llama: scoring requests (max_tokens 0) whose full logits exceed the budget are
+    prefilled over several steps, next to a generating request with logprobs; every prompt logprob equals the
+    model's own log-softmax and the generated tokens' logprobs are those of the chosen (greedy: best) tokens."""
+    from backends.llm import engine as engine_module
+    from backends.llm.engine import LLMEngine
+    from backends.llm.runner import ModelRunner, RunnerSettings
+    from scripts.llm_families import make_family
+    from tests.engine_helpers import Collect, request_for
+
+    runner = ModelRunner(make_family("llama"), lora=None, settings=RunnerSettings(max_model_len=96, max_num_seqs=4))
+    monkeypatch.setattr(engine_module, "PROMPT_LOGITS_BYTES", runner.vocab_size * 4 * 50)  # about one row
+    engine = LLMEngine(lambda e: (runner, None))
+    try:
+        texts = ["Score this prompt, please.", "And this one too, it is longer than the first.", "Third!"]
+        scoring = [request_for(engine, t, max_tokens=0, prompt_logprobs=2) for t in texts]
+        generating = request_for(engine, "Generate after this.", max_tokens=3, logprobs=1)
+        sinks = [Collect() for _ in range(4)]
+        for request, sink in zip([*scoring, generating], sinks):
+            engine.submit(request, sink)
+        for sink in sinks:
+            sink.wait()
+            assert sink.error is None, sink.error
+    finally:
+        engine.shutdown()
+    model = runner.model
+    for request, sink in zip(scoring, sinks):
+        entries = sink.chunks[-1].prompt_logprobs
+        ids = request.prompt_token_ids
+        with torch.no_grad():
+            want = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+        assert [e.token_id for e in entries] == ids and entries[0].logprob is None
+        for j, entry in enumerate(entries[1:], start=1):
+            assert entry.logprob == pytest.approx(float(want[j - 1, ids[j]]), abs=1e-4)
+            assert [i for i, _ in entry.top] == want[j - 1].topk(2).indices.tolist()
+        assert sink.chunks[-1].finish_reason == "length" and sink.chunks[-1].num_output_tokens == 0
+    produced = [e for chunk in sinks[3].chunks for e in chunk.logprobs]
+    assert len(produced) >= 1 and all(e.logprob == pytest.approx(e.top[0][1]) for e in produced)
