@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, StrictInt
 
 
 class _Body(BaseModel):
@@ -65,7 +65,7 @@ class ChatCompletionRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     # A string, strings, token ids, or lists of token ids: one choice per prompt.
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
     max_tokens: int | None = Field(None, ge=0)  # 0 with echo: score the prompt only
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False

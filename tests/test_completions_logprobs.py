@@ -110,6 +110,10 @@ BAD = {
     "token ids outside the vocabulary": (dict(prompt=[1, 2, 99999], max_tokens=1), 400,
                                          "prompt token ids [99999] are outside the vocabulary (0..49151)"),
     "an empty token list": (dict(prompt=[], max_tokens=1), 400, "prompt must not be empty"),
+    "a token id beyond 32 bits": (dict(prompt=[1, 2**32 + 5], max_tokens=1), 400, "non-negative 32-bit integers"),
+    "booleans as token ids": (dict(prompt=[True, False], max_tokens=1), 400, "prompt"),
+    "one bad prompt among good ones": (dict(prompt=[[1, 2, 3], [5, 99999]], max_tokens=200), 400,
+                                       "prompt token ids [99999] are outside the vocabulary"),
     "an empty prompt in a list": (dict(prompt=[[1, 2], []], max_tokens=1), 400, "every prompt must be a non-empty"),
     "10,000 prompts": (dict(prompt=["hi"] * 10_000, max_tokens=1), 400, "at most 256 prompts per request"),
     "logprobs 21": (dict(prompt="hi", max_tokens=1, logprobs=21), 400, "less than or equal to 20"),
@@ -138,6 +142,7 @@ def test_engine_scores_prompts_in_bounded_batches_next_to_generation(monkeypatch
     """In-process on the tiny Llama: scoring requests (max_tokens 0) whose full logits exceed the budget are
     prefilled over several steps, next to a generating request with logprobs; every prompt logprob equals the
     model's own log-softmax and the generated tokens' logprobs are those of the chosen (greedy: best) tokens."""
+    from backends.errors import InvalidArgument
     from backends.llm import engine as engine_module
     from backends.llm.engine import LLMEngine
     from backends.llm.runner import ModelRunner, RunnerSettings
@@ -145,7 +150,15 @@ def test_engine_scores_prompts_in_bounded_batches_next_to_generation(monkeypatch
     from tests.engine_helpers import Collect, request_for
 
     runner = ModelRunner(make_family("llama"), lora=None, settings=RunnerSettings(max_model_len=96, max_num_seqs=4))
-    monkeypatch.setattr(engine_module, "PROMPT_LOGITS_BYTES", runner.vocab_size * 4 * 50)  # about one row
+    monkeypatch.setattr(engine_module, "PROMPT_LOGITS_BYTES", runner.logits_bytes_per_token * 50)  # ~one row
+    prefills: list[list[int]] = []
+    prefill = runner.prefill
+
+    def recording(prompts, *args, **kwargs):
+        prefills.append([len(p) for p in prompts])
+        return prefill(prompts, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "prefill", recording)
     engine = LLMEngine(lambda e: (runner, None))
     try:
         texts = ["Score this prompt, please.", "And this one too, it is longer than the first.", "Third!"]
@@ -170,5 +183,8 @@ def test_engine_scores_prompts_in_bounded_batches_next_to_generation(monkeypatch
             assert entry.logprob == pytest.approx(float(want[j - 1, ids[j]]), abs=1e-4)
             assert [i for i, _ in entry.top] == want[j - 1].topk(2).indices.tolist()
         assert sink.chunks[-1].finish_reason == "length" and sink.chunks[-1].num_output_tokens == 0
+    assert len(prefills) >= 3 and all(len(rows) * max(rows) <= 50 or len(rows) == 1 for rows in prefills), prefills
+    with pytest.raises(InvalidArgument, match=r"scoring a prompt of 51 tokens needs .* send at most 50 tokens"):
+        request_for(engine, "x" * 51, max_tokens=0, prompt_logprobs=0)
     produced = [e for chunk in sinks[3].chunks for e in chunk.logprobs]
     assert len(produced) >= 1 and all(e.logprob == pytest.approx(e.top[0][1]) for e in produced)

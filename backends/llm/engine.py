@@ -40,8 +40,9 @@ FINISH_STOP = "stop"  # EOS or a stop string
 FINISH_LENGTH = "length"  # max_tokens reached
 FINISH_ABORT = "abort"  # the client cancelled
 FINISH_ERROR = "error"  # failed with an error response (metrics only)
-# Prefills that score prompts (echo + logprobs) hold every position's logits at once: at most this many bytes.
-PROMPT_LOGITS_BYTES = 256 << 20
+# Prefills that score prompts (echo + logprobs) hold every position's logits at once: at most this many bytes
+# (a longer prompt is refused up front; several shorter ones share a prefill while they fit).
+PROMPT_LOGITS_BYTES = 1 << 30
 
 
 @dataclass
@@ -259,6 +260,13 @@ class LLMEngine:
             request.prompt_token_ids = self.runner.encode(request.prompt)
         if not request.prompt_token_ids:
             raise InvalidArgument("the prompt has no tokens")
+        if request.params.prompt_logprobs is not None:
+            need = len(request.prompt_token_ids) * self.runner.logits_bytes_per_token
+            if need > PROMPT_LOGITS_BYTES:
+                raise InvalidArgument(
+                    f"scoring a prompt of {len(request.prompt_token_ids)} tokens needs {need >> 20} MiB of logits, "
+                    f"over the {PROMPT_LOGITS_BYTES >> 20} MiB limit; send at most "
+                    f"{PROMPT_LOGITS_BYTES // self.runner.logits_bytes_per_token} tokens")
         check_context_length(len(request.prompt_token_ids), request.params.max_tokens, self.max_model_len)
         return request
 
@@ -398,7 +406,7 @@ class LLMEngine:
         only as many as PROMPT_LOGITS_BYTES holds, at least one; the rest wait for the next step."""
         if not any(s.params.prompt_logprobs is not None for s in chosen):
             return chosen
-        per_token = self.runner.vocab_size * 4
+        per_token = self.runner.logits_bytes_per_token
         kept: list[Sequence] = []
         width = 0
         for seq in chosen:

@@ -8,6 +8,7 @@ from typing import Sequence
 
 import torch
 
+CHUNK = 256  # positions converted to float and normalised at a time
 
 @dataclass(frozen=True)
 class TokenLogprob:
@@ -19,16 +20,18 @@ class TokenLogprob:
 def token_logprobs(logits: torch.Tensor, token_ids: Sequence[int], top_n: int) -> list[TokenLogprob]:
     """Row i of `logits` [n, vocab] is the distribution token_ids[i] was drawn from (raw model logits, before
     temperature or top-p, as vLLM reports them)."""
-    if not len(token_ids):
-        return []
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    ids = torch.tensor(list(token_ids), device=logits.device).view(-1, 1)
-    chosen = logprobs.gather(-1, ids).view(-1).tolist()
-    if not top_n:
-        return [TokenLogprob(t, lp) for t, lp in zip(token_ids, chosen)]
-    values, indices = logprobs.topk(top_n, dim=-1)
-    return [TokenLogprob(t, lp, tuple(zip(i, v)))
-            for t, lp, i, v in zip(token_ids, chosen, indices.tolist(), values.tolist())]
+    out: list[TokenLogprob] = []
+    for start in range(0, len(token_ids), CHUNK):  # float copies of a chunk, never of a whole long prompt
+        ids = list(token_ids[start : start + CHUNK])
+        logprobs = torch.log_softmax(logits[start : start + CHUNK].float(), dim=-1)
+        chosen = logprobs.gather(-1, torch.tensor(ids, device=logits.device).view(-1, 1)).view(-1).tolist()
+        if not top_n:
+            out += [TokenLogprob(t, lp) for t, lp in zip(ids, chosen)]
+            continue
+        values, indices = logprobs.topk(top_n, dim=-1)
+        out += [TokenLogprob(t, lp, tuple(zip(i, v)))
+                for t, lp, i, v in zip(ids, chosen, indices.tolist(), values.tolist())]
+    return out
 
 
 def prompt_logprobs(logits: torch.Tensor, prompt_ids: Sequence[int], top_n: int) -> list[TokenLogprob]:

@@ -248,6 +248,11 @@ class ModelRunner:
     def vocab_size(self) -> int:
         return self.model.get_output_embeddings().out_features
 
+    @property
+    def logits_bytes_per_token(self) -> int:
+        """One position's logits, as a prefill that scores prompts keeps them."""
+        return self.vocab_size * torch.empty((), dtype=self.dtype).element_size()
+
     def _forward(self, rows_lora: Sequence[RowLoRA], all_positions: bool = False, **kwargs) -> torch.Tensor:
         if self.lora is None or all(r.slot < 0 for r in rows_lora):
             logits = self.model(**kwargs).logits

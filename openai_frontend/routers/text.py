@@ -69,7 +69,10 @@ def _record(app, model: str, last: TextChunk | None) -> None:
         app.metrics.completion_tokens.labels(model).inc(last.num_output_tokens)
 
 
-async def _collect(request: Request, body: _Sampling, target: Target, fields: dict) -> _Collected:
+async def _collect(request: Request, body: _Sampling, target: Target, fields: dict,
+                   watch: bool = True) -> _Collected:
+    """One generation to its end; `watch`: give up if the client disconnects (callers running several
+    generations for one request watch once, around all of them)."""
     app = request.app.state
     adapter = target.lora_name
     chunks = app.gateway.generate(target.base.name, fields, target.lora_parameters())
@@ -91,7 +94,7 @@ async def _collect(request: Request, body: _Sampling, target: Target, fields: di
             out.prompt_logprobs = chunk.prompt_logprobs or out.prompt_logprobs
 
     try:
-        await unless_disconnected(request, collect())
+        await (unless_disconnected(request, collect()) if watch else collect())
     finally:
         app.metrics.activity.finish(adapter, started)
     _record(app, body.model, out.last)
@@ -223,7 +226,12 @@ async def completions(body: CompletionRequest, request: Request):
         return await _generate(request, body, target, fields_for(prompts[0]), render, "completion")
 
     tokenizer = cached_tokenizer(target.base.root)
-    done = await asyncio.gather(*(_collect(request, body, target, fields_for(p)) for p in prompts))
+    if body.max_tokens == 0 and body.logprobs is None:  # echo only: nothing to compute
+        done = [_Collected("", TextChunk("", "length", len(p) if not isinstance(p, str) else
+                                         len(tokenizer(p, add_special_tokens=False).input_ids), 0), None, None)
+                for p in prompts]
+    else:
+        done = await unless_disconnected(request, _collect_all(request, body, target, map(fields_for, prompts)))
     choices = []
     for index, (prompt, result) in enumerate(zip(prompts, done)):
         echoed = ""
@@ -239,6 +247,17 @@ async def completions(body: CompletionRequest, request: Request):
             "usage": _usage([r.last for r in done])}
 
 
+async def _collect_all(request: Request, body: _Sampling, target: Target, fields) -> list[_Collected]:
+    """Several generations at once (the engine batches them); the first failure cancels the others and is
+    raised."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(_collect(request, body, target, f, watch=False)) for f in fields]
+    except BaseExceptionGroup as failed:
+        raise failed.exceptions[0] from None
+    return [t.result() for t in tasks]
+
+
 def _prompts(prompt, max_chars: int) -> list[str | list[int]]:
     """Every OpenAI prompt form -> a list of prompts (text or token ids), within the limits."""
     if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
@@ -250,6 +269,8 @@ def _prompts(prompt, max_chars: int) -> list[str | list[int]]:
     tokens = sum(len(p) for p in prompt if not isinstance(p, str))
     if tokens > MAX_PROMPT_TOKENS:
         raise bad_request(f"at most {MAX_PROMPT_TOKENS} prompt tokens per request, got {tokens}", "prompt")
+    if any(not 0 <= t < 2**31 for p in prompt if not isinstance(p, str) for t in p):
+        raise bad_request("token ids must be non-negative 32-bit integers", "prompt")
     for p in prompt:
         if not p:
             raise bad_request("every prompt must be a non-empty string or token list", "prompt")
@@ -263,7 +284,10 @@ def legacy_logprobs(tokenizer, entries: Logprobs | None) -> dict:
     (the chosen token included, as vLLM does; None for a prompt's first token) and character offsets."""
     if entries is None:
         return {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    tokens = [tokenizer.decode([t]) for t in entries.token_ids]
+    # One batched decode of the distinct ids: thousands of single decodes would stall the event loop.
+    distinct = sorted({*entries.token_ids, *(i for row in entries.top for i, _ in row)})
+    text_of = dict(zip(distinct, tokenizer.batch_decode([[i] for i in distinct])))
+    tokens = [text_of[t] for t in entries.token_ids]
     offsets, position = [], 0
     for token in tokens:
         offsets.append(position)
@@ -273,7 +297,7 @@ def legacy_logprobs(tokenizer, entries: Logprobs | None) -> dict:
         if logprob is None:
             top.append(None)
             continue
-        row = {tokenizer.decode([i]): v for i, v in alternatives}
+        row = {text_of[i]: v for i, v in alternatives}
         row.setdefault(token, logprob)
         top.append(row)
     return {"tokens": tokens, "token_logprobs": entries.logprobs, "top_logprobs": top, "text_offset": offsets}
