@@ -12,22 +12,18 @@ import logging
 import os
 
 import numpy as np
-import torch
 import triton_python_backend_utils as pb_utils
 
 from backends import triton_io as tio
-from backends.diffusion.generate import DiffusionGenerator, ImageLimits, ImageRequest, build_request
-from backends.diffusion.lora import PipelineLoRA
-from backends.diffusion.pipeline import DIFFUSION_MODEL_PATH_ENV, default_diffusion_model_path, load_pipeline
+from backends.diffusion.generate import ImageRequest, build_request
+from backends.diffusion.pipeline import DIFFUSION_MODEL_PATH_ENV, default_diffusion_model_path
+from backends.diffusion.service import start_diffusion
 from backends.errors import BackendError
 from backends.lora.metrics import TritonLoRAMetrics
 from backends.lora.resolver import select_lora
-from backends.lora.serving import LoRAServingConfig, build_resolver
-from backends.model_params import param_int
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class _Metrics:
@@ -54,32 +50,15 @@ class TritonDiffusionModel:
         device = "cpu"
         if args.get("model_instance_kind") == "GPU":
             device = f"cuda:{args['model_instance_device_id']}"
-        dtype_name = (params.get("dtype") or "").strip() or ("float16" if device != "cpu" else "float32")
-        if dtype_name not in _DTYPES:
-            raise pb_utils.TritonModelException(f"parameter dtype must be one of {sorted(_DTYPES)}, got {dtype_name}")
-        model_path = (params.get("model_path") or "").strip() or default_diffusion_model_path()
-        log.info("model '%s' serving %s on %s in %s (set parameter model_path or %s to change)",
-                 args["model_name"], model_path, device, dtype_name, DIFFUSION_MODEL_PATH_ENV)
-        self.loaded = load_pipeline(model_path, device, _DTYPES[dtype_name])
-        defaults = ImageLimits()
-        guidance = (params.get("default_guidance_scale") or "").strip()
-        self.limits = ImageLimits(
-            max_image_size=param_int(params, "max_image_size", defaults.max_image_size),
-            max_inference_steps=param_int(params, "max_inference_steps", defaults.max_inference_steps),
-            max_num_images=param_int(params, "max_num_images", defaults.max_num_images),
-            max_batch_rows=param_int(params, "max_batch_rows", defaults.max_batch_rows),
-            default_inference_steps=param_int(params, "default_inference_steps", None),
-            default_guidance_scale=float(guidance) if guidance else None,
-        )
-        lora = LoRAServingConfig.from_parameters(params)
-        self.resolver = None
-        pipe_lora = None
-        if lora.enabled:
-            pipe_lora = PipelineLoRA(self.loaded, lora.max_loras, lora.max_lora_rank,
-                                     targets=(params.get("lora_target_modules") or "").strip() or None)
-            self.resolver = build_resolver(pipe_lora.context, lora, load=pipe_lora.load)
-        self.generator = DiffusionGenerator(self.loaded, self.limits, pipe_lora,
-                                            self.resolver.cache if self.resolver else None)
+        log.info("model '%s' serving %s on %s (set parameter model_path or %s to change)", args["model_name"],
+                 (params.get("model_path") or "").strip() or default_diffusion_model_path(), device,
+                 DIFFUSION_MODEL_PATH_ENV)
+        try:
+            service = start_diffusion(params, device)
+        except ValueError as exc:  # a bad parameter
+            raise pb_utils.TritonModelException(str(exc)) from None
+        self.loaded, self.limits, self.generator = service.loaded, service.limits, service.generator
+        self.resolver = service.resolver
         self.metrics = _Metrics(args["model_name"])
 
     def _parse(self, request) -> ImageRequest:

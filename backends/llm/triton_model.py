@@ -9,21 +9,17 @@ from __future__ import annotations
 import json
 import logging
 import os
-from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from backends import triton_io as tio
 from backends.errors import BackendError, InvalidArgument, Unavailable
-from backends.llm.engine import GenerationChunk, LLMEngine
+from backends.llm.engine import GenerationChunk
 from backends.llm.metrics import TritonEngineMetrics
 from backends.llm.params import GenerationRequest, build_sampling_params
-from backends.llm.runner import LoRASettings, ModelRunner, RunnerSettings
-from backends.llm.scheduler import SchedulerLimits
+from backends.llm.service import start_llm
 from backends.lora.resolver import select_lora
-from backends.lora.serving import LoRAServingConfig, build_resolver
-from backends.model_params import param_int
 from backends.settings import LLM_MODEL_PATH_ENV, default_llm_model_path
 
 log = logging.getLogger(__name__)
@@ -85,39 +81,19 @@ class TritonLLMModel:
                 f"model '{args['model_name']}' must set model_transaction_policy {{ decoupled: true }}"
             )
         params = tio.model_parameters(model_config)
-        model_path = Path(params.get("model_path") or default_llm_model_path()).expanduser()
         device = "cpu"
         if args.get("model_instance_kind") == "GPU":
             device = f"cuda:{args['model_instance_device_id']}"
-        log.info("model '%s' serving %s on %s (set parameter model_path or %s to change)",
-                 args["model_name"], model_path, device, LLM_MODEL_PATH_ENV)
-        lora = LoRAServingConfig.from_parameters(params)
-        lora_settings = LoRASettings(lora.max_loras, lora.max_lora_rank, params.get("lora_target_modules") or None)
-        settings = RunnerSettings.from_parameters(params)
-        self.lora = None
-
-        def setup(engine: LLMEngine):  # on the engine thread, which does all torch work
-            runner = ModelRunner(model_path, device=device, lora=lora_settings if lora.enabled else None,
-                                 settings=settings)
-            if not lora.enabled:
-                return runner, None
-            self.lora = build_resolver(runner.lora, lora, run=engine.call)
-            return runner, self.lora.cache
-
-        defaults = SchedulerLimits()
-        self.engine = LLMEngine(
-            setup,
-            default_max_tokens=param_int(params, "default_max_tokens", 256),
-            observer=TritonEngineMetrics(args["model_name"]),
-            limits=SchedulerLimits(
-                max_num_seqs=settings.max_num_seqs,
-                max_num_batched_tokens=param_int(params, "max_num_batched_tokens", defaults.max_num_batched_tokens),
-            ),
+        log.info("model '%s' serving %s on %s (set parameter model_path or %s to change)", args["model_name"],
+                 params.get("model_path") or default_llm_model_path(), device, LLM_MODEL_PATH_ENV)
+        self.service = start_llm(
+            params, device, observer=TritonEngineMetrics(args["model_name"]),
             # Triton 2.51 cannot be told that a Python model went unready: new requests and the supervisor's
             # probes get UNAVAILABLE from now on, and the frontend's supervisor reloads the model.
             on_dead=lambda exc: log.critical("model '%s' cannot serve any more: its engine stopped (%s); reload "
                                              "it (the frontend's supervisor does)", args["model_name"], exc),
         )
+        self.engine = self.service.engine
 
     def _parse(self, request) -> GenerationRequest:
         prompt = tio.get_string(request, "text_input")
@@ -140,7 +116,7 @@ class TritonLLMModel:
             prompt_logprobs=tio.get_int(request, "prompt_logprobs"),
         )
         stream = tio.get_bool(request, "stream")
-        lora = select_lora(self.lora, tio.get_lora_fields(request))
+        lora = select_lora(self.service.resolver, tio.get_lora_fields(request))
         return GenerationRequest(request.request_id() or "", prompt or "", sampling, stream=bool(stream),
                                  prompt_token_ids=ids or [], lora=lora)
 

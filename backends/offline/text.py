@@ -1,0 +1,130 @@
+"""`TextGenerator`: many prompts with mixed adapters through the continuous-batching engine, in-process.
+
+    from backends.offline import LoRA, TextGenerator
+    llm = TextGenerator(preload={"uppercase": ".cache/adapters/demo/uppercase"})
+    outs = llm.generate(["What is the capital of France?"] * 2, max_tokens=16, temperature=0,
+                        lora=[None, LoRA(name="uppercase")])
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from tqdm import tqdm
+
+from backends.llm.chat import apply_chat_template, load_tokenizer
+from backends.llm.engine import GenerationChunk
+from backends.llm.params import GenerationRequest, build_sampling_params
+from backends.llm.service import start_llm
+from backends.lora.resolver import select_lora
+from backends.offline.common import LoRA, service_params
+
+Prompt = str | Sequence[dict]  # text as is, or chat messages (the model's chat template is applied)
+
+
+@dataclass
+class TextOutput:
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    token_ids: list[int]
+
+
+class _Result:
+    """An OutputSink that gathers one request's chunks."""
+
+    def __init__(self, done: threading.Semaphore, progress: tqdm | None):
+        self.chunks: list[GenerationChunk] = []
+        self.error: Exception | None = None
+        self._done, self._progress = done, progress
+
+    def send(self, chunk: GenerationChunk, final: bool) -> None:
+        self.chunks.append(chunk)
+        if final:
+            self._finish()
+
+    def fail(self, error: Exception) -> None:
+        self.error = error
+        self._finish()
+
+    def _finish(self) -> None:
+        if self._progress is not None:
+            self._progress.update(1)
+        self._done.release()
+
+    def is_cancelled(self) -> bool:
+        return False
+
+    def output(self) -> TextOutput:
+        last = self.chunks[-1]
+        return TextOutput("".join(c.text for c in self.chunks), last.finish_reason, last.num_input_tokens,
+                          last.num_output_tokens, [t for c in self.chunks for t in c.token_ids])
+
+
+class TextGenerator:
+    def __init__(self, model_path: str | Path | None = None, *, preload: dict[str, str] | None = None,
+                 device: str = "cpu", **settings):
+        """`model_path`: a Hugging Face causal-LM folder (default: the converted SmolLM2); `preload`: adapters by
+        name -> path, loaded and pinned now; `settings`: any `llm` model parameter of config.pbtxt (max_loras,
+        max_lora_rank, max_num_seqs, max_model_len, dtype, ...)."""
+        settings.setdefault("max_model_len", 2048)  # as config.pbtxt: each KV slot reserves this many tokens
+        self.service = start_llm(service_params(model_path, preload, settings), device)
+        self.engine = self.service.engine
+        # Its own tokenizer for chat templates: the engine thread's detokenises concurrently.
+        self._tokenizer = load_tokenizer(str(self.service.model_path))
+
+    def prepare(self, prompt: Prompt, lora: LoRA | None = None, **sampling) -> GenerationRequest:
+        """Validate one request as the server does (InvalidArgument / AdapterError / NotFound on a bad one)."""
+        text = prompt if isinstance(prompt, str) else apply_chat_template(
+            list(prompt), tokenizer=self._tokenizer)
+        params = build_sampling_params(
+            max_tokens=sampling.get("max_tokens"), temperature=sampling.get("temperature"),
+            top_p=sampling.get("top_p"), top_k=sampling.get("top_k"), seed=sampling.get("seed"),
+            stop=sampling.get("stop"), default_max_tokens=self.engine.default_max_tokens,
+        )
+        selection = select_lora(self.service.resolver, (lora or LoRA()).fields())
+        return self.engine.prepare(GenerationRequest(uuid.uuid4().hex, text, params, lora=selection))
+
+    def run(self, requests: Sequence[GenerationRequest], progress: bool = True) -> list[TextOutput | Exception]:
+        """Prepared requests, all submitted at once (the engine batches them); outputs in order, or the error a
+        request failed with."""
+        done = threading.Semaphore(0)
+        bar = tqdm(total=len(requests), desc="generating", unit="prompt") if progress else None
+        results = [_Result(done, bar) for _ in requests]
+        try:
+            for request, result in zip(requests, results):
+                self.engine.submit(request, result)
+            for _ in requests:
+                done.acquire()
+        finally:
+            if bar is not None:
+                bar.close()
+        return [r.error if r.error is not None else r.output() for r in results]
+
+    def generate(self, prompts: Prompt | Sequence[Prompt], lora: LoRA | Sequence[LoRA | None] | None = None,
+                 progress: bool = True, **sampling) -> list[TextOutput]:
+        """Text for each prompt; `lora`: one adapter for all, or one (or None) per prompt; `sampling`: max_tokens,
+        temperature, top_p, top_k, seed, stop. Raises the first request's error, as vLLM's `LLM.generate` does."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        loras = list(lora) if isinstance(lora, (list, tuple)) else [lora] * len(prompts)
+        if len(loras) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(loras)} adapters")
+        outputs = self.run([self.prepare(p, lo, **sampling) for p, lo in zip(prompts, loras)], progress)
+        for out in outputs:
+            if isinstance(out, Exception):
+                raise out
+        return outputs
+
+    def close(self) -> None:
+        self.engine.shutdown()
+
+    def __enter__(self) -> "TextGenerator":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,114 @@
+"""Text generation with LoRA over a JSONL file, offline (no server), through the serving engine.
+
+Each input line: {"prompt": "..."} or {"messages": [...]}, optionally "adapter" (a pre-loaded or registered name,
+or an adapter folder), "scale", "max_tokens", "temperature", "seed". Each output line: the input's line number
+and text, finish_reason, prompt_tokens, completion_tokens; or its error. A bad line is reported with its number
+and the others still run.
+
+    PYTHONPATH=. .venv/bin/python -m scripts.offline_text --input prompts.jsonl --output results.jsonl \\
+        --lora-modules uppercase=.cache/adapters/demo/uppercase
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from backends.errors import BackendError
+from backends.offline import LoRA, TextGenerator
+
+
+def _lora(entry: dict) -> LoRA | None:
+    adapter, scale = entry.get("adapter"), entry.get("scale")
+    if adapter is None:
+        if scale is not None:
+            raise ValueError("'scale' was given without an 'adapter'")
+        return None
+    if not isinstance(adapter, str) or not adapter:
+        raise ValueError("'adapter' must be a name or a folder path")
+    if "/" in adapter:
+        return LoRA(path=adapter, scale=scale)
+    return LoRA(name=adapter, scale=scale)
+
+
+def _prompt(entry: dict):
+    if "messages" in entry:
+        return entry["messages"]
+    if not isinstance(entry.get("prompt"), str):
+        raise ValueError("each line needs a 'prompt' string or 'messages'")
+    return entry["prompt"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", type=Path, required=True)
+    p.add_argument("--output", type=Path, required=True)
+    p.add_argument("--model", default=None, help="causal-LM folder (default: the converted SmolLM2)")
+    p.add_argument("--lora-modules", nargs="*", default=[], metavar="NAME=PATH", help="adapters to pre-load")
+    p.add_argument("--max-tokens", type=int, default=64, help="when a line gives none")
+    p.add_argument("--temperature", type=float, default=0.0, help="when a line gives none")
+    p.add_argument("--max-num-seqs", type=int, default=32)
+    p.add_argument("--max-loras", type=int, default=8)
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    preload = {}
+    for item in args.lora_modules:
+        name, _, path = item.partition("=")
+        if not name or not path:
+            p.error(f"--lora-modules takes NAME=PATH, got {item!r}")
+        if not Path(path).exists():
+            print(f"error: adapter {name}: {path} does not exist", file=sys.stderr)
+            return 2
+        preload[name] = path
+    try:
+        generator = TextGenerator(args.model, preload=preload, device=args.device, max_num_seqs=args.max_num_seqs,
+                                  max_loras=args.max_loras)
+    except (BackendError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    results: dict[int, dict] = {}
+    requests, numbers = [], []
+    for number, line in enumerate(args.input.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            if not isinstance(entry, dict):
+                raise ValueError("each line must be a JSON object")
+            requests.append(generator.prepare(
+                _prompt(entry), _lora(entry), max_tokens=entry.get("max_tokens", args.max_tokens),
+                temperature=entry.get("temperature", args.temperature), seed=entry.get("seed")))
+            numbers.append(number)
+        except (json.JSONDecodeError, ValueError, TypeError, BackendError) as exc:
+            results[number] = {"line": number, "error": str(exc)}
+            print(f"{args.input}:{number}: {exc}", file=sys.stderr)
+    started = time.perf_counter()
+    try:
+        outputs = generator.run(requests)
+    finally:
+        generator.close()
+    seconds = time.perf_counter() - started
+    for number, out in zip(numbers, outputs):
+        if isinstance(out, Exception):
+            results[number] = {"line": number, "error": str(out)}
+        else:
+            results[number] = {"line": number, "text": out.text, "finish_reason": out.finish_reason,
+                               "prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens}
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    with open(args.output, "w") as f:
+        for number in sorted(results):
+            f.write(json.dumps(results[number], ensure_ascii=False) + "\n")
+    tokens = sum(r.get("completion_tokens", 0) for r in results.values())
+    failed = sum("error" in r for r in results.values())
+    print(f"{len(requests)} prompts ({failed} lines failed), {tokens} tokens in {seconds:.1f} s: "
+          f"{tokens / max(seconds, 1e-9):.1f} tok/s, {len(requests) / max(seconds, 1e-9):.2f} prompts/s -> {args.output}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Offline inference (backends/offline, scripts/offline_image.py, scripts/offline_text.py): the serving engines
+in-process give the same answers as the served models: byte-identical images, token-identical greedy text."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from backends.llm.chat import apply_chat_template
+from backends.settings import adapters_dir
+from scripts import offline_image, offline_text
+from scripts.diffusion_client import generate as served_image
+from tests.llm_client import generate as served_text
+
+SD3_A = adapters_dir() / "diffusion" / "tiny-sd3-a"
+DEMO = adapters_dir() / "demo"
+IMAGE = ["--prompt", "a red cat", "--seed", "7", "--num_inference_steps", "2"]
+
+
+def _png(tmp_path, name: str, *flags: str) -> bytes:
+    out = tmp_path / f"{name}.png"
+    assert offline_image.main([*IMAGE, *flags, "--output", str(out)]) == 0
+    return out.read_bytes()
+
+
+def test_offline_image_cli_equals_the_served_image(tmp_path, http_client):
+    base = _png(tmp_path, "base")
+    preloaded = _png(tmp_path, "pre", "--lora-path", str(SD3_A), "--lora-scale", "0.8")
+    per_request = _png(tmp_path, "req", "--lora-request-path", str(SD3_A), "--lora-request-id", "77",
+                       "--lora-scale", "0.8")
+    zero = _png(tmp_path, "zero", "--lora-request-path", str(SD3_A), "--lora-scale", "0")
+    assert base.startswith(b"\x89PNG") and preloaded != base
+    assert preloaded == per_request, "a pre-loaded and a per-request adapter gave different images"
+    assert zero == base, "scale 0 is not the base model"
+    served, _, _ = served_image(http_client, prompt="a red cat", seed=7, num_inference_steps=2,
+                                lora_name="tiny-sd3-a", lora_scale=0.8)
+    assert served[0] == preloaded, "the offline image differs from the served one"
+    assert served_image(http_client, prompt="a red cat", seed=7, num_inference_steps=2)[0][0] == base
+
+
+def test_offline_image_cli_refuses_a_missing_or_invalid_adapter(tmp_path, capsys):
+    assert offline_image.main([*IMAGE, "--lora-path", str(tmp_path / "missing"), "--output", str(tmp_path / "x.png")]) == 2
+    assert f"--lora-path {tmp_path / 'missing'} does not exist" in capsys.readouterr().err
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(SD3_A, corrupt)
+    (corrupt / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    assert offline_image.main([*IMAGE, "--lora-request-path", str(corrupt), "--output", str(tmp_path / "y.png")]) == 2
+    err = capsys.readouterr().err
+    assert f"invalid LoRA adapter at {corrupt}" in err and "is not valid safetensors" in err
+    assert not (tmp_path / "y.png").exists()
+
+
+QUESTIONS = ["What is the capital of France?", "Say hi.", "Name a colour.", "Count to three."]
+
+
+def test_offline_text_jsonl_gives_the_served_greedy_text(tmp_path, grpc_client):
+    """12 prompts over the base model, both demo adapters (pre-loaded) and one adapter by path (per request),
+    all in one engine run, each equal to what the server answers; a malformed line is reported with its number
+    and the others still run."""
+    lines, jobs = [], []
+    for i, question in enumerate(QUESTIONS * 3):
+        adapter = [None, "uppercase", "signature", str(DEMO / "uppercase")][i % 4]
+        entry = {"messages": [{"role": "user", "content": question}], "max_tokens": 8}
+        if adapter:
+            entry["adapter"] = adapter
+        lines.append(json.dumps(entry))
+        jobs.append((question, adapter))
+    lines.insert(5, "{not json")
+    lines.insert(9, json.dumps({"prompt": "x", "adapter": str(tmp_path / "missing-adapter")}))
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text("\n".join(lines) + "\n")
+    code = offline_text.main(["--input", str(source), "--output", str(out), "--lora-modules",
+                              f"uppercase={DEMO / 'uppercase'}", f"signature={DEMO / 'signature'}"])
+    assert code == 1  # some lines failed
+    rows = {r["line"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert "line 1 column 2" in rows[6]["error"] or "Expecting" in rows[6]["error"]
+    assert "LoRA adapter not found" in rows[10]["error"] and "missing-adapter" in rows[10]["error"]
+    good = [rows[n] for n in sorted(rows) if n not in (6, 10)]
+    assert len(good) == 12
+    for row, (question, adapter) in zip(good, jobs):
+        lora = {}
+        if adapter and "/" in adapter:
+            lora = {"lora_path": adapter}
+        elif adapter:
+            lora = {"lora_name": adapter}
+        served = served_text(grpc_client, apply_chat_template(question), temperature=0.0, max_tokens=8, **lora)
+        assert served.error is None, served.error
+        assert row["text"] == served.text, f"{question!r} ({adapter})"
+        assert row["completion_tokens"] == served.num_output_tokens
+        if adapter and adapter.endswith("uppercase"):
+            letters = [c for c in row["text"] if c.isalpha()]
+            assert letters and all(c.isupper() for c in letters), row["text"]
+
+
+def test_offline_text_cli_refuses_a_missing_preloaded_adapter(tmp_path, capsys):
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps({"prompt": "hi"}) + "\n")
+    code = offline_text.main(["--input", str(source), "--output", str(tmp_path / "out.jsonl"), "--lora-modules",
+                              f"gone={tmp_path / 'gone'}"])
+    assert code == 2 and f"adapter gone: {tmp_path / 'gone'} does not exist" in capsys.readouterr().err
+
+
+def test_python_api_mixed_adapters_in_one_call():
+    from backends.offline import LoRA, TextGenerator
+
+    with TextGenerator(preload={"uppercase": str(DEMO / "uppercase")}, max_num_seqs=4) as llm:
+        plain, upper, half_zero = llm.generate(
+            [[{"role": "user", "content": "What is the capital of France?"}]] * 3, max_tokens=6, temperature=0,
+            lora=[None, LoRA(name="uppercase"), LoRA(name="uppercase", scale=0.0)], progress=False)
+        assert upper.text.isupper() and not plain.text.isupper()
+        assert half_zero.token_ids == plain.token_ids  # scale 0 is the base model
+        with pytest.raises(Exception, match="not found"):
+            llm.generate("hi", lora=LoRA(name="nope"))
