@@ -52,14 +52,14 @@ def main(argv: list[str] | None = None) -> int:
         lora = LoRA(name=Path(args.lora_path).name, scale=args.lora_scale)
     elif args.lora_request_path:
         lora = LoRA(path=args.lora_request_path, int_id=args.lora_request_id, scale=args.lora_scale)
-    elif args.lora_scale is not None:
-        p.error("--lora-scale needs --lora-path or --lora-request-path")
+    elif args.lora_scale is not None or args.lora_request_id is not None:
+        p.error("--lora-scale and --lora-request-id need --lora-path or --lora-request-path")
     try:
         generator = ImageGenerator(args.model, preload=preload, device=args.device)
         pngs = generator.generate(args.prompt, lora=lora, negative_prompt=args.negative_prompt, seed=args.seed,
                                   height=args.height, width=args.width, num_inference_steps=args.num_inference_steps,
                                   guidance_scale=args.guidance_scale, num_images=args.num_images)
-    except (BackendError, ValueError) as exc:
+    except (BackendError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     args.output.parent.mkdir(parents=True, exist_ok=True)

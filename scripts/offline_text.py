@@ -22,8 +22,18 @@ from backends.errors import BackendError
 from backends.offline import LoRA, TextGenerator
 
 
+def _field(entry: dict, name: str, kind: type, default=None):
+    """A line's optional field, type-checked (bools are not numbers here); null = the default."""
+    value = entry.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else kind):
+        raise ValueError(f"'{name}' must be {'a number' if kind is float else 'an integer'}, got {value!r}")
+    return value
+
+
 def _lora(entry: dict) -> LoRA | None:
-    adapter, scale = entry.get("adapter"), entry.get("scale")
+    adapter, scale = entry.get("adapter"), _field(entry, "scale", float)
     if adapter is None:
         if scale is not None:
             raise ValueError("'scale' was given without an 'adapter'")
@@ -37,6 +47,8 @@ def _lora(entry: dict) -> LoRA | None:
 
 def _prompt(entry: dict):
     if "messages" in entry:
+        if not isinstance(entry["messages"], list):
+            raise ValueError("'messages' must be a list of {role, content} objects")
         return entry["messages"]
     if not isinstance(entry.get("prompt"), str):
         raise ValueError("each line needs a 'prompt' string or 'messages'")
@@ -66,6 +78,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         preload[name] = path
     try:
+        lines = args.input.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        print(f"error: cannot read --input {args.input}: {exc}", file=sys.stderr)
+        return 2
+    try:
         generator = TextGenerator(args.model, preload=preload, device=args.device, max_num_seqs=args.max_num_seqs,
                                   max_loras=args.max_loras)
     except (BackendError, ValueError, OSError) as exc:
@@ -73,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     results: dict[int, dict] = {}
     requests, numbers = [], []
-    for number, line in enumerate(args.input.read_text().splitlines(), start=1):
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
@@ -81,10 +98,10 @@ def main(argv: list[str] | None = None) -> int:
             if not isinstance(entry, dict):
                 raise ValueError("each line must be a JSON object")
             requests.append(generator.prepare(
-                _prompt(entry), _lora(entry), max_tokens=entry.get("max_tokens", args.max_tokens),
-                temperature=entry.get("temperature", args.temperature), seed=entry.get("seed")))
+                _prompt(entry), _lora(entry), max_tokens=_field(entry, "max_tokens", int, args.max_tokens),
+                temperature=_field(entry, "temperature", float, args.temperature), seed=_field(entry, "seed", int)))
             numbers.append(number)
-        except (json.JSONDecodeError, ValueError, TypeError, BackendError) as exc:
+        except Exception as exc:  # this line's fault (bad JSON, field, adapter, template): report it, run the rest
             results[number] = {"line": number, "error": str(exc)}
             print(f"{args.input}:{number}: {exc}", file=sys.stderr)
     started = time.perf_counter()

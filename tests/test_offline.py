@@ -69,6 +69,8 @@ def test_offline_text_jsonl_gives_the_served_greedy_text(tmp_path, grpc_client):
         jobs.append((question, adapter))
     lines.insert(5, "{not json")
     lines.insert(9, json.dumps({"prompt": "x", "adapter": str(tmp_path / "missing-adapter")}))
+    lines.append(json.dumps({"prompt": "x", "seed": 1.5, "temperature": 0.7}))
+    lines.append(json.dumps({"messages": [{"content": "no role"}]}))
     source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     source.write_text("\n".join(lines) + "\n")
     code = offline_text.main(["--input", str(source), "--output", str(out), "--lora-modules",
@@ -77,7 +79,9 @@ def test_offline_text_jsonl_gives_the_served_greedy_text(tmp_path, grpc_client):
     rows = {r["line"]: r for r in map(json.loads, out.read_text().splitlines())}
     assert "line 1 column 2" in rows[6]["error"] or "Expecting" in rows[6]["error"]
     assert "LoRA adapter not found" in rows[10]["error"] and "missing-adapter" in rows[10]["error"]
-    good = [rows[n] for n in sorted(rows) if n not in (6, 10)]
+    assert "'seed' must be an integer, got 1.5" in rows[15]["error"]
+    assert "messages must be a non-empty list of {role, content}" in rows[16]["error"]
+    good = [rows[n] for n in sorted(rows) if n not in (6, 10, 15, 16)]
     assert len(good) == 12
     for row, (question, adapter) in zip(good, jobs):
         lora = {}

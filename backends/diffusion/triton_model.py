@@ -55,8 +55,8 @@ class TritonDiffusionModel:
                  DIFFUSION_MODEL_PATH_ENV)
         try:
             service = start_diffusion(params, device)
-        except ValueError as exc:  # a bad parameter
-            raise pb_utils.TritonModelException(str(exc)) from None
+        except ValueError as exc:  # a bad parameter or pipeline: Triton shows the message
+            raise pb_utils.TritonModelException(str(exc)) from exc
         self.loaded, self.limits, self.generator = service.loaded, service.limits, service.generator
         self.resolver = service.resolver
         self.metrics = _Metrics(args["model_name"])

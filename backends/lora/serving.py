@@ -36,7 +36,7 @@ class LoRAServingConfig:
     max_cpu_loras: int = 64
     max_cpu_lora_bytes: int | None = None
     static: tuple[AdapterEntry, ...] = ()
-    registry_file: Path = field(default_factory=lora_registry_file)
+    registry_file: Path | None = field(default_factory=lora_registry_file)  # None: no dynamic registry
     allowed_roots: tuple[Path, ...] = ()
     resolver_dirs: tuple[Path, ...] = ()
 
@@ -47,7 +47,8 @@ class LoRAServingConfig:
     @classmethod
     def from_parameters(cls, params: dict[str, str]) -> "LoRAServingConfig":
         """Model parameters: lora_modules (vLLM --lora-modules forms; relative paths are under the project cache),
-        max_loras, max_lora_rank, max_cpu_loras, max_cpu_lora_bytes, lora_registry_file, allowed_lora_roots and
+        max_loras, max_lora_rank, max_cpu_loras, max_cpu_lora_bytes, lora_registry_file ("none": no dynamic
+        registry), allowed_lora_roots and
         lora_resolver_dirs (comma-separated; the env lists MULTILORA_ALLOWED_LORA_ROOTS and
         MULTILORA_LORA_RESOLVER_DIRS add to them). The adapters folder of the project cache is always allowed."""
         static = tuple(
@@ -63,7 +64,8 @@ class LoRAServingConfig:
             max_cpu_loras=max(max_cpu, max_loras),
             max_cpu_lora_bytes=param_int(params, "max_cpu_lora_bytes", None),
             static=static,
-            registry_file=Path(registry).expanduser() if registry else lora_registry_file(),
+            registry_file=(None if registry.lower() == "none" else Path(registry).expanduser() if registry
+                           else lora_registry_file()),
             allowed_roots=(adapters_dir(), *_paths(params, "allowed_lora_roots"), *env_paths(ALLOWED_LORA_ROOTS_ENV)),
             resolver_dirs=(*_paths(params, "lora_resolver_dirs"), *env_paths(LORA_RESOLVER_DIRS_ENV)),
         )

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from backends.lora.resolver import LoRAFields
+from backends.settings import REPO_ROOT
 
 
 @dataclass(frozen=True)
@@ -22,14 +25,22 @@ class LoRA:
         return LoRAFields(self.name, str(self.path) if self.path is not None else None, self.scale, self.int_id)
 
 
-def service_params(model_path, preload: dict[str, str] | None, settings: dict) -> dict[str, str]:
-    """The model parameters (config.pbtxt names) for an in-process service. Adapter paths may lie anywhere: the
-    allowed-roots policy guards a server against its clients, and here the caller is the only client."""
-    params = {k: "" if v is None else str(v) for k, v in settings.items()}
-    if model_path is not None:
-        params["model_path"] = str(model_path)
-    # Absolute: the server reads relative lora_modules paths under its cache dir, a caller means its own cwd.
-    params["lora_modules"] = " ".join(f"{name}={Path(path).expanduser().resolve()}"
-                                      for name, path in (preload or {}).items())
-    params.setdefault("allowed_lora_roots", "/")
+def config_defaults(model: str) -> dict[str, str]:
+    """The parameters of model_repository/<model>/config.pbtxt: offline runs start from the served settings (slot
+    rank, context length, limits), so an adapter the server takes is taken here too."""
+    text = (REPO_ROOT / "model_repository" / model / "config.pbtxt").read_text()
+    return dict(re.findall(r'key: "([^"]+)", value: \{ string_value: "([^"]*)" \}', text))
+
+
+def service_params(model: str, model_path, preload: dict[str, str] | None, settings: dict) -> dict[str, str]:
+    """The model parameters (config.pbtxt names) for an in-process service: the served model's, then `settings`.
+    Adapter paths may lie anywhere (the allowed-roots policy guards a server against its clients; here the caller
+    is the only client), and the server's dynamic registry file is not consulted: only `preload` names exist."""
+    params = {**config_defaults(model), "lora_registry_file": "none", "allowed_lora_roots": "/",
+              **{k: "" if v is None else str(v) for k, v in settings.items()}}
+    params["model_path"] = "" if model_path is None else str(model_path)
+    # Absolute (the server reads relative lora_modules paths under its cache dir; a caller means its own cwd), and
+    # JSON, which takes any character in a path.
+    params["lora_modules"] = json.dumps([{"name": name, "path": str(Path(path).expanduser().resolve())}
+                                         for name, path in (preload or {}).items()]) if preload else ""
     return params

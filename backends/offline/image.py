@@ -26,7 +26,7 @@ class ImageGenerator:
         """`model_path`: a diffusers pipeline folder (default: the tiny SD3 pipeline); `preload`: adapters by
         name -> path (PEFT folder, diffusers or kohya file), loaded and pinned now; `settings`: any `diffusion`
         model parameter of config.pbtxt (max_loras, max_lora_rank, max_batch_rows, dtype, ...)."""
-        self.service = start_diffusion(service_params(model_path, preload, settings), device)
+        self.service = start_diffusion(service_params("diffusion", model_path, preload, settings), device)
 
     @property
     def name(self) -> str:
@@ -43,7 +43,8 @@ class ImageGenerator:
                              guidance_scale=guidance_scale, seed=seed, num_images=num_images, lora=selection)
 
     def run(self, requests: Sequence[ImageRequest], progress: bool = True) -> list[list[bytes]]:
-        """PNG bytes per request (num_images each), in order; planned into batches as the server plans them."""
+        """PNG bytes per request (num_images each), in order; planned into batches as the server plans them.
+        Runs on the calling thread; one call at a time per generator."""
         generator = self.service.generator
         out: list[list[bytes] | None] = [None] * len(requests)
         batches = generator.plan(requests)

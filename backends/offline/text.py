@@ -16,6 +16,7 @@ from typing import Sequence
 
 from tqdm import tqdm
 
+from backends.errors import InvalidArgument
 from backends.llm.chat import apply_chat_template, load_tokenizer
 from backends.llm.engine import GenerationChunk
 from backends.llm.params import GenerationRequest, build_sampling_params
@@ -53,9 +54,11 @@ class _Result:
         self._finish()
 
     def _finish(self) -> None:
-        if self._progress is not None:
-            self._progress.update(1)
-        self._done.release()
+        try:
+            if self._progress is not None:
+                self._progress.update(1)
+        finally:  # whatever happens to the progress bar, the waiter must wake
+            self._done.release()
 
     def is_cancelled(self) -> bool:
         return False
@@ -72,16 +75,27 @@ class TextGenerator:
         """`model_path`: a Hugging Face causal-LM folder (default: the converted SmolLM2); `preload`: adapters by
         name -> path, loaded and pinned now; `settings`: any `llm` model parameter of config.pbtxt (max_loras,
         max_lora_rank, max_num_seqs, max_model_len, dtype, ...)."""
-        settings.setdefault("max_model_len", 2048)  # as config.pbtxt: each KV slot reserves this many tokens
-        self.service = start_llm(service_params(model_path, preload, settings), device)
+        self.service = start_llm(service_params("llm", model_path, preload, settings), device)
         self.engine = self.service.engine
-        # Its own tokenizer for chat templates: the engine thread's detokenises concurrently.
-        self._tokenizer = load_tokenizer(str(self.service.model_path))
+        try:  # its own tokenizer for chat templates: the engine thread's detokenises concurrently
+            self._tokenizer = load_tokenizer(str(self.service.model_path))
+        except BaseException:
+            self.close()
+            raise
 
     def prepare(self, prompt: Prompt, lora: LoRA | None = None, **sampling) -> GenerationRequest:
         """Validate one request as the server does (InvalidArgument / AdapterError / NotFound on a bad one)."""
-        text = prompt if isinstance(prompt, str) else apply_chat_template(
-            list(prompt), tokenizer=self._tokenizer)
+        if isinstance(prompt, str):
+            text = prompt
+        else:
+            messages = list(prompt)
+            if not messages or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                       and isinstance(m.get("content"), str) for m in messages):
+                raise InvalidArgument("messages must be a non-empty list of {role, content} objects with strings")
+            try:
+                text = apply_chat_template(messages, tokenizer=self._tokenizer)
+            except Exception as exc:  # template errors (e.g. role order) are the request's fault
+                raise InvalidArgument(f"cannot apply the chat template: {exc}") from None
         params = build_sampling_params(
             max_tokens=sampling.get("max_tokens"), temperature=sampling.get("temperature"),
             top_p=sampling.get("top_p"), top_k=sampling.get("top_k"), seed=sampling.get("seed"),
@@ -98,7 +112,10 @@ class TextGenerator:
         results = [_Result(done, bar) for _ in requests]
         try:
             for request, result in zip(requests, results):
-                self.engine.submit(request, result)
+                try:
+                    self.engine.submit(request, result)
+                except Exception as exc:  # this request's error; the others run
+                    result.fail(exc)
             for _ in requests:
                 done.acquire()
         finally:
@@ -110,7 +127,8 @@ class TextGenerator:
                  progress: bool = True, **sampling) -> list[TextOutput]:
         """Text for each prompt; `lora`: one adapter for all, or one (or None) per prompt; `sampling`: max_tokens,
         temperature, top_p, top_k, seed, stop. Raises the first request's error, as vLLM's `LLM.generate` does."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        single = isinstance(prompts, str) or (bool(prompts) and isinstance(prompts[0], dict))  # one conversation
+        prompts = [prompts] if single else list(prompts)
         loras = list(lora) if isinstance(lora, (list, tuple)) else [lora] * len(prompts)
         if len(loras) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(loras)} adapters")
