@@ -18,6 +18,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_DIR_ENV) or REPO_ROOT / ".cache").expanduser().resolve()
 
 
+DIFFUSION_MODEL_PATH_ENV = "MULTILORA_DIFFUSION_MODEL_PATH"
+DEFAULT_DIFFUSION_NAME = "tiny-random-sd3"
+
+
+def default_diffusion_model_path() -> str:
+    """The pipeline the `diffusion` Triton model serves unless its config or the env names another."""
+    return os.environ.get(DIFFUSION_MODEL_PATH_ENV) or str(cache_dir() / "models" / DEFAULT_DIFFUSION_NAME)
+
+
 def default_llm_model_path() -> Path:
     """The model the `llm` Triton model serves unless its config or the env names another."""
     env = os.environ.get(LLM_MODEL_PATH_ENV)

@@ -53,7 +53,7 @@ def create_app(config: FrontendConfig) -> FastAPI:
     app = FastAPI(title="multi-LoRA OpenAI-compatible frontend", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.config = config
     app.state.gateway = gateway
-    app.state.catalog = Catalog(gateway, registry, config.catalog_ttl_s)
+    app.state.catalog = Catalog(gateway, registry, config.catalog_ttl_s, config.lora_separator)
     app.state.metrics = FrontendMetrics(config.triton_metrics_url)
     app.state.supervisor = Supervisor(gateway, app.state.catalog, app.state.metrics, SupervisorConfig(
         interval_s=config.probe_interval_s, max_restarts=config.max_model_restarts,

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from backends.errors import BackendError
 from backends.lora.registry import AdapterEntry, LoRARegistry
 from backends.lora.serving import LoRAServingConfig
-from backends.settings import default_llm_model_path
+from backends.settings import default_diffusion_model_path, default_llm_model_path
 from openai_frontend.errors import OpenAIError, model_not_found
 from openai_frontend.schemas import LoRARequest
 from openai_frontend.triton import TritonGateway
@@ -53,7 +53,8 @@ def _kind(config: dict) -> str | None:
 
 
 class Catalog:
-    def __init__(self, gateway: TritonGateway, registry: LoRARegistry, ttl_s: float = 2.0):
+    def __init__(self, gateway: TritonGateway, registry: LoRARegistry, ttl_s: float = 2.0,
+                 separator: str | None = None):
         self.gateway = gateway
         self.registry = registry
         self.ttl_s = ttl_s
@@ -61,6 +62,7 @@ class Catalog:
         self._fetched = 0.0
         self._lock = asyncio.Lock()
         self.supervisor = None  # set by the supervisor: models it restarts stay known (answered with 503)
+        self.separator = separator  # Triton-frontend naming "<base><sep><adapter>", when set
 
     async def bases(self, fresh: bool = False) -> dict[str, BaseModel]:
         """READY base models, re-read from Triton at most every ttl_s seconds (503 when Triton is down)."""
@@ -76,7 +78,7 @@ class Catalog:
                         continue
                     params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
                     root = params.get("model_path") or (str(default_llm_model_path()) if kind == LLM else
-                                                        "diffusion pipeline")
+                                                        default_diffusion_model_path())
                     try:
                         static = {e.name: e for e in LoRAServingConfig.from_parameters(params).static}
                     except (BackendError, ValueError):
@@ -88,6 +90,10 @@ class Catalog:
                             bases[name] = base
                 self._bases, self._fetched = bases, time.monotonic()
             return self._bases
+
+    def listed_name(self, adapter: str, base: str) -> str:
+        """How /v1/models names an adapter: as is, or `<base><sep><adapter>` with a separator."""
+        return f"{base}{self.separator}{adapter}" if self.separator else adapter
 
     async def adapters(self) -> dict[str, tuple[AdapterEntry, str]]:
         """Every adapter name -> (entry, base model name): static ones of READY models, then the registry's."""
@@ -130,6 +136,11 @@ class Catalog:
             return Target(bases[model], lora.name, path, lora.scale if lora.scale is not None else scale,
                           lora.int_id)
         adapters = await self.adapters()
+        if self.separator and self.separator in model and model not in adapters:
+            base, _, adapter = model.partition(self.separator)
+            if base in bases and adapters.get(adapter, (None, None))[1] == base:
+                return await self._resolve(adapter, lora, scale)
+            raise model_not_found(model)
         if model in adapters:
             if lora is not None:
                 raise OpenAIError(400, f"model '{model}' is already an adapter; send a lora object only with a "

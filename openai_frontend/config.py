@@ -34,6 +34,7 @@ class FrontendConfig:
     probe_interval_s: float = 2.0
     max_model_restarts: int = 3
     restart_window_s: float = 600.0
+    lora_separator: str | None = None  # Triton's OpenAI frontend: model="<base><sep><adapter>" (None: off)
 
     @property
     def roots(self) -> tuple[Path, ...]:
@@ -77,6 +78,9 @@ def parser() -> argparse.ArgumentParser:
                    help="restarts of one model within --restart-window-s before it is left down [3]")
     p.add_argument("--restart-window-s", type=float, default=float(env("MULTILORA_RESTART_WINDOW_S", "600")),
                    help="[MULTILORA_RESTART_WINDOW_S, 600]")
+    p.add_argument("--lora-separator", default=env("MULTILORA_LORA_SEPARATOR") or None,
+                   help="also accept model='<base><sep><adapter>' (Triton's OpenAI frontend naming, e.g. '/') and "
+                        "list adapters that way in /v1/models [MULTILORA_LORA_SEPARATOR, off]")
     p.add_argument("--log-level", default=env("MULTILORA_LOG_LEVEL", "info"))
     return p
 
@@ -93,5 +97,5 @@ def from_args(args: argparse.Namespace) -> FrontendConfig:
         max_tokens_limit=args.max_tokens_limit, max_prompt_chars=args.max_prompt_chars, max_images=args.max_images,
         max_image_size=args.max_image_size, supervise=not args.no_supervise,
         probe_interval_s=args.probe_interval_s, max_model_restarts=args.max_model_restarts,
-        restart_window_s=args.restart_window_s,
+        restart_window_s=args.restart_window_s, lora_separator=args.lora_separator or None,
     )

@@ -1,7 +1,7 @@
 """Request bodies (pydantic): OpenAI chat/completions/images, vLLM's LoRA management, vLLM-Omni's `lora` object.
 
-Unknown fields are ignored, as OpenAI-compatible servers do; fields we cannot honour (n > 1, suffix, ...) are
-refused by the routes with a clear 400 rather than silently dropped.
+Unknown fields are ignored, as OpenAI-compatible servers do; fields we cannot honour (suffix, n > 1 with stream,
+...) are refused by the routes with a clear 400 rather than silently dropped.
 """
 
 from __future__ import annotations
@@ -61,6 +61,8 @@ class ChatMessage(_Body):
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
 class CompletionRequest(_Sampling):

@@ -17,7 +17,7 @@ import openai
 import pytest
 from PIL import Image
 
-from backends.settings import REPO_ROOT, adapters_dir
+from backends.settings import REPO_ROOT, adapters_dir, cache_dir
 from scripts.make_fixtures import diffusion_adapters_dir
 from scripts.triton_launcher import TritonServer, free_port
 from tests.conftest import SD15_MODEL, TIGHT_MODEL
@@ -87,6 +87,7 @@ def test_models_list_lineage(client, frontend):
     assert cards["uppercase"].parent == "llm" and cards["uppercase"].root == str(DEMO / "uppercase")
     assert cards["tiny-sd3-a"].parent == "diffusion"
     assert client.models.retrieve("signature").root == str(DEMO / "signature")
+    assert cards["diffusion"].root == str(cache_dir() / "models" / "tiny-random-sd3")  # its folder
     with pytest.raises(openai.NotFoundError, match="The model 'nope' does not exist."):
         client.models.retrieve("nope")
 
@@ -150,7 +151,19 @@ BAD = {
     "unknown model": ("/v1/chat/completions", {"model": "nope", "messages": CAPITAL}, 404,
                       "The model 'nope' does not exist."),
     "missing messages": ("/v1/chat/completions", {"model": "llm"}, 400, "messages: Field required"),
-    "n > 1": ("/v1/chat/completions", {"model": "llm", "messages": CAPITAL, "n": 2}, 400, "n > 1 is not supported"),
+    "n above the limit": ("/v1/chat/completions", {"model": "llm", "messages": CAPITAL, "n": 17}, 400,
+                          "n must be <= 16, got 17"),
+    "n > 1 with stream": ("/v1/completions", {"model": "llm", "prompt": "x", "n": 2, "stream": True}, 400,
+                          "n > 1 is supported without stream"),
+    "top_logprobs above 20": ("/v1/chat/completions", {"model": "llm", "messages": CAPITAL, "logprobs": True,
+                                                       "top_logprobs": 21}, 400, "top_logprobs"),
+    "top_logprobs without logprobs": ("/v1/chat/completions", {"model": "llm", "messages": CAPITAL,
+                                                               "top_logprobs": 2}, 400, "top_logprobs needs logprobs"),
+    "logprobs on an image model": ("/v1/chat/completions", {"model": "diffusion", "messages": CAPITAL,
+                                                            "logprobs": True}, 400, "use /v1/images/generations"),
+    "separator form with the separator off": ("/v1/chat/completions", {"model": "llm/uppercase",
+                                                                       "messages": CAPITAL}, 404,
+                                              "The model 'llm/uppercase' does not exist."),
     "temperature out of range": ("/v1/chat/completions", {"model": "llm", "messages": CAPITAL, "temperature": 5},
                                  400, "temperature"),
     "max_tokens above the limit": ("/v1/completions", {"model": "llm", "prompt": "x", "max_tokens": 100000}, 400,

@@ -11,17 +11,11 @@ from pathlib import Path
 
 import torch
 
-from backends.settings import cache_dir
+from backends.settings import DIFFUSION_MODEL_PATH_ENV
 
 log = logging.getLogger(__name__)
 
-DIFFUSION_MODEL_PATH_ENV = "MULTILORA_DIFFUSION_MODEL_PATH"
-DEFAULT_DIFFUSION_NAME = "tiny-random-sd3"
 DENOISERS = ("transformer", "unet")
-
-
-def default_diffusion_model_path() -> str:
-    return os.environ.get(DIFFUSION_MODEL_PATH_ENV) or str(cache_dir() / "models" / DEFAULT_DIFFUSION_NAME)
 
 
 @dataclass

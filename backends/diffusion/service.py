@@ -11,7 +11,8 @@ import torch
 
 from backends.diffusion.generate import DiffusionGenerator, ImageLimits
 from backends.diffusion.lora import PipelineLoRA
-from backends.diffusion.pipeline import LoadedPipeline, default_diffusion_model_path, load_pipeline
+from backends.diffusion.pipeline import LoadedPipeline, load_pipeline
+from backends.settings import default_diffusion_model_path
 from backends.lora.resolver import AdapterResolver
 from backends.lora.serving import LoRAServingConfig, build_resolver
 from backends.model_params import param_int

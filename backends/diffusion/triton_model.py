@@ -16,7 +16,7 @@ import triton_python_backend_utils as pb_utils
 
 from backends import triton_io as tio
 from backends.diffusion.generate import ImageRequest, build_request
-from backends.diffusion.pipeline import DIFFUSION_MODEL_PATH_ENV, default_diffusion_model_path
+from backends.settings import DIFFUSION_MODEL_PATH_ENV, default_diffusion_model_path
 from backends.diffusion.service import start_diffusion
 from backends.errors import BackendError
 from backends.lora.metrics import TritonLoRAMetrics

@@ -24,7 +24,7 @@ async def _cards(request: Request) -> list[dict]:
     bases = await catalog.bases()
     cards = [_card(b.name, b.root, None, b.kind) for b in bases.values()]
     for name, (entry, base) in sorted((await catalog.adapters()).items()):
-        cards.append(_card(name, entry.path, base, f"{bases[base].kind}-lora"))
+        cards.append(_card(catalog.listed_name(name, base), entry.path, base, f"{bases[base].kind}-lora"))
     return cards
 
 

@@ -27,12 +27,15 @@ router = APIRouter(dependencies=[Depends(require_api_key)])
 # One /v1/completions request may carry a list of prompts (one choice each): at most this many, and this many
 # token ids in all (lm-eval sends batches of a few dozen).
 MAX_PROMPTS = 256
+MAX_N = 16  # choices per prompt
 MAX_PROMPT_TOKENS = 262_144
 
 
 def _fields(body: _Sampling, prompt: str, max_tokens: int | None, limit: int) -> dict:
-    if body.n != 1:
-        raise bad_request("n > 1 is not supported: send one request per completion", "n")
+    if body.n > MAX_N:
+        raise bad_request(f"n must be <= {MAX_N}, got {body.n}", "n")
+    if body.n > 1 and body.stream:
+        raise bad_request("n > 1 is supported without stream; send stream: false", "n")
     if max_tokens is not None and max_tokens > limit:
         raise bad_request(f"max_tokens must be <= {limit}, got {max_tokens}", "max_tokens")
     stop = [body.stop] if isinstance(body.stop, str) else body.stop
@@ -45,6 +48,13 @@ async def _target(request: Request, body: _Sampling) -> Target:
     if target.base.kind != LLM:
         raise bad_request(f"model '{body.model}' generates images: use /v1/images/generations", "model")
     return target
+
+
+def _usage_n(lasts: list[TextChunk | None], n: int) -> dict:
+    """Usage of n choices per prompt: OpenAI counts each prompt once and every choice's completion."""
+    usage = _usage(lasts)
+    prompt = sum(last.num_input_tokens for last in lasts[::n] if last)
+    return {**usage, "prompt_tokens": prompt, "total_tokens": prompt + usage["completion_tokens"]}
 
 
 def _usage(lasts: list[TextChunk | None]) -> dict:
@@ -69,10 +79,8 @@ def _record(app, model: str, last: TextChunk | None) -> None:
         app.metrics.completion_tokens.labels(model).inc(last.num_output_tokens)
 
 
-async def _collect(request: Request, body: _Sampling, target: Target, fields: dict,
-                   watch: bool = True) -> _Collected:
-    """One generation to its end; `watch`: give up if the client disconnects (callers running several
-    generations for one request watch once, around all of them)."""
+async def _collect(request: Request, body: _Sampling, target: Target, fields: dict) -> _Collected:
+    """One generation to its end (callers watch for the client disconnecting, once around all of them)."""
     app = request.app.state
     adapter = target.lora_name
     chunks = app.gateway.generate(target.base.name, fields, target.lora_parameters())
@@ -81,8 +89,7 @@ async def _collect(request: Request, body: _Sampling, target: Target, fields: di
     text: list[str] = []
     started = False
 
-    async def collect() -> None:
-        nonlocal started
+    try:
         async for chunk in chunks:
             if not started:
                 app.metrics.activity.first_output(adapter)
@@ -92,9 +99,6 @@ async def _collect(request: Request, body: _Sampling, target: Target, fields: di
             if chunk.logprobs is not None:
                 out.logprobs = chunk.logprobs if out.logprobs is None else out.logprobs + chunk.logprobs
             out.prompt_logprobs = chunk.prompt_logprobs or out.prompt_logprobs
-
-    try:
-        await (unless_disconnected(request, collect()) if watch else collect())
     finally:
         app.metrics.activity.finish(adapter, started)
     _record(app, body.model, out.last)
@@ -107,17 +111,11 @@ def _response_base(body: _Sampling, kind: str) -> dict:
             "model": body.model}
 
 
-async def _generate(request: Request, body: _Sampling, target: Target, fields: dict,
-                    render: Callable[[str, str | None, bool], dict], kind: str):
-    """Non-streaming: one JSON body. Streaming: SSE chunks built by `render(text, finish_reason, first)`."""
+async def _stream(request: Request, body: _Sampling, target: Target, fields: dict,
+                  render: Callable[[str, str | None, bool], dict], kind: str):
+    """One generation as SSE chunks built by `render(text, finish_reason, first)`."""
     app = request.app.state
     base = _response_base(body, kind)
-    if not body.stream:
-        done = await _collect(request, body, target, fields)
-        choice = render(done.text, done.last.finish_reason if done.last else "stop", False)
-        return {**base, "object": "chat.completion" if kind == "chat" else "text_completion", "choices": [choice],
-                "usage": _usage([done.last])}
-
     adapter = target.lora_name
     chunks = app.gateway.generate(target.base.name, fields, target.lora_parameters())
     app.metrics.activity.start(adapter)
@@ -186,15 +184,28 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     except Exception as exc:  # template errors (e.g. role order) are the request's fault
         raise bad_request(f"cannot apply the chat template of {target.base.name}: {exc}", "messages") from None
     fields = _fields(body, prompt, body.max_completion_tokens or body.max_tokens, config.max_tokens_limit)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
+    if body.logprobs and body.stream:
+        raise bad_request("logprobs are returned without stream; send stream: false", "logprobs")
 
-    def render(text: str, finish: str | None, role_only: bool) -> dict:
-        if body.stream:
+    if body.stream:
+        def render(text: str, finish: str | None, role_only: bool) -> dict:
             delta = {"role": "assistant", "content": ""} if role_only else {"content": text}
             return {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
-        return {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
-                "logprobs": None}
 
-    return await _generate(request, body, target, fields, render, "chat")
+        return await _stream(request, body, target, fields, render, "chat")
+
+    if body.logprobs:
+        fields["logprobs"] = body.top_logprobs or 0
+    done = await unless_disconnected(request, _collect_all(request, body, target, _choices(fields, body.n)))
+    tokenizer = cached_tokenizer(target.base.root) if body.logprobs else None
+    choices = [{"index": i, "message": {"role": "assistant", "content": result.text},
+                "finish_reason": result.last.finish_reason if result.last else "stop",
+                "logprobs": chat_logprobs(tokenizer, result.logprobs) if body.logprobs else None}
+               for i, result in enumerate(done)]
+    return {**_response_base(body, "chat"), "object": "chat.completion", "choices": choices,
+            "usage": _usage_n([r.last for r in done], body.n)}
 
 
 @router.post("/v1/completions")
@@ -223,7 +234,7 @@ async def completions(body: CompletionRequest, request: Request):
         def render(text: str, finish: str | None, _role_only: bool) -> dict:
             return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
 
-        return await _generate(request, body, target, fields_for(prompts[0]), render, "completion")
+        return await _stream(request, body, target, fields_for(prompts[0]), render, "completion")
 
     tokenizer = cached_tokenizer(target.base.root)
     if body.max_tokens == 0 and body.logprobs is None:  # echo only: nothing to compute
@@ -231,9 +242,10 @@ async def completions(body: CompletionRequest, request: Request):
                                          len(tokenizer(p, add_special_tokens=False).input_ids), 0), None, None)
                 for p in prompts]
     else:
-        done = await unless_disconnected(request, _collect_all(request, body, target, map(fields_for, prompts)))
+        done = await unless_disconnected(request, _collect_all(
+            request, body, target, [f for p in prompts for f in _choices(fields_for(p), body.n)]))
     choices = []
-    for index, (prompt, result) in enumerate(zip(prompts, done)):
+    for index, (prompt, result) in enumerate(zip([p for p in prompts for _ in range(body.n)], done)):
         echoed = ""
         if body.echo:
             echoed = prompt if isinstance(prompt, str) else tokenizer.decode(prompt)
@@ -244,7 +256,14 @@ async def completions(body: CompletionRequest, request: Request):
         choices.append({"index": index, "text": echoed + result.text, "logprobs": logprobs,
                         "finish_reason": result.last.finish_reason if result.last else "stop"})
     return {**_response_base(body, "completion"), "object": "text_completion", "choices": choices,
-            "usage": _usage([r.last for r in done])}
+            "usage": _usage_n([r.last for r in done], body.n)}
+
+
+def _choices(fields: dict, n: int) -> list[dict]:
+    """n generations of one prompt; with a seed, choice i samples with seed + i (the same seed would give n
+    identical samples)."""
+    seed = fields.get("seed")
+    return [{**fields, "seed": None if seed is None else seed + i} for i in range(n)]
 
 
 async def _collect_all(request: Request, body: _Sampling, target: Target, fields) -> list[_Collected]:
@@ -252,7 +271,7 @@ async def _collect_all(request: Request, body: _Sampling, target: Target, fields
     raised."""
     try:
         async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(_collect(request, body, target, f, watch=False)) for f in fields]
+            tasks = [group.create_task(_collect(request, body, target, f)) for f in fields]
     except BaseExceptionGroup as failed:
         raise failed.exceptions[0] from None
     return [t.result() for t in tasks]
@@ -279,14 +298,32 @@ def _prompts(prompt, max_chars: int) -> list[str | list[int]]:
     return prompt
 
 
+def _token_texts(tokenizer, entries: Logprobs) -> dict[int, str]:
+    """Each distinct id's text, in one batched decode: thousands of single decodes would stall the event loop."""
+    distinct = sorted({*entries.token_ids, *(i for row in entries.top for i, _ in row)})
+    return dict(zip(distinct, tokenizer.batch_decode([[i] for i in distinct])))
+
+
+def chat_logprobs(tokenizer, entries: Logprobs | None) -> dict:
+    """OpenAI's chat logprobs object: per generated token its text, logprob, UTF-8 bytes and top alternatives."""
+    if entries is None:
+        return {"content": []}
+    text_of = _token_texts(tokenizer, entries)
+
+    def item(token_id: int, logprob: float) -> dict:
+        text = text_of[token_id]
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [{**item(t, lp), "top_logprobs": [item(i, v) for i, v in top]}
+                        for t, lp, top in zip(entries.token_ids, entries.logprobs, entries.top)]}
+
+
 def legacy_logprobs(tokenizer, entries: Logprobs | None) -> dict:
     """OpenAI's completions logprobs object: token strings, their logprobs, the top alternatives per position
     (the chosen token included, as vLLM does; None for a prompt's first token) and character offsets."""
     if entries is None:
         return {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    # One batched decode of the distinct ids: thousands of single decodes would stall the event loop.
-    distinct = sorted({*entries.token_ids, *(i for row in entries.top for i, _ in row)})
-    text_of = dict(zip(distinct, tokenizer.batch_decode([[i] for i in distinct])))
+    text_of = _token_texts(tokenizer, entries)
     tokens = [text_of[t] for t in entries.token_ids]
     offsets, position = [], 0
     for token in tokens:
