@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import argparse
 import csv
-import queue
 import tempfile
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -60,10 +58,9 @@ def offline(work, max_tokens: int, max_num_seqs: int) -> tuple[float, int]:
 
 
 def served(work, max_tokens: int, max_num_seqs: int, folder: Path) -> tuple[float, int]:
-    import numpy as np
     import tritonclient.grpc as grpcclient
 
-    from tests.llm_client import make_inputs
+    from tests.llm_client import generate
 
     repo = folder / "repo"
     copy_model(repo, "llm", "llm", {"max_num_seqs": str(max_num_seqs), "max_loras": "8", "lora_modules": ""})
@@ -75,26 +72,14 @@ def served(work, max_tokens: int, max_num_seqs: int, folder: Path) -> tuple[floa
     def one(job) -> int:
         question, path = job
         client = grpcclient.InferenceServerClient(server.grpc_url)
-        responses: queue.Queue = queue.Queue()
-        client.start_stream(callback=lambda result, error: responses.put((result, error)))
         try:
-            lora = {"lora_path": str(path)} if path else {}
-            client.async_stream_infer("llm", make_inputs(apply_chat_template(question), max_tokens=max_tokens,
-                                                         temperature=0.0, **lora),
-                                      request_id=uuid.uuid4().hex, enable_empty_final_response=True)
-            tokens = 0
-            while True:
-                result, error = responses.get(timeout=600)
-                if error is not None:
-                    raise error
-                count = result.as_numpy("num_output_tokens")
-                if count is not None:
-                    tokens = int(np.asarray(count).reshape(-1)[0])
-                if result.get_response().parameters["triton_final_response"].bool_param:
-                    return tokens
+            out = generate(client, apply_chat_template(question), max_tokens=max_tokens, temperature=0.0,
+                           timeout=600, **({"lora_path": str(path)} if path else {}))
         finally:
-            client.stop_stream()
             client.close()
+        if out.error is not None:
+            raise out.error
+        return out.num_output_tokens
 
     try:
         one(("warm-up", None))

@@ -18,6 +18,7 @@ from backends.llm.runner import AttentionLayout, LoRASettings, ModelRunner, RowL
 from backends.lora.adapter import AdapterError, load_adapter
 from scripts.llm_families import FAMILIES, make_family
 from scripts.make_adapters import make_random_adapter
+from tests.test_lora_exactness import _half_scale_copy
 
 PROMPTS = ["The quick brown fox jumps over the lazy dog.", "Hello!", "Sliding windows are eight tokens wide here.",
            "Mixed batches, one adapter per row."]
@@ -29,15 +30,6 @@ def _load(folder):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-
-
-def _half_scale(src, dst):
-    """The same adapter at scale 0.5, the PEFT way: half the alpha."""
-    shutil.copytree(src, dst)
-    config = json.loads((dst / "adapter_config.json").read_text())
-    config["lora_alpha"] /= 2
-    (dst / "adapter_config.json").write_text(json.dumps(config))
-    return dst
 
 
 def _leaf_names(model, runner_layers) -> list[str]:
@@ -93,7 +85,7 @@ def family(request, tmp_path_factory):
         # b: a different rank on a subset of the layers, named the PEFT way (leaf names)
         "b": make_random_adapter(factory, tmp / "b", seed=2, std=0.1, r=4, lora_alpha=4, target_modules=leaves[:2]),
     }
-    adapters["a_half"] = _half_scale(adapters["a"], tmp / "a_half")
+    adapters["a_half"] = _half_scale_copy(adapters["a"], tmp / "a_half")
     return SimpleNamespace(name=request.param, folder=folder, runner=runner, adapters=adapters, factory=factory)
 
 
@@ -326,7 +318,7 @@ def test_served_phi3_with_a_split_qkv_adapter_gives_pefts_greedy_text(phi3, http
     llama = lambda: _phi3_as_llama(_load(phi3.folder))  # noqa: E731
     folder = make_random_adapter(llama, lora_root / "phi3-split", seed=6, std=0.1, r=4, lora_alpha=8,
                                  target_modules=["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"])
-    half = _half_scale(folder, phi3.tmp / "phi3-split-half")
+    half = _half_scale_copy(folder, phi3.tmp / "phi3-split-half")
     jobs = [(PROMPTS[0], folder, None), (PROMPTS[1], None, None), (PROMPTS[2], folder, 0.5), (PROMPTS[3], folder, None)]
     http_client.load_model(PHI3_MODEL)
     try:
