@@ -15,13 +15,17 @@ from openai_frontend.auth import require_api_key
 from openai_frontend.catalog import Catalog
 from openai_frontend.config import FrontendConfig
 from openai_frontend.body_limit import BodyLimit
-from openai_frontend.errors import install_handlers
+from openai_frontend.errors import error_responses, install_handlers, install_openapi
 from openai_frontend.metrics import FrontendMetrics
 from openai_frontend.routers import health, images, lora, models, text, tokenize
 from openai_frontend.supervisor import Supervisor, SupervisorConfig
 from openai_frontend.triton import TritonGateway
 
 log = logging.getLogger(__name__)
+
+
+class PrometheusText(Response):
+    media_type = "text/plain; version=0.0.4"
 
 
 def _register_static(registry: LoRARegistry, spec: str) -> None:
@@ -50,7 +54,9 @@ def create_app(config: FrontendConfig) -> FastAPI:
             await supervisor.stop()
         await gateway.close()
 
-    app = FastAPI(title="multi-LoRA OpenAI-compatible frontend", lifespan=lifespan, docs_url=None, redoc_url=None)
+    # Any route can fail internally (500); each route documents its other error statuses.
+    app = FastAPI(title="multi-LoRA OpenAI-compatible frontend", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  responses=error_responses(500))
     app.state.config = config
     app.state.gateway = gateway
     app.state.catalog = Catalog(gateway, registry, config.catalog_ttl_s, config.lora_separator)
@@ -59,6 +65,7 @@ def create_app(config: FrontendConfig) -> FastAPI:
         interval_s=config.probe_interval_s, max_restarts=config.max_model_restarts,
         window_s=config.restart_window_s)) if config.supervise else None
     install_handlers(app)
+    install_openapi(app)
 
     # Innermost (added first): FastAPI's body parsing then sees the 413 raised while it reads the body.
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
@@ -75,9 +82,10 @@ def create_app(config: FrontendConfig) -> FastAPI:
         metrics.latency.labels(template).observe(time.perf_counter() - started)
         return response
 
-    @app.get("/metrics", dependencies=[Depends(require_api_key)])
-    async def metrics_endpoint() -> Response:
-        return Response(await app.state.metrics.render(), media_type="text/plain; version=0.0.4")
+    @app.get("/metrics", dependencies=[Depends(require_api_key)], response_class=PrometheusText,
+             responses=error_responses(401))
+    async def metrics_endpoint() -> PrometheusText:
+        return PrometheusText(await app.state.metrics.render())
 
     for router in (health.router, models.router, lora.router, text.router, images.router, tokenize.router):
         app.include_router(router)

@@ -4,10 +4,12 @@ right HTTP status; a 500 never carries a traceback (it is logged instead)."""
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
@@ -31,6 +33,34 @@ class OpenAIError(Exception):
                           "code": self.code if self.code is not None else self.status}}
 
 
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | int | None  # a machine-readable code where there is one, else the HTTP status
+
+
+class ErrorResponse(BaseModel):
+    """What every error answer carries (the OpenAI SDK parses this shape)."""
+
+    error: ErrorBody
+
+
+# When each documented error status happens; routes name theirs with error_responses().
+_WHEN = {400: "Invalid request, including a body that fails validation (never 422)",
+         401: "Missing or wrong API key (admin key on the load/unload routes)",
+         403: "Model load/unload is disabled: the frontend runs without an admin key",
+         404: "Unknown model or adapter (or runtime LoRA updating is off)",
+         413: "Request body over --max-body-bytes",
+         500: "Internal error (logged by the frontend, no details in the answer)",
+         503: "Triton or the model is unavailable or restarting; retry after Retry-After seconds"}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """FastAPI `responses=` entries documenting these statuses with the OpenAI error body."""
+    return {status: {"model": ErrorResponse, "description": _WHEN[status]} for status in statuses}
+
+
 def bad_request(message: str, param: str | None = None) -> OpenAIError:
     return OpenAIError(400, message, param)
 
@@ -42,6 +72,28 @@ def model_not_found(name: str) -> OpenAIError:
 def error_response(exc: OpenAIError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else exc.headers
     return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+
+def install_openapi(app: FastAPI) -> None:
+    """The schema without FastAPI's automatic 422s (our handler answers validation errors with 400 in OpenAI's
+    shape, which every route documents instead), and with errors as JSON also on routes whose success is text
+    (FastAPI files every response model under the route's own media type)."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            for operations in schema["paths"].values():
+                for operation in operations.values():
+                    operation["responses"].pop("422", None)
+                    for status, response in operation["responses"].items():
+                        if int(status) >= 400 and "content" in response:
+                            response["content"] = {"application/json": next(iter(response["content"].values()))}
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema["components"]["schemas"].pop(name, None)
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 def install_handlers(app: FastAPI) -> None:

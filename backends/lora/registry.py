@@ -71,7 +71,10 @@ class PathPolicy:
 
     def check(self, path: str | Path) -> Path:
         """The real path of `path` if it lies under an allowed root, else InvalidArgument."""
-        real = Path(path).expanduser().resolve()
+        try:
+            real = Path(path).expanduser().resolve()
+        except ValueError as exc:  # a NUL byte: no file can have that name
+            raise InvalidArgument(f"LoRA path {str(path)!r} is not a valid path ({exc})") from None
         if not any(real == root or real.is_relative_to(root) for root in self.roots):
             roots = ", ".join(str(r) for r in self.roots) or "none configured"
             raise InvalidArgument(f"LoRA path '{path}' is outside the allowed adapter roots ({roots})")

@@ -12,10 +12,10 @@ from fastapi import APIRouter, Depends, Request
 from openai_frontend.auth import require_api_key
 from openai_frontend.catalog import DIFFUSION
 from openai_frontend.disconnect import unless_disconnected
-from openai_frontend.errors import bad_request
+from openai_frontend.errors import bad_request, error_responses
 from openai_frontend.schemas import ImageGenerationRequest
 
-router = APIRouter(dependencies=[Depends(require_api_key)])
+router = APIRouter(dependencies=[Depends(require_api_key)], responses=error_responses(400, 401, 404, 413, 503))
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 
 

@@ -17,10 +17,12 @@ from backends.lora.adapter import CONFIG_FILE
 from backends.lora.registry import AdapterEntry
 from openai_frontend.auth import require_admin_key
 from openai_frontend.catalog import DIFFUSION, LLM, Target
-from openai_frontend.errors import OpenAIError
+from openai_frontend.errors import OpenAIError, error_responses
 from openai_frontend.schemas import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
 
-router = APIRouter(dependencies=[Depends(require_admin_key)])
+# Success is vLLM's plain-text sentence; errors are JSON like everywhere else.
+router = APIRouter(dependencies=[Depends(require_admin_key)], default_response_class=PlainTextResponse,
+                   responses=error_responses(400, 401, 404, 413))
 
 
 def _enabled(request: Request) -> None:
@@ -39,7 +41,7 @@ async def _warm(request: Request, target: Target) -> None:
         await gateway.images(target.base.name, {"prompt": "warm-up", "num_inference_steps": 1}, params)
 
 
-@router.post("/v1/load_lora_adapter")
+@router.post("/v1/load_lora_adapter", responses=error_responses(503))  # warming the adapter needs its model
 async def load_lora_adapter(body: LoadLoRAAdapterRequest, request: Request):
     _enabled(request)
     if not body.lora_name or not body.lora_path:

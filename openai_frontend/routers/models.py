@@ -8,7 +8,7 @@ import time
 from fastapi import APIRouter, Depends, Request
 
 from openai_frontend.auth import require_api_key, require_model_admin
-from openai_frontend.errors import model_not_found
+from openai_frontend.errors import error_responses, model_not_found
 
 router = APIRouter()
 _CREATED = int(time.time())
@@ -28,12 +28,13 @@ async def _cards(request: Request) -> list[dict]:
     return cards
 
 
-@router.get("/v1/models", dependencies=[Depends(require_api_key)])
+@router.get("/v1/models", dependencies=[Depends(require_api_key)], responses=error_responses(401, 503))
 async def list_models(request: Request) -> dict:
     return {"object": "list", "data": await _cards(request)}
 
 
-@router.get("/v1/models/{model_id:path}", dependencies=[Depends(require_api_key)])
+@router.get("/v1/models/{model_id:path}", dependencies=[Depends(require_api_key)],
+            responses=error_responses(401, 404, 503))
 async def get_model(model_id: str, request: Request) -> dict:
     for card in await _cards(request):
         if card["id"] == model_id:
@@ -55,11 +56,15 @@ async def _lifecycle(request: Request, name: str, load: bool) -> dict:
     return {"id": name, "object": "model", "state": "READY" if load else "UNAVAILABLE"}
 
 
-@router.post("/v1/models/{name}/load", dependencies=[Depends(require_model_admin)])
+# 400 and 503: Triton refuses the model-control request or is unavailable.
+_LIFECYCLE_ERRORS = error_responses(400, 401, 403, 404, 503)
+
+
+@router.post("/v1/models/{name}/load", dependencies=[Depends(require_model_admin)], responses=_LIFECYCLE_ERRORS)
 async def load_model(name: str, request: Request) -> dict:
     return await _lifecycle(request, name, load=True)
 
 
-@router.post("/v1/models/{name}/unload", dependencies=[Depends(require_model_admin)])
+@router.post("/v1/models/{name}/unload", dependencies=[Depends(require_model_admin)], responses=_LIFECYCLE_ERRORS)
 async def unload_model(name: str, request: Request) -> dict:
     return await _lifecycle(request, name, load=False)

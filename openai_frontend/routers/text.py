@@ -17,13 +17,19 @@ from backends.llm.chat import apply_chat_template
 from openai_frontend.auth import require_api_key
 from openai_frontend.catalog import LLM, Target
 from openai_frontend.disconnect import unless_disconnected
-from openai_frontend.errors import OpenAIError, bad_request
+from openai_frontend.errors import OpenAIError, bad_request, error_responses
 from openai_frontend.schemas import ChatCompletionRequest, CompletionRequest, _Sampling
 from openai_frontend.tokenizers import cached_tokenizer
 from openai_frontend.logprobs import chat_logprobs, legacy_logprobs
 from openai_frontend.triton import Logprobs, TextChunk
 
-router = APIRouter(dependencies=[Depends(require_api_key)])
+# With stream: true the 200 is a server-sent event stream; `schema` describes one event (OpenAPI 3.1).
+_EVENT = {"type": "object", "required": ["data"], "properties": {"data": {
+    "type": "string", "description": "A JSON chunk, or an OpenAI error object if generation fails; then [DONE]"}}}
+_STREAM = {200: {"description": "The completion (JSON), or its chunks as server-sent events with stream: true",
+                 "content": {"application/json": {}, "text/event-stream": {"schema": _EVENT}}}}
+router = APIRouter(dependencies=[Depends(require_api_key)],
+                   responses={**_STREAM, **error_responses(400, 401, 404, 413, 503)})
 
 # One /v1/completions request may carry a list of prompts (one choice each): at most this many, and this many
 # token ids in all (lm-eval sends batches of a few dozen).

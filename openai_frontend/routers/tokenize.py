@@ -8,11 +8,11 @@ from fastapi import APIRouter, Depends, Request
 from backends.llm.chat import apply_chat_template
 from openai_frontend.auth import require_api_key
 from openai_frontend.catalog import LLM, BaseModel
-from openai_frontend.errors import bad_request, model_not_found
+from openai_frontend.errors import bad_request, error_responses, model_not_found
 from openai_frontend.schemas import DetokenizeRequest, TokenizeRequest
 from openai_frontend.tokenizers import cached_tokenizer
 
-router = APIRouter(dependencies=[Depends(require_api_key)])
+router = APIRouter(dependencies=[Depends(require_api_key)], responses=error_responses(400, 401, 404, 503))
 
 
 async def _base(request: Request, model: str | None) -> BaseModel:
@@ -27,7 +27,7 @@ async def _base(request: Request, model: str | None) -> BaseModel:
     return base
 
 
-@router.post("/tokenize")
+@router.post("/tokenize", responses=error_responses(413))
 async def tokenize(body: TokenizeRequest, request: Request) -> dict:
     base = await _base(request, body.model)
     tokenizer = cached_tokenizer(base.root)
@@ -52,7 +52,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> dict:
     return out
 
 
-@router.post("/detokenize")
+@router.post("/detokenize", responses=error_responses(413))
 async def detokenize(body: DetokenizeRequest, request: Request) -> dict:
     base = await _base(request, body.model)
     tokenizer = cached_tokenizer(base.root)
