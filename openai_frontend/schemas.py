@@ -88,6 +88,17 @@ class ImageGenerationRequest(_Body):
     lora_scale: float | None = None
 
 
+class ImageChatOptions(_Body):
+    """vLLM-Omni's image parameters on a chat completion for an image model (top-level keys, the SDK's
+    `extra_body`); `seed`, `n`, `lora` and `lora_scale` come from the chat body itself."""
+
+    size: str | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    negative_prompt: str | None = None
+    num_outputs_per_prompt: int = Field(1, ge=1)  # images in each choice's message
+
+
 class TokenizeRequest(_Body):
     """vLLM's /tokenize: a prompt or chat messages; `model` defaults to the served LLM."""
 

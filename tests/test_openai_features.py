@@ -1,8 +1,10 @@
 """OpenAI features clients and harnesses use, through the real frontend: `n` > 1 (text and chat, a seed per
-choice), chat `logprobs`/`top_logprobs` equal to transformers' log-softmax, and Triton's OpenAI-frontend naming
-`model="<base>/<adapter>"` with `--lora-separator`."""
+choice), chat `logprobs`/`top_logprobs` equal to transformers' log-softmax, Triton's OpenAI-frontend naming
+`model="<base>/<adapter>"` with `--lora-separator`, and chat completions on an image model (vLLM-Omni's shape)."""
 
 from __future__ import annotations
+
+import base64
 
 import openai
 import pytest
@@ -10,6 +12,7 @@ import torch
 
 from backends.llm.chat import apply_chat_template
 from backends.settings import default_llm_model_path
+from scripts.make_fixtures import diffusion_adapters_dir
 from tests.frontend_process import API_KEY, FrontendProcess
 
 CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
@@ -72,3 +75,26 @@ def test_lora_separator_names_adapters_the_triton_frontend_way(triton_server, tm
                 client.chat.completions.create(model=missing, messages=CAPITAL, max_tokens=2)
     finally:
         frontend.stop()
+
+
+def test_chat_on_an_image_model_returns_the_images_in_the_message(client):
+    """vLLM-Omni's chat completions for diffusion: the images come back as PNG data URLs in the message, the same
+    pixels /v1/images/generations renders for the same prompt, seed and adapter."""
+    lora = {"name": "a", "path": str(diffusion_adapters_dir() / "tiny-sd3-a"), "scale": 0.7}
+    options = {"size": "32x32", "num_inference_steps": 2, "lora": lora}
+    chat = client.chat.completions.create(
+        model="diffusion", n=2, seed=9, extra_body=options,
+        messages=[{"role": "system", "content": "ignored"}, {"role": "user", "content": "a red cat"}])
+    assert [c.index for c in chat.choices] == [0, 1] and all(c.finish_reason == "stop" for c in chat.choices)
+    urls = []
+    for choice in chat.choices:
+        (part,) = choice.message.content
+        assert part["type"] == "image_url" and part["image_url"]["url"].startswith("data:image/png;base64,")
+        urls.append(part["image_url"]["url"].split(",", 1)[1])
+    direct = client.images.generate(model="diffusion", prompt="a red cat", n=2, size="32x32",
+                                    extra_body={"seed": 9, "num_inference_steps": 2, "lora": lora})
+    assert urls == [d.b64_json for d in direct.data]
+    assert base64.b64decode(urls[0])[:8] == b"\x89PNG\r\n\x1a\n"
+    two = client.chat.completions.create(model="diffusion", seed=9, messages=[{"role": "user", "content": "x"}],
+                                         extra_body={**options, "num_outputs_per_prompt": 2})
+    assert len(two.choices) == 1 and len(two.choices[0].message.content) == 2

@@ -1,5 +1,6 @@
 """`/v1/images/generations` on diffusion models (OpenAI's body plus vLLM-Omni's extras: seed, steps, guidance,
-negative prompt, `lora` object). `n` images come from one request, so they share one denoising batch."""
+negative prompt, `lora` object). `n` images come from one request, so they share one denoising batch. Chat
+completions on an image model render through `generate` too."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ import time
 from fastapi import APIRouter, Depends, Request
 
 from openai_frontend.auth import require_api_key
-from openai_frontend.catalog import DIFFUSION
+from openai_frontend.catalog import DIFFUSION, Target
 from openai_frontend.disconnect import unless_disconnected
 from openai_frontend.errors import bad_request, error_responses
 from openai_frontend.schemas import ImageGenerationRequest
+from openai_frontend.triton import Images
 
 router = APIRouter(dependencies=[Depends(require_api_key)], responses=error_responses(400, 401, 404, 413, 503))
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
@@ -21,13 +23,21 @@ _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 
 @router.post("/v1/images/generations")
 async def generate_images(body: ImageGenerationRequest, request: Request) -> dict:
-    app = request.app.state
-    config = app.config
-    target = await app.catalog.resolve(body.model, body.lora, body.lora_scale)
+    target = await request.app.state.catalog.resolve(body.model, body.lora, body.lora_scale)
     if target.base.kind != DIFFUSION:
         raise bad_request(f"model '{body.model}' is a text model: use /v1/chat/completions", "model")
     if body.response_format != "b64_json":
         raise bad_request("response_format 'url' is not supported: use 'b64_json'", "response_format")
+    images = await generate(request, target, body)
+    return {"created": int(time.time()), "model": body.model, "pipeline": images.pipeline, "seed": images.seed,
+            "data": [{"b64_json": base64.b64encode(png).decode(), "revised_prompt": None} for png in images.pngs]}
+
+
+async def generate(request: Request, target: Target, body: ImageGenerationRequest) -> Images:
+    """Checks an image request against the frontend's limits and renders it: shared by this route and chat
+    completions on an image model."""
+    app = request.app.state
+    config = app.config
     if body.n > config.max_images:
         raise bad_request(f"n must be <= {config.max_images}, got {body.n}", "n")
     if not body.prompt.strip():
@@ -52,5 +62,4 @@ async def generate_images(body: ImageGenerationRequest, request: Request) -> dic
     finally:
         app.metrics.activity.finish(target.lora_name, started=False)
     app.metrics.images.labels(body.model).inc(len(images.pngs))
-    return {"created": int(time.time()), "model": body.model, "pipeline": images.pipeline, "seed": images.seed,
-            "data": [{"b64_json": base64.b64encode(png).decode(), "revised_prompt": None} for png in images.pngs]}
+    return images

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import time
 import uuid
@@ -12,13 +13,16 @@ from typing import AsyncIterator, Callable
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
+from pydantic import ValidationError
 
 from backends.llm.chat import apply_chat_template
 from openai_frontend.auth import require_api_key
-from openai_frontend.catalog import LLM, Target
+from openai_frontend.catalog import DIFFUSION, LLM, Target
 from openai_frontend.disconnect import unless_disconnected
 from openai_frontend.errors import OpenAIError, bad_request, error_responses
-from openai_frontend.schemas import ChatCompletionRequest, CompletionRequest, _Sampling
+from openai_frontend.routers import images
+from openai_frontend.schemas import (ChatCompletionRequest, CompletionRequest, ImageChatOptions,
+                                     ImageGenerationRequest, _Sampling)
 from openai_frontend.tokenizers import cached_tokenizer
 from openai_frontend.logprobs import chat_logprobs, legacy_logprobs
 from openai_frontend.triton import Logprobs, TextChunk
@@ -53,7 +57,8 @@ def _fields(body: _Sampling, prompt: str, max_tokens: int | None, limit: int) ->
 async def _target(request: Request, body: _Sampling) -> Target:
     target = await request.app.state.catalog.resolve(body.model, body.lora, body.lora_scale)
     if target.base.kind != LLM:
-        raise bad_request(f"model '{body.model}' generates images: use /v1/images/generations", "model")
+        raise bad_request(f"model '{body.model}' generates images: use /v1/images/generations or "
+                          "/v1/chat/completions", "model")
     return target
 
 
@@ -182,7 +187,9 @@ def _sse(payload: dict) -> bytes:
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     config = request.app.state.config
-    target = await _target(request, body)
+    target = await request.app.state.catalog.resolve(body.model, body.lora, body.lora_scale)
+    if target.base.kind == DIFFUSION:
+        return await _chat_images(request, body, target)
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
     if sum(len(m["content"]) for m in messages) > config.max_prompt_chars:
         raise bad_request(f"messages exceed {config.max_prompt_chars} characters", "messages")
@@ -213,6 +220,32 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                for i, result in enumerate(done)]
     return {**_response_base(body, "chat"), "object": "chat.completion", "choices": choices,
             "usage": _usage_n([r.last for r in done], body.n)}
+
+
+async def _chat_images(request: Request, body: ChatCompletionRequest, target: Target) -> dict:
+    """vLLM-Omni's chat completions on an image model: the user messages' text is the prompt, and each choice's
+    message carries its images as `image_url` parts holding PNG data URLs. All of them share one denoising batch."""
+    if body.stream:
+        raise bad_request(f"model '{body.model}' generates images: send stream: false", "stream")
+    if body.logprobs:
+        raise bad_request(f"model '{body.model}' generates images and has no logprobs", "logprobs")
+    try:
+        options = ImageChatOptions.model_validate(await request.json())
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = ".".join(str(p) for p in error["loc"])
+        raise bad_request(f"{field}: {error['msg']}", field) from None
+    per_choice = options.num_outputs_per_prompt
+    prompt = " ".join(m.text() for m in body.messages if m.role == "user").strip()
+    job = ImageGenerationRequest(model=body.model, prompt=prompt, n=body.n * per_choice, size=options.size,
+                                 seed=body.seed, num_inference_steps=options.num_inference_steps,
+                                 guidance_scale=options.guidance_scale, negative_prompt=options.negative_prompt)
+    done = await images.generate(request, target, job)
+    parts = [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(png).decode()}}
+             for png in done.pngs]
+    choices = [{"index": i, "message": {"role": "assistant", "content": parts[i * per_choice:(i + 1) * per_choice]},
+                "finish_reason": "stop", "logprobs": None} for i in range(body.n)]
+    return {**_response_base(body, "chat"), "object": "chat.completion", "choices": choices, "seed": done.seed}
 
 
 @router.post("/v1/completions")
