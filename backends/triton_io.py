@@ -6,7 +6,6 @@ Only imported inside the Triton Python-backend stub, where `triton_python_backen
 from __future__ import annotations
 
 import json
-import math
 from typing import Any
 
 import numpy as np
@@ -15,6 +14,7 @@ import triton_python_backend_utils as pb_utils
 from backends.errors import BackendError, InvalidArgument, NotFound, Unavailable
 from backends.protocol import INTERNAL_PREFIX, PROBE_PARAMETER, UNAVAILABLE_PREFIX
 from backends.lora.resolver import LoRAFields
+from backends.lora.stack import lora_stack, parameter_list
 
 
 def _array(request, name: str) -> np.ndarray | None:
@@ -62,6 +62,11 @@ def get_float(request, name: str) -> float | None:
     return None if array is None else float(_one(array, name))
 
 
+def get_floats(request, name: str) -> list[float] | None:
+    array = _array(request, name)
+    return None if array is None else [float(v) for v in array.reshape(-1)]
+
+
 def get_bool(request, name: str) -> bool | None:
     array = _array(request, name)
     return None if array is None else bool(_one(array, name))
@@ -87,32 +92,17 @@ def is_probe(request) -> bool:
         return False
 
 
-def _param(params: dict[str, Any], name: str, kind: type) -> Any:
-    if name not in params:
-        return None
-    value = params[name]
-    try:
-        converted = kind(value)
-    except (TypeError, ValueError):
-        raise InvalidArgument(f"request parameter '{name}' must be {kind.__name__}, got {value!r}") from None
-    if kind is int and isinstance(value, float) and not (math.isfinite(value) and value == converted):
-        raise InvalidArgument(f"request parameter '{name}' must be an integer, got {value!r}")
-    return converted
-
-
-def get_lora_fields(request) -> LoRAFields:
-    """The LoRA contract: input tensors first, then request parameters of the same names (vllm_backend style)."""
+def get_lora_stack(request) -> list[LoRAFields]:
+    """The LoRA contract (see `backends.lora.stack`): input tensors first, then request parameters of the same
+    names (vllm_backend style), each a list for a LoRA stack."""
     params = request_parameters(request)
-    name = get_string(request, "lora_name")
-    path = get_string(request, "lora_path")
-    scale = get_float(request, "lora_scale")
-    int_id = get_int(request, "lora_int_id")
-    return LoRAFields(
-        name=(name if name is not None else _param(params, "lora_name", str)) or None,
-        path=(path if path is not None else _param(params, "lora_path", str)) or None,
-        scale=scale if scale is not None else _param(params, "lora_scale", float),
-        int_id=int_id if int_id is not None else _param(params, "lora_int_id", int),
-    )
+
+    def values(name: str, read, kind: type) -> list | None:
+        found = read(request, name)
+        return found if found is not None else parameter_list(params, name, kind)
+
+    return lora_stack(values("lora_name", get_strings, str), values("lora_path", get_strings, str),
+                      values("lora_scale", get_floats, float), values("lora_int_id", get_ints, int))
 
 
 def string_tensor(name: str, value: str) -> "pb_utils.Tensor":

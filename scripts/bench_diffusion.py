@@ -114,7 +114,7 @@ def run_pipeline(name: str, repeats: int) -> tuple[list[dict], list[dict]]:
     def ours(adapters: list[int | None]):
         batch = [build_request(loaded, gen.limits, prompt=p, height=setting.size, width=setting.size,
                                steps=setting.steps, seed=i,
-                               lora=None if a is None else LoRASelection(refs[a], 1.0))
+                               lora=() if a is None else (LoRASelection(refs[a], 1.0),))
                  for i, (p, a) in enumerate(zip(prompts, adapters))]
         return lambda: gen.run(batch)
 
@@ -224,7 +224,7 @@ def run_locon(repeats: int, size: int = 256, steps: int = 4) -> list[dict]:
     def batch(x: str | None):
         rows = [(x, 1.0), (None, 0.0), ("other", 1.0), (x, 0.5)] if x else [(None, 0.0)] * 4
         reqs = [build_request(loaded, gen.limits, prompt=p, height=size, width=size, steps=steps, seed=i,
-                              lora=None if a is None else LoRASelection(refs[a], scale))
+                              lora=() if a is None else (LoRASelection(refs[a], scale),))
                 for i, (p, (a, scale)) in enumerate(zip(prompts, rows))]
         return lambda: gen.run(reqs)
 

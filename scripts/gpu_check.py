@@ -298,10 +298,10 @@ def bench_engine(report: Report, model: Path, adapters: list[Path], device: torc
                     total = max(8, 2 * concurrency)
                     sinks, started = [], time.perf_counter()
                     for i in range(total):
-                        lora = None
+                        lora = ()
                         if n_adapters:
                             folder = adapters[i % n_adapters]
-                            lora = LoRASelection(AdapterRef(1000 + i % n_adapters, folder.name, str(folder)), 1.0)
+                            lora = (LoRASelection(AdapterRef(1000 + i % n_adapters, folder.name, str(folder)), 1.0),)
                         request = GenerationRequest(f"r{i}", apply_chat_template(PROMPTS[i % len(PROMPTS)]),
                                                     SamplingParams(max_tokens=sizes.max_tokens, temperature=0.0),
                                                     lora=lora)

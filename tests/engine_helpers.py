@@ -41,13 +41,13 @@ class Collect:
         return self
 
 
-def _request(engine: LLMEngine, text: str, max_tokens: int = 4, stream: bool = False, lora=None):
+def _request(engine: LLMEngine, text: str, max_tokens: int = 4, stream: bool = False, lora=()):
     request = GenerationRequest("t", text, SamplingParams(max_tokens=max_tokens, temperature=0.0), stream=stream,
                                 lora=lora)
     return engine.prepare(request)
 
 
-def request_for(engine: LLMEngine, text: str, max_tokens: int = 4, stream: bool = False, lora=None,
+def request_for(engine: LLMEngine, text: str, max_tokens: int = 4, stream: bool = False, lora=(),
                 **sampling) -> GenerationRequest:
     params = SamplingParams(max_tokens=max_tokens, **{"temperature": 0.0, **sampling})
     return engine.prepare(GenerationRequest("t", text, params, stream=stream, lora=lora))

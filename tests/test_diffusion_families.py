@@ -59,7 +59,7 @@ def _served(pipeline: str, max_loras: int = 3):
 
 def _requests(loaded, family: Family, refs: dict[str, AdapterRef]):
     return [build_request(loaded, ImageLimits(), prompt=f"prompt {i}", height=SIZE, width=SIZE, steps=STEPS,
-                          seed=i, lora=None if name is None else LoRASelection(refs[name], scale))
+                          seed=i, lora=() if name is None else (LoRASelection(refs[name], scale),))
             for i, (name, scale) in enumerate(family.rows)]
 
 
@@ -171,7 +171,7 @@ def test_locon_kernel_mismatch_is_refused_then_a_good_request_runs(sdxl, tmp_pat
 
     good = LoRASelection(AdapterRef(7, "locon", str(A / "tiny-sdxl-locon-kohya")), 1.0)
     batch = [build_request(loaded, generator.limits, prompt="a cat", height=SIZE, width=SIZE, steps=1, seed=1,
-                           num_images=2, lora=good),
+                           num_images=2, lora=(good,)),
              build_request(loaded, generator.limits, prompt="a dog", negative_prompt="blurry", height=SIZE,
                            width=SIZE, steps=1, seed=2)]
     result = generator.run(batch)

@@ -111,7 +111,7 @@ def test_batch_plan_leaves_room_for_pinned_adapters():
     limits = ImageLimits()
     generator = DiffusionGenerator(loaded, limits, lora, cache)
     requests = [build_request(loaded, limits, prompt="a cat", height=32, width=32, steps=1, seed=i,
-                              lora=LoRASelection(AdapterRef(10 + i, f"d{i}", str(A / "tiny-sd3-b")), 1.0))
+                              lora=(LoRASelection(AdapterRef(10 + i, f"d{i}", str(A / "tiny-sd3-b")), 1.0),))
                 for i in range(3)]
     plan = generator.plan(requests)
     assert sorted(len(chunk) for chunk in plan) == [1, 2]

@@ -105,10 +105,10 @@ def _generate(engine, prompts, adapters=(), max_tokens=16, ids=False, **sampling
     """Texts (or token ids) of the prompts, submitted together so they share batches."""
     sinks = []
     for i, prompt in enumerate(prompts):
-        lora = None
+        lora = ()
         if adapters and i % (len(adapters) + 1):
             folder = adapters[i % (len(adapters) + 1) - 1]
-            lora = LoRASelection(AdapterRef(100 + i % 4, folder.name, str(folder)), 1.0)
+            lora = (LoRASelection(AdapterRef(100 + i % 4, folder.name, str(folder)), 1.0),)
         sink = Collect()
         engine.submit(request_for(engine, apply_chat_template(prompt), max_tokens=max_tokens, lora=lora,
                                   **sampling), sink)

@@ -111,7 +111,7 @@ def test_a_request_that_cannot_be_admitted_does_not_spin_and_ends_when_cancelled
     try:
         path = str(adapters_dir() / "demo" / "signature")
         stuck = Collect()
-        engine.submit(_request(engine, "Hello", lora=LoRASelection(AdapterRef(99, "signature", path), 1.0)), stuck)
+        engine.submit(_request(engine, "Hello", lora=(LoRASelection(AdapterRef(99, "signature", path), 1.0),)), stuck)
         base = Collect()
         engine.submit(_request(engine, "Hello"), base)
         assert base.wait().error is None  # requests behind it that fit are served

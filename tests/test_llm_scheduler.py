@@ -9,9 +9,13 @@ from backends.llm.scheduler import Scheduler, SchedulerLimits
 
 @dataclass(eq=False)
 class Req:
-    adapter_key: str | None
+    adapter: str | tuple[str, ...] | None  # a tuple: a LoRA stack
     num_prompt_tokens: int = 10
     bypassed_steps: int = 0
+
+    @property
+    def adapter_keys(self) -> frozenset:
+        return frozenset((self.adapter,) if isinstance(self.adapter, str) else self.adapter or ())
 
 
 def slots(n: int):
@@ -52,3 +56,11 @@ def test_base_requests_never_need_a_slot():
     sched = Scheduler(SchedulerLimits(), slots(0))
     waiting = [Req(None), Req("x"), Req(None)]
     assert sched.admit(waiting, running=[]) == [waiting[0], waiting[2]]
+
+
+def test_a_lora_stack_counts_each_of_its_adapters_against_the_slots():
+    sched = Scheduler(SchedulerLimits(max_num_seqs=16), slots(3))
+    running = [Req("a")]
+    too_wide, sharing, single = Req(("b", "c", "d")), Req(("a", "b")), Req("c")
+    assert sched.admit([too_wide, sharing, single], running) == [sharing, single]
+    assert too_wide.bypassed_steps == 1

@@ -50,7 +50,7 @@ class ImageRequest:
     guidance_scale: float | None
     seed: int
     num_images: int
-    lora: LoRASelection | None = None
+    lora: tuple[LoRASelection, ...] = ()  # () = no LoRA; several = a LoRA stack (their deltas summed)
     # SDXL-style pipelines (force_zeros_for_empty_prompt) guide against zero embeddings without a negative prompt
     # but encode "" once any row of the call has one: such rows must not share a batch, or an image would depend
     # on its batch mates.
@@ -64,7 +64,7 @@ class ImageRequest:
 def build_request(loaded: LoadedPipeline, limits: ImageLimits, *, prompt: str | None,
                   negative_prompt: str | None = None, height: int | None = None, width: int | None = None,
                   steps: int | None = None, guidance_scale: float | None = None, seed: int | None = None,
-                  num_images: int | None = None, lora: LoRASelection | None = None) -> ImageRequest:
+                  num_images: int | None = None, lora: tuple[LoRASelection, ...] = ()) -> ImageRequest:
     """Validate one request's parameters (InvalidArgument names the first bad one) and fill the defaults."""
     if prompt is None:
         raise InvalidArgument("missing required input 'prompt'")
@@ -135,8 +135,7 @@ class DiffusionGenerator:
             chunks = groups.setdefault(req.batch_key, [[]])
             chunk = chunks[-1]
             rows = sum(items[j].num_images for j in chunk) + req.num_images
-            adapters = {items[j].lora.ref.key for j in chunk if items[j].lora} | (
-                {req.lora.ref.key} if req.lora else set())
+            adapters = {s.ref.key for j in [*chunk, i] for s in items[j].lora}  # a stack counts each adapter
             if chunk and (rows > self.limits.max_batch_rows or not fits(adapters)):
                 chunks.append(chunk := [])
             chunk.append(i)
@@ -169,15 +168,16 @@ class DiffusionGenerator:
         started = time.perf_counter()
         first = batch[0]
         rows = [(req, j) for req in batch for j in range(req.num_images)]
-        refs = [req.lora.ref for req in batch if req.lora is not None]
+        refs = [s.ref for req in batch for s in req.lora]
         kwargs = self.pipeline_kwargs(batch)
         if refs and (self.lora is None or self.cache is None):
             raise InvalidArgument("this model serves no LoRA adapters (max_loras is 0)")
         if refs:
             slot_of = dict(zip((r.key for r in refs), self.cache.acquire(refs)))
             try:
-                slots = [slot_of[req.lora.ref.key] if req.lora else -1 for req, _ in rows]
-                scales = [req.lora.scale if req.lora else 0.0 for req, _ in rows]
+                depth = max(len(req.lora) for req in batch)
+                slots = [[slot_of[s.ref.key] for s in req.lora] + [-1] * (depth - len(req.lora)) for req, _ in rows]
+                scales = [[s.scale for s in req.lora] + [0.0] * (depth - len(req.lora)) for req, _ in rows]
                 with self.lora.rows(slots, scales):
                     images = self.loaded.pipe(**kwargs).images
             finally:

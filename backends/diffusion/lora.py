@@ -62,7 +62,7 @@ class PipelineLoRA:
         log.info("LoRA on %s: %d linear and %d conv layers of %s, %d slots x rank %d = %.1f MB of slot buffers",
                  loaded.name, len(self.context.layers) - convs, convs,
                  ", ".join(names), max_loras, max_rank, slot_bytes / 2**20)
-        self._rows: tuple[list[int], list[float]] | None = None
+        self._rows: tuple[list, list] | None = None
         self._batches: dict[int, LoRABatch] = {}
         for n in names:
             getattr(loaded.pipe, n).register_forward_pre_hook(self._before_forward, with_kwargs=True)
@@ -89,8 +89,9 @@ class PipelineLoRA:
         return None
 
     @contextlib.contextmanager
-    def rows(self, slots: Sequence[int], scales: Sequence[float]) -> Iterator[None]:
-        """Within the block, pipeline calls run row i (of the prompt list) with slot[i] (-1: none) and scale[i]."""
+    def rows(self, slots: Sequence, scales: Sequence) -> Iterator[None]:
+        """Within the block, pipeline calls run row i (of the prompt list) with slot[i] (-1: none) and scale[i], or
+        with the stack slot[i][j], scale[i][j] (padded with -1) whose deltas add up."""
         self._rows, self._batches = (list(slots), list(scales)), {}
         try:
             yield

@@ -62,7 +62,7 @@ class TritonDiffusionModel:
         self.metrics = _Metrics(args["model_name"])
 
     def _parse(self, request) -> ImageRequest:
-        lora = select_lora(self.resolver, tio.get_lora_fields(request))
+        lora = select_lora(self.resolver, tio.get_lora_stack(request))
         return build_request(
             self.loaded, self.limits,
             prompt=tio.get_string(request, "prompt"),

@@ -92,7 +92,7 @@ class Sequence:
         self.pending_text = ""  # non-stream: everything; stream: the delta since the last send
         self._sent_ids = 0  # output_ids already covered by a sent chunk
         self.num_prompt_tokens = len(request.prompt_token_ids)
-        self.adapter_key = request.lora.ref.key if request.lora else None
+        self.adapter_keys = frozenset(selection.ref.key for selection in request.lora)
         self.bypassed_steps = 0
         self.row_lora = RowLoRA()
         self.kv_slot = -1  # its KV-cache slot while admitted
@@ -386,9 +386,9 @@ class LLMEngine:
                 seq.kv_slot = -1
                 break
             lora = seq.request.lora
-            if lora is not None:
+            if lora:
                 try:
-                    slot = self.lora_cache.acquire([lora.ref])[0]
+                    slots = self.lora_cache.acquire([selection.ref for selection in lora])
                 except NoFreeSlot:
                     self._release(seq)
                     continue  # slots pinned elsewhere; it stays waiting
@@ -396,7 +396,7 @@ class LLMEngine:
                     self._waiting.remove(seq)
                     self._fail(seq, exc)
                     continue
-                seq.row_lora = RowLoRA(slot, lora.scale)
+                seq.row_lora = RowLoRA.stack([(slot, selection.scale) for slot, selection in zip(slots, lora)])
             self._waiting.remove(seq)
             admitted.append(seq)
         return admitted
@@ -451,7 +451,7 @@ class LLMEngine:
             self.runner.kv.free(seq.kv_slot, scrub=failed)
             seq.kv_slot = -1
         if seq.row_lora.slot >= 0:
-            self.lora_cache.release([seq.request.lora.ref])
+            self.lora_cache.release([selection.ref for selection in seq.request.lora])
             seq.row_lora = RowLoRA()
 
     def _send(self, seq: Sequence, chunk: GenerationChunk, final: bool) -> None:
@@ -494,5 +494,5 @@ class LLMEngine:
         log.info(
             "request %s: %d prompt + %d generated tokens in %.2f s (%s%s)",
             seq.request.request_id, seq.num_prompt_tokens, len(seq.output_ids), time.monotonic() - seq.started,
-            reason, f", LoRA '{seq.request.lora.ref.name}'" if seq.request.lora else "",
+            reason, f", LoRA '{'+'.join(sel.ref.name for sel in seq.request.lora)}'" if seq.request.lora else "",
         )

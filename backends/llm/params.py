@@ -38,7 +38,7 @@ class GenerationRequest:
     params: SamplingParams
     stream: bool = False
     prompt_token_ids: list[int] = field(default_factory=list)
-    lora: LoRASelection | None = None  # None = base model
+    lora: tuple[LoRASelection, ...] = ()  # () = base model; several = a LoRA stack (the sum of their deltas)
 
 
 def build_sampling_params(

@@ -116,10 +116,29 @@ class AttentionLayout:
 
 @dataclass(frozen=True)
 class RowLoRA:
-    """The adapter of one batch row: slot -1 = none."""
+    """The adapters of one batch row: slot -1 = none; a LoRA stack adds its further (slot, scale) pairs in `rest`
+    and the row gets the sum of their deltas."""
 
     slot: int = -1
     scale: float = 0.0
+    rest: tuple[tuple[int, float], ...] = ()
+
+    @classmethod
+    def stack(cls, pairs: Sequence[tuple[int, float]]) -> "RowLoRA":
+        return cls(*pairs[0], tuple(pairs[1:])) if pairs else cls()
+
+    @property
+    def pairs(self) -> tuple[tuple[int, float], ...]:
+        return ((self.slot, self.scale), *self.rest) if self.slot >= 0 else ()
+
+
+def _lora_columns(rows: Sequence[RowLoRA]) -> tuple[list, list]:
+    """Slot ids and scales for `LoRAContext.use`: one per row, or [rows, depth] (padded with -1) for stacks."""
+    depth = max(len(r.pairs) for r in rows)
+    if depth <= 1:
+        return [r.slot for r in rows], [r.scale for r in rows]
+    padded = [r.pairs + ((-1, 0.0),) * (depth - len(r.pairs)) for r in rows]
+    return [[s for s, _ in p] for p in padded], [[c for _, c in p] for p in padded]
 
 
 def cache_kwarg(model) -> str:
@@ -257,7 +276,7 @@ class ModelRunner:
         if self.lora is None or all(r.slot < 0 for r in rows_lora):
             logits = self.model(**kwargs).logits
         else:
-            with self.lora.use([r.slot for r in rows_lora], [r.scale for r in rows_lora]):
+            with self.lora.use(*_lora_columns(rows_lora)):
                 logits = self.model(**kwargs).logits
         return logits if all_positions else logits[:, -1, :]
 
@@ -291,7 +310,8 @@ class ModelRunner:
 
     def _decode(self, slots, token_ids, positions, rows_lora) -> torch.Tensor:
         rows = max(slots) + 1  # the slot prefix: row r = slot r; free slots inside it are dummy rows
-        graphed = self.graphs is not None and rows <= self.graphs.buckets[-1]
+        # Captured graphs hold one adapter per row: a step with a LoRA stack runs eagerly.
+        graphed = self.graphs is not None and rows <= self.graphs.buckets[-1] and not any(r.rest for r in rows_lora)
         if not graphed and rows - len(slots) > len(slots) // 8:  # sparse: run the live rows, gather their K/V
             inputs = self._decode_inputs(token_ids, positions)
             return self._decode_forward(inputs, max(positions) + 1, rows_lora,

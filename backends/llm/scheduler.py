@@ -2,7 +2,7 @@
 
 First come, first served, within three limits: `max_num_seqs` running sequences, a prefill token budget per step
 (padded tokens, since the new prompts are left-padded into one forward), and the LoRA slots (`fits` says whether a
-set of adapters can be resident at once). A request whose adapter does not fit is passed over by later requests
+set of adapters can be resident at once; a LoRA stack counts each of its adapters). A request whose adapters do not fit is passed over by later requests
 whose adapters do fit, but only for `max_bypass_steps` steps: after that nothing behind it is admitted until it
 is, so the running adapters drain and it gets its slot (bounded wait, no starvation).
 """
@@ -15,7 +15,7 @@ from typing import Callable, Hashable, Iterable, Protocol
 
 class Schedulable(Protocol):
     num_prompt_tokens: int
-    adapter_key: Hashable | None  # None = base model
+    adapter_keys: frozenset[Hashable]  # empty = base model; a LoRA stack holds several
     bypassed_steps: int
 
 
@@ -35,7 +35,7 @@ class Scheduler:
         """The waiting requests (in queue order) to prefill now; updates their `bypassed_steps`."""
         running = list(running)
         free = self.limits.max_num_seqs - len(running)
-        adapters = {s.adapter_key for s in running if s.adapter_key is not None}
+        adapters = set().union(*(s.adapter_keys for s in running))
         chosen: list[Schedulable] = []
         widest = 0
         for seq in waiting:
@@ -45,7 +45,7 @@ class Scheduler:
             # The first request always goes (a prompt longer than the budget must still run, alone).
             if chosen and width * (len(chosen) + 1) > self.limits.max_num_batched_tokens:
                 break
-            wanted = adapters if seq.adapter_key is None else adapters | {seq.adapter_key}
+            wanted = adapters | seq.adapter_keys
             if not self._fits(wanted):
                 seq.bypassed_steps += 1
                 if seq.bypassed_steps > self.limits.max_bypass_steps:

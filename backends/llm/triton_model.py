@@ -116,7 +116,7 @@ class TritonLLMModel:
             prompt_logprobs=tio.get_int(request, "prompt_logprobs"),
         )
         stream = tio.get_bool(request, "stream")
-        lora = select_lora(self.service.resolver, tio.get_lora_fields(request))
+        lora = select_lora(self.service.resolver, tio.get_lora_stack(request))
         return GenerationRequest(request.request_id() or "", prompt or "", sampling, stream=bool(stream),
                                  prompt_token_ids=ids or [], lora=lora)
 

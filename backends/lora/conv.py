@@ -1,6 +1,7 @@
 """LoCon: per-row LoRA on `nn.Conv2d` layers, sharing a `LoRAContext` (slots, batch mapping) with the linears.
 
-For a row i with slot s and scale c: y_i += c * conv1x1(conv2d(x_i, A_s, stride, padding, dilation), B_s), A_s
+For a row i with slot s and scale c: y_i += c * conv1x1(conv2d(x_i, A_s, stride, padding, dilation), B_s) (summed
+over the row's stack of adapters), A_s
 [r, in, kh, kw] (the layer's own kernel), B_s [out, r]. The slot buffers hold A flattened to [r, in * kh * kw] and
 B transposed to [r, out], the layout of a `LoRALinear`'s, so `LoRAContext.load_slot`/`clear_slot` and the adapter
 cache move conv weights like any others.
@@ -56,9 +57,9 @@ def conv_lora_apply(y: torch.Tensor, x: torch.Tensor, batch: LoRABatch, A: torch
     if n != batch.num_seqs:
         raise ValueError(f"LoRA batch maps {batch.num_seqs} rows but the conv input has {n}")
     rank = A.shape[1]
-    # Row i keeps only its own slot's R channels, times its scale (dead rows: slot 0 with scale 0).
-    owner = batch.seq_slots.view(n, 1) == torch.arange(lo, hi, device=x.device).view(1, -1)
-    scale = owner.to(x.dtype) * batch.seq_scales.view(n, 1)
+    # Row i keeps only its own adapters' R channels, each times its scale (dead pairs: slot 0 with scale 0).
+    owner = batch.seq_slots.unsqueeze(-1) == torch.arange(lo, hi, device=x.device).view(1, 1, -1)  # [n, M, K]
+    scale = (owner.to(x.dtype) * batch.seq_scales.unsqueeze(-1).to(x.dtype)).sum(1)
     # Convolve only the rows that use these slots (a LoCon row among base or linear-only rows): the activation
     # copy is small next to the k x k convolution it saves.
     rows = scale.any(1).nonzero().view(-1)

@@ -38,8 +38,9 @@ class LoRALinear(SlotLayer):
         elif ctx.batch is not None and not ctx.batch.empty and not self.loaded_slots.isdisjoint(ctx.batch.live_slots):
             y2, x2 = y.view(-1, self.out_features), x.reshape(-1, self.in_features)
             if ctx.kernels:
-                triton_ops.lora_apply_triton(y2, x2.contiguous(), ctx.segments_for(x2.shape[0]), self.lora_A,
-                                             self.lora_B)
+                x2 = x2.contiguous()
+                for segments in ctx.segments_for(x2.shape[0]):  # one kernel pass per stack position
+                    triton_ops.lora_apply_triton(y2, x2, segments, self.lora_A, self.lora_B)
             else:
                 lora_apply(y2, x2, ctx.batch, self.lora_A, self.lora_B)
         return y
@@ -93,7 +94,7 @@ class LoRAContext:
         self.kernels = self.device.type == "cuda" and triton_ops.triton is not None
         if self.kernels:
             triton_ops.check_rank(max_rank)
-        self._segments: dict[int, "triton_ops.SegmentMeta"] = {}
+        self._segments: dict[int, list["triton_ops.SegmentMeta"]] = {}
 
     @property
     def spec(self) -> TargetSpec:
@@ -101,27 +102,31 @@ class LoRAContext:
                           self.packed, {n: m.kernel for n, m in self.layers.items() if hasattr(m, "kernel")})
 
     # -- per forward -----------------------------------------------------------------------------------------
-    def set_batch(self, slot_ids: Sequence[int], scales: Sequence[float]) -> None:
-        """One slot (-1 = none) and scale per sequence; layers see [S, ...] or [S, T, ...] inputs."""
+    def set_batch(self, slot_ids: Sequence, scales: Sequence) -> None:
+        """One slot (-1 = none) and scale per sequence, or a stack of them per sequence (see `LoRABatch.build`);
+        layers see [S, ...] or [S, T, ...] inputs."""
         self.batch = LoRABatch.build(slot_ids, scales, self.max_rank, self.device, self.dtype)
         self._segments = {}
 
-    def segments_for(self, rows: int) -> "triton_ops.SegmentMeta":
-        """Kernel metadata for a layer input of `rows` = S sequences x T tokens, built once per forward."""
-        meta = self._segments.get(rows)
-        if meta is None:
+    def segments_for(self, rows: int) -> list["triton_ops.SegmentMeta"]:
+        """Kernel metadata for a layer input of `rows` = S sequences x T tokens, built once per forward: one per
+        stack position that any sequence uses."""
+        metas = self._segments.get(rows)
+        if metas is None:
             per_seq = rows // self.batch.num_seqs
-            slots = self.batch.seq_slots.repeat_interleave(per_seq)
-            scales = self.batch.seq_scales.view(-1).repeat_interleave(per_seq)
-            meta = self._segments[rows] = triton_ops.SegmentMeta.build(slots, scales, self.max_loras)
-        return meta
+            used = (self.batch.seq_scales != 0).any(0).nonzero().view(-1).tolist()
+            metas = self._segments[rows] = [
+                triton_ops.SegmentMeta.build(self.batch.seq_slots[:, j].repeat_interleave(per_seq),
+                                             self.batch.seq_scales[:, j].repeat_interleave(per_seq), self.max_loras)
+                for j in used]
+        return metas
 
     def clear(self) -> None:
         self.batch = None
         self._segments = {}
 
     @contextlib.contextmanager
-    def use(self, slot_ids: Sequence[int], scales: Sequence[float]) -> Iterator[None]:
+    def use(self, slot_ids: Sequence, scales: Sequence) -> Iterator[None]:
         self.set_batch(slot_ids, scales)
         try:
             yield

@@ -13,7 +13,7 @@ import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from backends.errors import InvalidArgument, Unavailable
 from backends.lora.cache import AdapterRef, LoRACache
@@ -21,6 +21,8 @@ from backends.lora.ids import IdBook
 from backends.lora.registry import STATIC, LoRARegistry
 
 log = logging.getLogger(__name__)
+
+DEFAULT_MAX_LORAS_PER_REQUEST = 4
 
 
 @dataclass(frozen=True)
@@ -64,9 +66,11 @@ class _Loaded:
 
 class AdapterResolver:
     def __init__(self, registry: LoRARegistry, cache: LoRACache, ids: IdBook | None = None,
-                 run: Callable[[Callable], object] = lambda fn: fn()):
+                 run: Callable[[Callable], object] = lambda fn: fn(),
+                 max_per_request: int = DEFAULT_MAX_LORAS_PER_REQUEST):
         self.registry = registry
         self.cache = cache
+        self.max_per_request = max_per_request  # adapters in one request's LoRA stack
         self.ids = ids or IdBook(resident=self._resident_ids)
         self._run = run  # where cold loads execute (the thread that owns torch work, for the LLM engine)
         self._lock = threading.Lock()
@@ -133,6 +137,26 @@ class AdapterResolver:
                 self._loaded.setdefault(ref.key, (ref, _Loaded(name, path, by_name)))
         return LoRASelection(ref, scale)
 
+    def select_stack(self, stack: Sequence[LoRAFields]) -> tuple[LoRASelection, ...]:
+        """A request's adapters (() = base model); refuses more than `max_per_request`, one adapter twice, and a
+        stack that could never hold its slots at once."""
+        if len(stack) > self.max_per_request:
+            raise InvalidArgument(f"{len(stack)} LoRA adapters in one request, max_loras_per_request is "
+                                  f"{self.max_per_request}")
+        selections = tuple(s for s in (self.select(fields) for fields in stack) if s is not None)
+        seen: dict[int, str] = {}
+        for selection in selections:
+            ref = selection.ref
+            if ref.int_id in seen:
+                raise InvalidArgument(f"LoRA adapter '{ref.name}' ({ref.path}) appears twice in one request; give "
+                                      f"it once, with the scales added")
+            seen[ref.int_id] = ref.name
+        if len(selections) > 1 and not self.cache.fits({s.ref.key for s in selections}):
+            raise InvalidArgument(f"the LoRA stack {[s.ref.name for s in selections]} needs {len(selections)} "
+                                  f"adapter slots at once, more than max_loras ({self.cache.max_loras}) leaves "
+                                  f"free next to the pinned adapters")
+        return selections
+
     def sync(self) -> None:
         """Drop older versions of rewritten adapters, and after a registry change, the adapters whose registry
         name is gone or points elsewhere now (adapters requested by path are not affected)."""
@@ -164,10 +188,10 @@ class AdapterResolver:
                          ref.int_id)
 
 
-def select_lora(resolver: AdapterResolver | None, fields: LoRAFields) -> LoRASelection | None:
-    """A model's request LoRA fields -> selection; a model without LoRA (max_loras 0) refuses any adapter."""
+def select_lora(resolver: AdapterResolver | None, stack: Sequence[LoRAFields]) -> tuple[LoRASelection, ...]:
+    """A request's LoRA stack -> selections (() = base model); a model without LoRA (max_loras 0) refuses any."""
     if resolver is not None:
-        return resolver.select(fields)
-    if not fields.empty:
+        return resolver.select_stack(stack)
+    if any(not fields.empty for fields in stack):
         raise InvalidArgument("this model serves no LoRA adapters (max_loras is 0)")
-    return None
+    return ()

@@ -17,7 +17,7 @@ from backends.model_params import param_int
 from backends.lora.cache import AdapterRef, LoRACache
 from backends.lora.patch import LoRAContext
 from backends.lora.registry import AdapterEntry, LoRARegistry, parse_lora_modules
-from backends.lora.resolver import AdapterResolver
+from backends.lora.resolver import DEFAULT_MAX_LORAS_PER_REQUEST, AdapterResolver
 from backends.settings import (
     ALLOWED_LORA_ROOTS_ENV, LORA_RESOLVER_DIRS_ENV, adapters_dir, cache_dir, env_paths, lora_registry_file,
 )
@@ -33,6 +33,7 @@ def _paths(params: dict[str, str], key: str) -> list[Path]:
 class LoRAServingConfig:
     max_loras: int = 16  # device slots: distinct adapters in one batch; 0 disables LoRA
     max_lora_rank: int = 16
+    max_loras_per_request: int = DEFAULT_MAX_LORAS_PER_REQUEST  # adapters in one request's LoRA stack
     max_cpu_loras: int = 64
     max_cpu_lora_bytes: int | None = None
     static: tuple[AdapterEntry, ...] = ()
@@ -47,7 +48,7 @@ class LoRAServingConfig:
     @classmethod
     def from_parameters(cls, params: dict[str, str]) -> "LoRAServingConfig":
         """Model parameters: lora_modules (vLLM --lora-modules forms; relative paths are under the project cache),
-        max_loras, max_lora_rank, max_cpu_loras, max_cpu_lora_bytes, lora_registry_file ("none": no dynamic
+        max_loras, max_lora_rank, max_loras_per_request, max_cpu_loras, max_cpu_lora_bytes, lora_registry_file ("none": no dynamic
         registry), allowed_lora_roots and
         lora_resolver_dirs (comma-separated; the env lists MULTILORA_ALLOWED_LORA_ROOTS and
         MULTILORA_LORA_RESOLVER_DIRS add to them). The adapters folder of the project cache is always allowed."""
@@ -61,6 +62,7 @@ class LoRAServingConfig:
         return cls(
             max_loras=max_loras,
             max_lora_rank=param_int(params, "max_lora_rank", cls.max_lora_rank),
+            max_loras_per_request=param_int(params, "max_loras_per_request", cls.max_loras_per_request),
             max_cpu_loras=max(max_cpu, max_loras),
             max_cpu_lora_bytes=param_int(params, "max_cpu_lora_bytes", None),
             static=static,
@@ -86,7 +88,7 @@ def build_resolver(context: LoRAContext, config: LoRAServingConfig,
 
     registry = LoRARegistry(config.static, config.registry_file, config.resolver_dirs, config.allowed_roots)
     cache = LoRACache(context, loader, config.max_cpu_loras, config.max_cpu_lora_bytes)
-    resolver = AdapterResolver(registry, cache, run=run)
+    resolver = AdapterResolver(registry, cache, run=run, max_per_request=config.max_loras_per_request)
     resolver.pin_static()
     log.info("LoRA: %d slots, max rank %d, host cache %d adapters; registry %s; allowed roots %s",
              config.max_loras, config.max_lora_rank, config.max_cpu_loras, config.registry_file,

@@ -37,7 +37,7 @@ class ImageGenerator:
                 guidance_scale: float | None = None, seed: int | None = None,
                 num_images: int | None = None) -> ImageRequest:
         """Validate one request as the server does (InvalidArgument / AdapterError / NotFound on a bad one)."""
-        selection = select_lora(self.service.resolver, (lora or LoRA()).fields())
+        selection = select_lora(self.service.resolver, [lora.fields()] if lora is not None else [])
         return build_request(self.service.loaded, self.service.limits, prompt=prompt,
                              negative_prompt=negative_prompt, height=height, width=width, steps=num_inference_steps,
                              guidance_scale=guidance_scale, seed=seed, num_images=num_images, lora=selection)

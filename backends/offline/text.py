@@ -101,7 +101,7 @@ class TextGenerator:
             top_p=sampling.get("top_p"), top_k=sampling.get("top_k"), seed=sampling.get("seed"),
             stop=sampling.get("stop"), default_max_tokens=self.engine.default_max_tokens,
         )
-        selection = select_lora(self.service.resolver, (lora or LoRA()).fields())
+        selection = select_lora(self.service.resolver, [lora.fields()] if lora is not None else [])
         return self.engine.prepare(GenerationRequest(uuid.uuid4().hex, text, params, lora=selection))
 
     def run(self, requests: Sequence[GenerationRequest], progress: bool = True) -> list[TextOutput | Exception]:
