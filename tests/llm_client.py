@@ -30,10 +30,11 @@ def make_inputs(text_input: str | bytes | None = None, **params) -> list[grpccli
             values[name] = np.array(value, dtype=np.int32)
         elif name == "stop":
             values[name] = np.array([s.encode() for s in value], dtype=np.object_)
-        elif name in _STRINGS:
-            values[name] = np.array([str(value).encode()], dtype=np.object_)
+        elif name in _STRINGS:  # a list: a LoRA stack
+            listed = value if isinstance(value, (list, tuple)) else [value]
+            values[name] = np.array([str(v).encode() for v in listed], dtype=np.object_)
         else:
-            values[name] = np.array([value], dtype=_DTYPES[name])
+            values[name] = np.array(value if isinstance(value, (list, tuple)) else [value], dtype=_DTYPES[name])
     inputs = []
     for name, array in values.items():
         tensor = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))

@@ -3,6 +3,8 @@ adapters' deltas, against a float64 reference; rows without LoRA stay bit-identi
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -86,3 +88,194 @@ def test_conv_stack_sums_each_adapters_locon_delta():
                 expected[row] += scale * torch.einsum("rhw,ro->ohw", down[0], Bt[slot])
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     assert torch.equal(got[1], y0[1])
+
+
+# -- against independent references ------------------------------------------------------------------------------
+
+def test_llm_stack_equals_peft_with_both_adapters_active(tmp_path):
+    """Rows [a@0.7 + b@0.3, base, a, b@0.5 + a@2.0] in one batch against PEFT with several adapters active at once
+    (`set_adapter([...])`) and per-adapter scales (`set_scale`): last-position logits (1e-4) and 8 greedy tokens."""
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    from backends.llm.runner import LoRASettings, ModelRunner, RowLoRA, RunnerSettings
+    from backends.lora.adapter import load_adapter
+    from scripts.llm_families import make_family
+    from scripts.make_adapters import make_random_adapter
+    from tests.test_llm_families import PROMPTS, Rows, _generate, _last_logits, _load
+
+    folder = make_family("llama")
+    factory = lambda: _load(folder)  # noqa: E731
+    adapters = {"a": make_random_adapter(factory, tmp_path / "a", seed=1, std=0.1, r=8, lora_alpha=16,
+                                         target_modules="all-linear"),
+                "b": make_random_adapter(factory, tmp_path / "b", seed=2, std=0.1, r=4, lora_alpha=4,
+                                         target_modules=["q_proj", "v_proj", "down_proj"])}
+    runner = ModelRunner(folder, lora=LoRASettings(max_loras=2, max_rank=8),
+                         settings=RunnerSettings(max_model_len=96, max_num_seqs=4))
+    for slot, name in enumerate(adapters):
+        runner.lora.load_slot(slot, load_adapter(adapters[name], runner.lora.spec, 8))
+    stacks = [{"a": 0.7, "b": 0.3}, {}, {"a": 1.0}, {"b": 0.5, "a": 2.0}]
+    slot_of = {"a": 0, "b": 1}
+    logits, tokens = Rows(runner, [RowLoRA.stack([(slot_of[n], c) for n, c in s.items()]) for s in stacks]).run()
+
+    peft = PeftModel.from_pretrained(factory(), adapters["a"], adapter_name="a")
+    peft.load_adapter(adapters["b"], adapter_name="b")
+    peft.eval()
+    for row, (prompt, stack) in enumerate(zip(PROMPTS, stacks)):
+        ids = runner.encode(prompt)
+        if not stack:
+            with peft.disable_adapter():
+                want_logits, want_tokens = _last_logits(peft, ids), _generate(peft, ids)
+        else:
+            peft.base_model.set_adapter(list(stack))
+            for module in peft.modules():
+                if isinstance(module, LoraLayer):
+                    for name, scale in stack.items():
+                        if name in module.scaling:
+                            module.set_scale(name, scale)
+            want_logits, want_tokens = _last_logits(peft, ids), _generate(peft, ids)
+        torch.testing.assert_close(logits[row], want_logits, atol=1e-4, rtol=0, msg=lambda m: f"row {row}: {m}")
+        assert tokens[row] == want_tokens, f"row {row} ({stack})"
+    alone = _last_logits(peft, runner.encode(PROMPTS[3]))  # the last setting: b@0.5 + a@2.0
+    torch.testing.assert_close(logits[3], alone, atol=1e-4, rtol=0)
+
+
+def test_diffusion_stack_equals_diffusers_set_adapters_with_both():
+    """SDXL, a PEFT adapter and a kohya file (plus a LoCon) in stacks, one batch: [a@0.7 + b@0.3], [], [b@0.5 +
+    locon@0.7 + a@1.0], [a@0 + b@0] each equal diffusers `load_lora_weights` for all + `set_adapters([...],
+    adapter_weights=[...])` (fp32, 1e-5); all-zero scales equal the base bit for bit."""
+    from backends.diffusion.generate import ImageLimits, build_request
+    from backends.diffusion.pipeline import load_pipeline
+    from backends.lora.cache import AdapterRef
+    from backends.lora.resolver import LoRASelection
+    from scripts.make_fixtures import fixtures_dir
+    from tests.test_diffusion_families import A, FAMILIES, SIZE, STEPS, _served, _weight_name
+
+    family = FAMILIES["sdxl"]
+    loaded, lora, cache, generator = _served(family.pipeline)
+    refs = {n: AdapterRef(i + 1, n, str(A / path)) for i, (n, path) in enumerate(family.ours.items())}
+    stacks = [{"a": 0.7, "b": 0.3}, {}, {"b": 0.5, "locon": 0.7, "a": 1.0}, {"a": 0.0, "b": 0.0}]
+    batch = [build_request(loaded, ImageLimits(), prompt=f"prompt {i}", height=SIZE, width=SIZE, steps=STEPS,
+                           seed=i, lora=tuple(LoRASelection(refs[n], c) for n, c in stack.items()))
+             for i, stack in enumerate(stacks)]
+    assert generator.plan(batch) == [[0, 1, 2, 3]]  # three distinct adapters fit the three slots: one batch
+    kwargs = {**generator.pipeline_kwargs(batch), "output_type": "latent"}
+    slot_of = dict(zip(refs, cache.acquire(list(refs.values()))))
+    depth = max(len(s) for s in stacks)
+    with torch.inference_mode(), lora.rows(
+            [[slot_of[n] for n in s] + [-1] * (depth - len(s)) for s in stacks],
+            [list(s.values()) + [0.0] * (depth - len(s)) for s in stacks]):
+        got = loaded.pipe(**kwargs).images
+
+    reference = load_pipeline(str(fixtures_dir() / family.pipeline)).pipe
+    with torch.inference_mode():  # fresh kwargs: the call above advanced the seeded generators
+        base = reference(**{**generator.pipeline_kwargs(batch), "output_type": "latent"}).images
+    assert torch.equal(got[1], base[1]) and torch.equal(got[3], base[3])
+    for name, path in family.reference.items():
+        reference.load_lora_weights(str(A / path), adapter_name=name, **_weight_name(A / path))
+    for i in (0, 2):
+        reference.set_adapters(list(stacks[i]), adapter_weights=list(stacks[i].values()))
+        one = {**generator.pipeline_kwargs(batch[i : i + 1]), "output_type": "latent"}
+        with torch.inference_mode():
+            want = reference(**one).images[0]
+        torch.testing.assert_close(got[i], want, atol=1e-5, rtol=1e-4, msg=f"row {i} ({stacks[i]})")
+        assert (want - base[i]).abs().max() > 1e-3
+
+
+# -- through tritonserver ----------------------------------------------------------------------------------------
+
+def _serving():
+    from tests.test_llm_lora_serving import CAPITAL, GREEDY, PROMPTS, _ok, _random
+
+    return CAPITAL, GREEDY, PROMPTS, _ok, _random
+
+
+@pytest.fixture(scope="module")
+def stack_adapters(lora_root):
+    from backends.settings import adapters_dir
+
+    _random = _serving()[4]
+    return {"rand": _random(lora_root, "stack_rand", seed=11), "signature": adapters_dir() / "demo" / "signature",
+            "image": adapters_dir() / "diffusion" / "tiny-sd3-a"}
+
+
+def test_stacks_and_single_adapters_in_one_batch_keep_their_solo_tokens(grpc_client, triton_server, stack_adapters):
+    import json
+    from concurrent.futures import ThreadPoolExecutor
+
+    import tritonclient.grpc as grpcclient
+
+    CAPITAL, _, PROMPTS, _ok, _ = _serving()
+    both = dict(lora_name=["uppercase", "signature"], lora_scale=[1.0, 1.0])
+    jobs = [(CAPITAL, both), (PROMPTS[1], dict(lora_name="uppercase")), (PROMPTS[2], {}),
+            (PROMPTS[3], dict(lora_path=[str(stack_adapters["rand"]), str(stack_adapters["signature"])],
+                              lora_scale=[0.5, 1.0])),
+            (CAPITAL, dict(lora_name="signature"))]
+    alone = [_ok(grpc_client, prompt, **lora).text for prompt, lora in jobs]
+    assert alone[0] not in (alone[-1], _ok(grpc_client, CAPITAL, lora_name="uppercase").text)
+
+    def one(job) -> str:
+        client = grpcclient.InferenceServerClient(triton_server.grpc_url)
+        try:
+            return _ok(client, job[0], stream=True, **job[1]).text
+        finally:
+            client.close()
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        assert list(pool.map(one, jobs)) == alone
+    as_parameters = _ok(grpc_client, CAPITAL, parameters={"lora_name": json.dumps(["uppercase", "signature"]),
+                                                          "lora_scale": "[1.0, 1.0]"})
+    assert as_parameters.text == alone[0]
+    zero = _ok(grpc_client, CAPITAL, lora_name=["uppercase", "signature"], lora_scale=[0.0, 0.0])
+    assert zero.text == _ok(grpc_client, CAPITAL).text
+
+
+BAD = {
+    "more than max_loras_per_request": (dict(lora_name=["uppercase", "signature", "a", "b", "c"]),
+                                        r"5 LoRA adapters in one request, max_loras_per_request is 4"),
+    "the same adapter twice": (dict(lora_name=["uppercase", "uppercase"]),
+                               r"LoRA adapter 'uppercase' \(.*uppercase\) appears twice in one request"),
+    "scales of another length": (dict(lora_name=["uppercase", "signature"], lora_scale=[1.0]),
+                                 r"lora_scale has 1 entries for 2 LoRA adapters"),
+    "names and paths of other lengths": (lambda a: dict(lora_name=["x", "y"], lora_path=[str(a["rand"])]),
+                                         r"lora_name has 2 entries but lora_path has 1"),
+    "one unknown adapter": (dict(lora_name=["uppercase", "no-such-adapter"]),
+                            r"LoRA adapter 'no-such-adapter' not found"),
+    "an image adapter in a text stack": (lambda a: dict(lora_path=[str(a["signature"]), str(a["image"])]),
+                                         r"tiny-sd3-a"),
+    "a bad JSON list parameter": (dict(parameters={"lora_name": '["uppercase",'}),
+                                  r"request parameter 'lora_name' is not a valid JSON array"),
+}
+
+
+@pytest.mark.parametrize("case", BAD, ids=list(BAD))
+def test_bad_stack_is_refused_and_the_server_keeps_serving(case, grpc_client, stack_adapters):
+    from tests.llm_client import generate
+
+    CAPITAL, GREEDY, _, _ok, _ = _serving()
+    params, message = BAD[case]
+    params = params(stack_adapters) if callable(params) else params
+    out = generate(grpc_client, CAPITAL, **{**GREEDY, **params})
+    assert out.error is not None, f"{case}: accepted"
+    # A streamed error carries no gRPC status: the message is what the frontend maps to 400/404 (checked there).
+    assert re.search(message, out.error.message()), out.error.message()
+    assert _ok(grpc_client, CAPITAL, lora_name=["uppercase"]).text.startswith("THE CAPITAL")
+
+
+def test_a_stack_needing_more_slots_than_max_loras_is_refused(grpc_client, http_client, stack_adapters):
+    """The tight model has 2 slots: a stack of 3 distinct adapters could never run, so it is refused at once."""
+    from tests.conftest import TIGHT_MODEL
+    from tests.llm_client import generate
+
+    CAPITAL, GREEDY, _, _ok, _ = _serving()
+    three = [str(stack_adapters["rand"]), str(stack_adapters["signature"]),
+             str(stack_adapters["signature"].parent / "uppercase")]
+    http_client.load_model(TIGHT_MODEL)
+    try:
+        out = generate(grpc_client, CAPITAL, model=TIGHT_MODEL, lora_path=three, **GREEDY)
+        assert out.error is not None
+        assert re.search(r"the LoRA stack \[.*\] needs 3 adapter slots at once, more than max_loras \(2\)",
+                         out.error.message()), out.error.message()
+        assert _ok(grpc_client, CAPITAL, model=TIGHT_MODEL, lora_path=three[:2]).text
+    finally:
+        http_client.unload_model(TIGHT_MODEL)
