@@ -4,6 +4,7 @@ scripts/verify_lora.py, the benchmarks and the tests."""
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import tritonclient.http as httpclient
@@ -14,20 +15,26 @@ LORA_FIELDS = ("lora_name", "lora_path", "lora_scale", "lora_int_id")
 
 
 def image_inputs(prompt: str | None = "a red cat", lora_as_tensors: bool = False, **fields) -> tuple[list, dict]:
-    """Triton inputs of shape [1, 1] for every field given (None = left out), and request parameters.
+    """Triton inputs of shape [1, 1] for every field given (None = left out; a list of k LoRA values, a stack:
+    [1, k]), and request parameters.
 
     LoRA fields go in request parameters unless `lora_as_tensors`: Triton's dynamic batcher only batches requests
     that carry the same set of input tensors, and parameters do not count, so requests for different adapters (or
     none) still share a batch."""
     values = {"prompt": prompt, **fields}
     parameters = {}
-    if not lora_as_tensors:
-        parameters = {k: values.pop(k) for k in LORA_FIELDS if values.get(k) is not None}
+    if not lora_as_tensors:  # a list (a LoRA stack) travels as a JSON array in a string
+        parameters = {k: json.dumps(v) if isinstance(v, list) else v
+                      for k in LORA_FIELDS if (v := values.pop(k, None)) is not None}
     inputs = []
     for name, value in values.items():
         if value is None:
             continue
-        if isinstance(value, str):
+        if isinstance(value, list):  # a LoRA stack as tensors: [1, k]
+            kind = "BYTES" if isinstance(value[0], str) else "INT64" if name in _INT64 else "FP32"
+            array = np.array([[v.encode() if isinstance(v, str) else v for v in value]],
+                             dtype={"BYTES": np.object_, "INT64": np.int64, "FP32": np.float32}[kind])
+        elif isinstance(value, str):
             array, kind = np.array([[value.encode()]], dtype=np.object_), "BYTES"
         elif name in _INT64:
             array, kind = np.array([[value]], dtype=np.int64), "INT64"

@@ -279,3 +279,39 @@ def test_a_stack_needing_more_slots_than_max_loras_is_refused(grpc_client, http_
         assert _ok(grpc_client, CAPITAL, model=TIGHT_MODEL, lora_path=three[:2]).text
     finally:
         http_client.unload_model(TIGHT_MODEL)
+
+
+def test_four_image_requests_with_four_stacks_share_one_batch(triton_server, http_client):
+    """Four requests, four different stacks (LoRA fields as JSON-array request parameters), arrive together: Triton
+    batches them (metric), and each image is within 1/255 of its solo image; a stack as tensors equals the
+    parameter form."""
+    import tritonclient.http as httpclient
+
+    from scripts.diffusion_client import generate
+    from scripts.make_fixtures import diffusion_adapters_dir
+    from tests.conftest import BATCHED_MODEL
+    from tests.test_diffusion_serving import _batches, _max_diff, _together
+
+    a_file = str(diffusion_adapters_dir() / "tiny-sd3-a-diffusers")  # a's weights, another adapter by path
+    rows = [dict(lora_name=["tiny-sd3-a", "tiny-sd3-b"], lora_scale=[0.7, 0.3]),
+            dict(lora_name=["tiny-sd3-b", "tiny-sd3-a"], lora_scale=[1.0, 0.5]),
+            dict(lora_path=[a_file, str(diffusion_adapters_dir() / "tiny-sd3-b")], lora_scale=[0.5, 0.5]),
+            dict(lora_name=["tiny-sd3-a"])]
+    rows = [{"negative_prompt": "", "num_inference_steps": 2, "seed": i, "prompt": "a red cat", **row}
+            for i, row in enumerate(rows)]
+    client = httpclient.InferenceServerClient(triton_server.http_url, network_timeout=300)
+    try:
+        solo = [generate(client, **row)[0][0] for row in rows]
+        assert len(set(solo)) == 4
+        assert generate(client, lora_as_tensors=True, **rows[0])[0][0] == solo[0]
+        http_client.load_model(BATCHED_MODEL)
+        try:
+            before = _batches(triton_server, BATCHED_MODEL)
+            batched = _together(triton_server, BATCHED_MODEL, rows)
+            assert _batches(triton_server, BATCHED_MODEL) - before == 1, "the 4 requests did not share one batch"
+        finally:
+            http_client.unload_model(BATCHED_MODEL)
+    finally:
+        client.close()
+    for i, (got, want) in enumerate(zip(batched, solo)):
+        assert _max_diff(got, want) <= 1, f"row {i} differs from its solo image"
