@@ -1,4 +1,4 @@
-"""Check that a LoRA adapter really changes a served diffusion pipeline, and only by its scale.
+"""Check that a LoRA adapter (or a LoRA stack) really changes a served diffusion pipeline, and only by its scale.
 
 For one prompt and seed it asks the running server for: the base image, the adapter at scale 0, 0.5 and 1.0, and
 the base image again; prints MSE/PSNR between the pairs that matter and writes a PNG contact sheet. Exits 1 if
@@ -7,8 +7,13 @@ the base image again; prints MSE/PSNR between the pairs that matter and writes a
   - scale 1 is (nearly) identical to scale 0 (the adapter has no effect: wrong targets, zero weights, ...);
 exits 2 if the server refuses a request (the error is printed).
 
+Stack mode (`--stack a@0.7 b@0.3`, names or server paths, scale 1 if left out) asks for the base image, each
+adapter alone at its scale, the stack, the stack with every scale 0 and the base again, and fails unless the
+zero stack equals the base bit for bit, the stack changes the image and differs from each adapter alone.
+
     python -m scripts.verify_lora --lora-name tiny-sd3-a
     python -m scripts.verify_lora --lora-path /adapters/my_style --prompt "a lighthouse" --steps 20 --size 512
+    python -m scripts.verify_lora --stack tiny-sd3-a@0.7 tiny-sd3-b@0.3
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import tritonclient.http as httpclient
@@ -35,11 +41,53 @@ INEFFECTIVE_PSNR_DB = 50.0
 @dataclass(frozen=True)
 class Shot:
     label: str
-    scale: float | None  # None: no adapter
+    lora: dict  # LoRA request fields; {} = base model
 
 
-SWEEP = (Shot("base", None), Shot("scale 0", 0.0), Shot("scale 0.5", 0.5), Shot("scale 1.0", 1.0),
-         Shot("base again", None))
+@dataclass(frozen=True)
+class Check:
+    label: str
+    a: str
+    b: str
+    expected: str
+    ok: Callable[[float, float], bool] | None  # (mse, psnr) -> passed; None = shown only
+
+
+IDENTICAL = lambda mse, _psnr: mse == 0  # noqa: E731
+CHANGED = lambda _mse, psnr: psnr < INEFFECTIVE_PSNR_DB  # noqa: E731
+
+
+def sweep(name: str | None, path: str | None) -> tuple[list[Shot], list[Check]]:
+    """One adapter at scales 0, 0.5 and 1."""
+    at = lambda scale: dict(lora_name=name, lora_path=path, lora_scale=scale)  # noqa: E731
+    shots = [Shot("base", {}), Shot("scale 0", at(0.0)), Shot("scale 0.5", at(0.5)), Shot("scale 1.0", at(1.0)),
+             Shot("base again", {})]
+    checks = [Check("base vs base again", "base", "base again", "identical", IDENTICAL),
+              Check("scale 0 vs base", "scale 0", "base", "identical", IDENTICAL),
+              Check("scale 0.5 vs scale 0", "scale 0.5", "scale 0", "differs", None),
+              Check("scale 1.0 vs scale 0", "scale 1.0", "scale 0", f"PSNR < {INEFFECTIVE_PSNR_DB:.0f}", CHANGED),
+              Check("scale 1.0 vs scale 0.5", "scale 1.0", "scale 0.5", "differs", None)]
+    return shots, checks
+
+
+def stack_plan(specs: list[str]) -> tuple[list[Shot], list[Check]]:
+    """`name@scale` or `path@scale` entries: each alone, the stack, the stack at scale 0."""
+    adapters = []
+    for spec in specs:
+        target, _, scale = spec.rpartition("@") if "@" in spec else (spec, "", "1")
+        adapters.append((target, float(scale)))
+    key = "lora_path" if any("/" in t for t, _ in adapters) else "lora_name"
+    if key == "lora_path" and not all("/" in t for t, _ in adapters):
+        raise ValueError("give every stack entry as a name, or every one as a path")
+    stack = lambda scales: {key: [t for t, _ in adapters], "lora_scale": scales}  # noqa: E731
+    alone = [Shot(f"{t.rstrip('/').rsplit('/', 1)[-1]}@{c:g}", {key: t, "lora_scale": c}) for t, c in adapters]
+    shots = [Shot("base", {}), *alone, Shot("stack", stack([c for _, c in adapters])),
+             Shot("stack @ 0", stack([0.0] * len(adapters))), Shot("base again", {})]
+    checks = [Check("base vs base again", "base", "base again", "identical", IDENTICAL),
+              Check("stack @ 0 vs base", "stack @ 0", "base", "identical", IDENTICAL),
+              Check("stack vs base", "stack", "base", f"PSNR < {INEFFECTIVE_PSNR_DB:.0f}", CHANGED),
+              *(Check(f"stack vs {s.label}", "stack", s.label, "differs", lambda mse, _p: mse > 0) for s in alone)]
+    return shots, checks
 
 
 def mse_psnr(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
@@ -72,19 +120,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="num_inference_steps (default: the server's)")
     p.add_argument("--size", type=int, default=None, help="height and width (default: the pipeline's)")
     p.add_argument("--out", type=Path, default=Path("bench_out/verify_lora.png"), help="contact sheet PNG")
+    p.add_argument("--stack", nargs="+", metavar="ADAPTER@SCALE", help="verify a LoRA stack (names or paths)")
     args = p.parse_args(argv)
-    if not (args.lora_name or args.lora_path):
-        p.error("give --lora-name or --lora-path")
+    if bool(args.stack) == bool(args.lora_name or args.lora_path):
+        p.error("give --lora-name or --lora-path, or --stack")
+    try:
+        shots, checks = stack_plan(args.stack) if args.stack else sweep(args.lora_name, args.lora_path)
+    except ValueError as exc:
+        p.error(f"--stack: {exc}")
     console = Console(width=120)
     common = dict(prompt=args.prompt, seed=args.seed, num_inference_steps=args.steps, height=args.size,
                   width=args.size)
     images: dict[str, np.ndarray] = {}
     client = httpclient.InferenceServerClient(args.url, network_timeout=600)
     try:
-        for shot in SWEEP:
-            lora = {} if shot.scale is None else dict(lora_name=args.lora_name, lora_path=args.lora_path,
-                                                      lora_scale=shot.scale)
-            pngs, _, pipeline = generate(client, args.model, **common, **lora)
+        for shot in shots:
+            pngs, _, pipeline = generate(client, args.model, **common, **shot.lora)
             images[shot.label] = pixels(pngs[0])
     except InferenceServerException as exc:
         console.print(f"[red]server refused the request:[/] {exc}")
@@ -92,33 +143,28 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         client.close()
 
-    adapter = args.lora_name or args.lora_path
-    table = Table(title=f"LoRA scale sweep: {adapter} on {pipeline} (seed {args.seed})")
+    adapter = " + ".join(args.stack) if args.stack else args.lora_name or args.lora_path
+    table = Table(title=f"LoRA {'stack' if args.stack else 'scale sweep'}: {adapter} on {pipeline} "
+                        f"(seed {args.seed})")
     for col in ("pair", "MSE", "PSNR dB", "expected", "ok"):
         table.add_column(col)
-    checks = [
-        ("base vs base again", "base", "base again", "identical", lambda m, _: m == 0),
-        ("scale 0 vs base", "scale 0", "base", "identical", lambda m, _: m == 0),
-        ("scale 0.5 vs scale 0", "scale 0.5", "scale 0", "differs", None),
-        ("scale 1.0 vs scale 0", "scale 1.0", "scale 0", f"PSNR < {INEFFECTIVE_PSNR_DB:.0f}",
-         lambda _, psnr: psnr < INEFFECTIVE_PSNR_DB),
-        ("scale 1.0 vs scale 0.5", "scale 1.0", "scale 0.5", "differs", None),
-    ]
     failed = []
-    for label, a, b, expected, check in checks:
-        mse, psnr = mse_psnr(images[a], images[b])
-        ok = None if check is None else check(mse, psnr)
+    for check in checks:
+        mse, psnr = mse_psnr(images[check.a], images[check.b])
+        ok = None if check.ok is None else check.ok(mse, psnr)
         if ok is False:
-            failed.append(label)
-        table.add_row(label, f"{mse:.3f}", "inf" if math.isinf(psnr) else f"{psnr:.2f}", expected,
+            failed.append(check.label)
+        table.add_row(check.label, f"{mse:.3f}", "inf" if math.isinf(psnr) else f"{psnr:.2f}", check.expected,
                       "-" if ok is None else ("[green]yes[/]" if ok else "[red]NO[/]"))
     console.print(table)
-    contact_sheet([images[s.label] for s in SWEEP], [s.label for s in SWEEP], args.out)
+    contact_sheet([images[s.label] for s in shots], [s.label for s in shots], args.out)
     console.print(f"contact sheet: {args.out}")
     if failed:
         console.print(f"[red]FAILED:[/] {', '.join(failed)}")
         return 1
-    console.print("[green]LoRA verified:[/] scale 0 is the base model, scale 1 changes the image")
+    console.print("[green]LoRA verified:[/] " + ("the zero stack is the base model, the stack changes the image "
+                                                 "and differs from each adapter alone" if args.stack else
+                                                 "scale 0 is the base model, scale 1 changes the image"))
     return 0
 
 

@@ -315,3 +315,15 @@ def test_four_image_requests_with_four_stacks_share_one_batch(triton_server, htt
         client.close()
     for i, (got, want) in enumerate(zip(batched, solo)):
         assert _max_diff(got, want) <= 1, f"row {i} differs from its solo image"
+
+
+def test_verify_lora_stack_mode(triton_server, tmp_path):
+    """scripts/verify_lora.py --stack: base, each adapter alone, the stack, the zero stack (= base, bit for bit)."""
+    from tests.test_diffusion_serving import _verify
+
+    run = _verify(triton_server, "--stack", "tiny-sd3-a@0.7", "tiny-sd3-b@0.3", "--out", str(tmp_path / "s.png"))
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "stack @ 0 vs base" in run.stdout and "stack vs tiny-sd3-b@0.3" in run.stdout
+    assert "LoRA verified" in run.stdout
+    run = _verify(triton_server, "--stack", "tiny-sd3-a", "tiny-sd3-a", "--out", str(tmp_path / "d.png"))
+    assert run.returncode == 2 and "appears twice in one request" in " ".join(run.stdout.split())  # rich wraps
