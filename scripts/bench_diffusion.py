@@ -17,6 +17,11 @@ ResNet, shortcut and resampler convolutions), Y a second linear-only adapter; ne
 
     .venv/bin/python -m scripts.bench_diffusion [--repeats 5] [--pipelines tiny-random-sd3 bench-random-sd3]
     .venv/bin/python -m scripts.bench_diffusion --locon [--repeats 5]
+    .venv/bin/python -m scripts.bench_diffusion --stacks [--repeats 5]
+
+With --stacks, only this: on bench-random-sd3, a batch of 4 requests each with a LoRA stack of 2 distinct
+adapters (8 adapters in one batch) through `DiffusionGenerator.run`, next to the batch without LoRA, and diffusers
+doing the same by hand: 4 pipeline calls with `set_adapters([a, b], adapter_weights=[0.7, 0.3])` between them.
 """
 
 from __future__ import annotations
@@ -237,6 +242,74 @@ def run_locon(repeats: int, size: int = 256, steps: int = 4) -> list[dict]:
                  vs_linear=statistics.median(v) / linear) for k, v in timings.items()]
 
 
+def run_stacks(repeats: int, name: str = BENCH_SD3) -> list[dict]:
+    """A batch of 4 requests, each with a LoRA stack of 2 distinct adapters (8 adapters in the batch, scales 0.7
+    and 0.3), next to the batch without LoRA; diffusers needs one call per request with `set_adapters` between."""
+    setting = SETTINGS[name]
+    make_pipeline(name)
+    paths = bench_adapters(name, 8)
+    prompts = ["a red cat", "a blue dog", "a green tree", "a yellow house"]
+    pairs = [(2 * i, 2 * i + 1) for i in range(4)]
+    scales = (0.7, 0.3)
+    loaded = load_pipeline(str(fixtures_dir() / name))
+    lora = PipelineLoRA(loaded, max_loras=8, max_rank=RANK)
+    cache = LoRACache(lora.context, lambda ref: lora.load(ref.path), max_cpu_loras=16)
+    gen = DiffusionGenerator(loaded, ImageLimits(), lora, cache)
+    refs = [AdapterRef(i + 1, f"lora{i}", str(p)) for i, p in enumerate(paths)]
+
+    def ours(stacked: bool):
+        batch = [build_request(loaded, gen.limits, prompt=p, height=setting.size, width=setting.size,
+                               steps=setting.steps, seed=i,
+                               lora=tuple(LoRASelection(refs[a], c) for a, c in zip(pair, scales)) if stacked else ())
+                 for i, (p, pair) in enumerate(zip(prompts, pairs))]
+        assert len(gen.plan(batch)) == 1  # the 8 adapters fit the 8 slots: one denoising batch
+        return lambda: gen.run(batch)
+
+    pipe = load_pipeline(str(fixtures_dir() / name)).pipe
+    plain = load_pipeline(str(fixtures_dir() / name)).pipe
+    for i, path in enumerate(paths):
+        pipe.load_lora_weights(str(path), adapter_name=f"lora{i}")
+    common = dict(height=setting.size, width=setting.size, num_inference_steps=setting.steps)
+
+    def diffusers_base():
+        gens = [torch.Generator().manual_seed(i) for i in range(4)]
+        for img in plain(prompts, generator=gens, **common).images:
+            encode_png(img)
+
+    def diffusers_stacks():
+        for i, (p, pair) in enumerate(zip(prompts, pairs)):
+            pipe.set_adapters([f"lora{a}" for a in pair], adapter_weights=list(scales))
+            encode_png(pipe(p, generator=torch.Generator().manual_seed(i), **common).images[0])
+
+    console.print(f"{name}: {setting.size}x{setting.size}, {setting.steps} steps, 4 requests x a stack of 2 "
+                  f"adapters (r={RANK}), {repeats} repeats")
+    timings = interleaved({"ours, no LoRA": ours(False), "ours, 4 stacks of 2": ours(True),
+                           "diffusers, no LoRA": diffusers_base,
+                           "diffusers, 4 calls with set_adapters": diffusers_stacks}, repeats)
+    base = statistics.median(timings["ours, no LoRA"])
+    stacked = statistics.median(timings["ours, 4 stacks of 2"])
+    return [dict(pipeline=name, case=k, p50_s=statistics.median(v), p99_s=pct(v, 0.99),
+                 vs_ours_base=statistics.median(v) / base, vs_ours_stacks=statistics.median(v) / stacked)
+            for k, v in timings.items()]
+
+
+def report(rows: list[dict], title: str, columns: dict[str, str], out: Path) -> None:
+    """Print rows as a table (column title -> key; floats as seconds or ratios) and write them as CSV."""
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(*(f"{r[k]:.2f}x" if k.startswith("vs_") else f"{r[k]:.3f}" if isinstance(r[k], float)
+                        else str(r[k]) for k in columns.values()))
+    console.print(table)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    console.print(f"wrote {out}")
+
+
 def run_triton(name: str, repeats: int) -> list[dict]:
     """The same batches end to end: 4 clients send at once, Triton's dynamic batcher hands them to the diffusion
     model together (preferred batch 4), LoRA fields travel as request parameters. Latency = until all 4 answered."""
@@ -331,6 +404,8 @@ def main() -> None:
                    help="pipelines to also run end to end through tritonserver (default: the tiny one)")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "bench_out")
     p.add_argument("--locon", action="store_true", help="only the LoCon vs linear-only batch on bench-random-sdxl")
+    p.add_argument("--stacks", action="store_true",
+                   help="only 4 requests x a LoRA stack of 2 adapters on bench-random-sd3, vs no LoRA and diffusers")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import warnings
@@ -341,20 +416,15 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module="peft")
     console.print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch of 4, r={RANK}")
     if args.locon:
-        rows = run_locon(args.repeats)
-        table = Table(title="Mixed batch [X, none, Y, X@0.5], Y linear-only (p50/p99 over repeats)")
-        for col in ("pipeline", "batch", "p50 s", "p99 s", "vs linear-only"):
-            table.add_column(col, justify="right")
-        for r in rows:
-            table.add_row(r["pipeline"], r["batch"], f"{r['p50_s']:.3f}", f"{r['p99_s']:.3f}",
-                          f"{r['vs_linear']:.2f}x")
-        console.print(table)
-        args.out.mkdir(parents=True, exist_ok=True)
-        with open(args.out / "diffusion_locon.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        console.print(f"wrote {args.out / 'diffusion_locon.csv'}")
+        report(run_locon(args.repeats), "Mixed batch [X, none, Y, X@0.5], Y linear-only (p50/p99 over repeats)",
+               {"pipeline": "pipeline", "batch": "batch", "p50 s": "p50_s", "p99 s": "p99_s",
+                "vs linear-only": "vs_linear"}, args.out / "diffusion_locon.csv")
+        return
+    if args.stacks:
+        report(run_stacks(args.repeats), "Batch of 4 requests, each a LoRA stack of 2 adapters (p50/p99)",
+               {"pipeline": "pipeline", "case": "case", "p50 s": "p50_s", "p99 s": "p99_s",
+                "vs ours no LoRA": "vs_ours_base", "vs ours stacks": "vs_ours_stacks"},
+               args.out / "diffusion_stacks.csv")
         return
     rows, switch = [], []
     for name in args.pipelines:

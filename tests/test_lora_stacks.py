@@ -327,3 +327,21 @@ def test_verify_lora_stack_mode(triton_server, tmp_path):
     assert "LoRA verified" in run.stdout
     run = _verify(triton_server, "--stack", "tiny-sd3-a", "tiny-sd3-a", "--out", str(tmp_path / "d.png"))
     assert run.returncode == 2 and "appears twice in one request" in " ".join(run.stdout.split())  # rich wraps
+
+
+def test_diffusion_planner_counts_every_adapter_of_a_stack_against_the_slots():
+    from backends.diffusion.generate import ImageLimits, build_request
+    from backends.lora.cache import AdapterRef
+    from backends.lora.resolver import LoRASelection
+    from tests.test_diffusion_families import A, FAMILIES, SIZE, _served
+
+    family = FAMILIES["sdxl"]
+    loaded, _, _, generator = _served(family.pipeline, max_loras=2)
+    refs = {n: AdapterRef(i + 1, n, str(A / path)) for i, (n, path) in enumerate(family.ours.items())}
+
+    def req(*names):
+        return build_request(loaded, ImageLimits(), prompt="x", height=SIZE, width=SIZE, steps=1,
+                             lora=tuple(LoRASelection(refs[n], 1.0) for n in names))
+
+    assert generator.plan([req("a", "b"), req("a"), req("b"), req()]) == [[0, 1, 2, 3]]
+    assert generator.plan([req("a", "b"), req("locon"), req("b", "locon")]) == [[0], [1, 2]]
