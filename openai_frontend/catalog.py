@@ -4,15 +4,17 @@ model with lineage (static ones from each model's config, dynamic ones from the 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from backends.errors import BackendError
+from backends.lora.ids import stable_lora_int_id
 from backends.lora.registry import AdapterEntry, LoRARegistry
 from backends.lora.serving import LoRAServingConfig
 from backends.settings import default_diffusion_model_path, default_llm_model_path
 from openai_frontend.errors import OpenAIError, model_not_found
-from openai_frontend.schemas import LoRARequest
+from openai_frontend.schemas import LoRAField, LoRARequest
 from openai_frontend.triton import TritonGateway
 
 LLM, DIFFUSION = "llm", "diffusion"
@@ -27,19 +29,51 @@ class BaseModel:
 
 
 @dataclass(frozen=True)
+class Adapter:
+    """One adapter of a request: by name (path None: the backend resolves it, static ones stay pinned) or by name
+    and path (checked against the allowed roots)."""
+
+    name: str
+    path: str | None = None
+    scale: float | None = None
+    int_id: int | None = None
+
+
+@dataclass(frozen=True)
 class Target:
-    """A request's destination: a base model and, optionally, its adapter (sent to the backend as LoRA fields)."""
+    """A request's destination: a base model and its LoRA stack (none, one adapter, or several whose deltas add
+    up), sent to the backend as the LoRA fields."""
 
     base: BaseModel
-    lora_name: str | None = None
-    lora_path: str | None = None
-    lora_scale: float | None = None
-    lora_int_id: int | None = None
+    adapters: tuple[Adapter, ...] = ()
+
+    @property
+    def adapter_names(self) -> tuple[str, ...]:
+        return tuple(a.name for a in self.adapters)
+
+    @property
+    def lora_name(self) -> str | None:
+        """A label for the whole stack ("a+b"), None for the base model."""
+        return "+".join(self.adapter_names) or None
 
     def lora_parameters(self) -> dict:
-        fields = {"lora_name": self.lora_name, "lora_path": self.lora_path, "lora_scale": self.lora_scale,
-                  "lora_int_id": self.lora_int_id}
-        return {k: v for k, v in fields.items() if v is not None}
+        """One adapter: plain values, exactly as before stacks. A stack: each field a JSON array (the backends'
+        list form), sent when some adapter has it; a list has no gaps, so the others get what the backend would
+        use for them anyway (empty path = resolve by name, scale 1.0; ids are filled in by `Catalog`)."""
+        if len(self.adapters) == 1:
+            (a,) = self.adapters
+            fields = {"lora_name": a.name, "lora_path": a.path, "lora_scale": a.scale, "lora_int_id": a.int_id}
+            return {k: v for k, v in fields.items() if v is not None}
+        if not self.adapters:
+            return {}
+        params = {"lora_name": json.dumps(self.adapter_names)}
+        if any(a.path for a in self.adapters):
+            params["lora_path"] = json.dumps([a.path or "" for a in self.adapters])
+        if any(a.scale is not None for a in self.adapters):
+            params["lora_scale"] = json.dumps([1.0 if a.scale is None else a.scale for a in self.adapters])
+        if any(a.int_id is not None for a in self.adapters):
+            params["lora_int_id"] = json.dumps([a.int_id for a in self.adapters])
+        return params
 
 
 def _kind(config: dict) -> str | None:
@@ -114,37 +148,58 @@ class Catalog:
     def default_base(bases: dict[str, BaseModel], kind: str) -> str | None:
         return next((b.name for b in bases.values() if b.kind == kind), None)
 
-    async def resolve(self, model: str, lora: LoRARequest | None = None, scale: float | None = None) -> Target:
-        """`model` = base name (optionally + `lora` object) or adapter name (vLLM/lmdeploy style); 503 while its
-        base model is restarting."""
-        target = await self._resolve(model, lora, scale)
+    async def resolve(self, model: str, lora: LoRAField | None = None, scale: float | None = None) -> Target:
+        """`model` = base name or adapter name (vLLM/lmdeploy style); `lora` (an object or a list of them) adds
+        adapters to it, after the one `model` names. 503 while the base model is restarting."""
+        requested = [lora] if isinstance(lora, LoRARequest) else list(lora or [])
+        target = await self._resolve(model, requested, scale, "lora" if isinstance(lora, LoRARequest) else None)
         if self.supervisor is not None and (error := self.supervisor.unavailable(target.base.name)):
             raise error
         return target
 
-    async def _resolve(self, model: str, lora: LoRARequest | None, scale: float | None) -> Target:
+    async def _resolve(self, model: str, lora: list[LoRARequest], scale: float | None, single: str | None) -> Target:
         bases = await self.bases()
         if model in bases:
-            if lora is None:
-                if scale is not None:
-                    raise OpenAIError(400, "lora_scale was given without an adapter", "lora_scale")
-                return Target(bases[model])
-            try:
-                path = str(self.registry.paths.check(lora.path))  # absolute, under an allowed root
-            except BackendError as exc:
-                raise OpenAIError(400, str(exc), "lora.path") from None
-            return Target(bases[model], lora.name, path, lora.scale if lora.scale is not None else scale,
-                          lora.int_id)
+            if not lora and scale is not None:
+                raise OpenAIError(400, "lora_scale was given without an adapter", "lora_scale")
+            # With a base model, lora_scale is the default scale of the `lora` adapters (as before stacks).
+            return self._target(bases[model], None, self._checked(lora, scale, single))
         adapters = await self.adapters()
         if self.separator and self.separator in model and model not in adapters:
             base, _, adapter = model.partition(self.separator)
             if base in bases and adapters.get(adapter, (None, None))[1] == base:
-                return await self._resolve(adapter, lora, scale)
+                return await self._resolve(adapter, lora, scale, single)
             raise model_not_found(model)
         if model in adapters:
-            if lora is not None:
-                raise OpenAIError(400, f"model '{model}' is already an adapter; send a lora object only with a "
-                                       f"base model", "lora")
             entry, base = adapters[model]
-            return Target(bases[base], lora_name=entry.name, lora_scale=scale)
+            return self._target(bases[base], entry, [Adapter(entry.name, scale=scale),
+                                                     *self._checked(lora, None, single)])
         raise model_not_found(model)
+
+    def _checked(self, lora: list[LoRARequest], scale: float | None, single: str | None) -> list[Adapter]:
+        out = []
+        for i, request in enumerate(lora):
+            try:
+                path = str(self.registry.paths.check(request.path))  # absolute, under an allowed root
+            except BackendError as exc:
+                raise OpenAIError(400, str(exc), f"{single or f'lora.{i}'}.path") from None
+            out.append(Adapter(request.name, path, request.scale if request.scale is not None else scale,
+                               request.int_id))
+        return out
+
+    def _target(self, base: BaseModel, entry: AdapterEntry | None, stack: list[Adapter]) -> Target:
+        """Where only some adapters of a stack give an int_id, the others get the id the backend would take for
+        them (the registry's, else derived from the path): the id list cannot leave one out."""
+        if len(stack) > 1 and any(a.int_id is not None for a in stack):
+            def backend_id(a: Adapter) -> int:
+                if a.path is not None:
+                    return stable_lora_int_id(a.path)
+                assert entry is not None  # only the `model`-named adapter has no path
+                if entry.int_id is not None:
+                    return entry.int_id
+                try:  # the backend derives it from the resolved path, as the registry checks it
+                    return stable_lora_int_id(str(self.registry.paths.check(entry.path)))
+                except BackendError:  # a static path outside the frontend's roots: another id only costs the
+                    return stable_lora_int_id(entry.path)  # backend a second cache entry for that adapter
+            stack = [a if a.int_id is not None else replace(a, int_id=backend_id(a)) for a in stack]
+        return Target(base, tuple(stack))

@@ -104,7 +104,9 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(_request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
-        loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
+        loc = [str(p) for p in first.get("loc", ())]
+        if loc and loc[0] in ("body", "query", "path", "header", "cookie"):  # only the source: a field may be
+            loc = loc[1:]                                                     # named "path" (lora.path)
         message = first.get("msg", "invalid request")
         if loc:
             message = f"{'.'.join(loc)}: {message}"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from typing import Sequence
 
 import httpx
 from prometheus_client import CollectorRegistry, Counter as PromCounter, Gauge, Histogram, generate_latest
@@ -18,26 +19,27 @@ _BACKEND_GAUGES = {"multilora_llm_num_requests_waiting": "waiting", "multilora_l
 
 
 class AdapterActivity:
-    """In-flight requests per adapter: waiting until their first token/image, then running."""
+    """In-flight requests per adapter: waiting until their first token/image, then running. A request with a LoRA
+    stack counts for each of its adapters (each holds a slot while it runs)."""
 
     def __init__(self) -> None:
         self.waiting: Counter[str] = Counter()
         self.running: Counter[str] = Counter()
 
-    def start(self, adapter: str | None) -> None:
-        if adapter:
+    def start(self, adapters: Sequence[str]) -> None:
+        for adapter in adapters:
             self.waiting[adapter] += 1
 
-    def first_output(self, adapter: str | None) -> None:
-        if adapter and self.waiting[adapter] > 0:
-            self.waiting[adapter] -= 1
-            self.running[adapter] += 1
+    def first_output(self, adapters: Sequence[str]) -> None:
+        for adapter in adapters:
+            if self.waiting[adapter] > 0:
+                self.waiting[adapter] -= 1
+                self.running[adapter] += 1
 
-    def finish(self, adapter: str | None, started: bool) -> None:
-        if not adapter:
-            return
+    def finish(self, adapters: Sequence[str], started: bool) -> None:
         tally = self.running if started else self.waiting
-        tally[adapter] = max(0, tally[adapter] - 1)
+        for adapter in adapters:
+            tally[adapter] = max(0, tally[adapter] - 1)
 
     def names(self, tally: Counter[str]) -> str:
         return ",".join(sorted(n for n, c in tally.items() if c > 0))

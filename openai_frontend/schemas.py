@@ -6,9 +6,9 @@ Unknown fields are ignored, as OpenAI-compatible servers do; fields we cannot ho
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal, Union
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, StrictInt
+from pydantic import AliasChoices, BaseModel, ConfigDict, Discriminator, Field, StrictInt, Tag
 
 
 class _Body(BaseModel):
@@ -22,6 +22,20 @@ class LoRARequest(_Body):
     path: str = Field(validation_alias=AliasChoices("path", "local_path", "lora_path"))
     scale: float | None = Field(None, validation_alias=AliasChoices("scale", "lora_scale"))
     int_id: int | None = Field(None, validation_alias=AliasChoices("int_id", "lora_int_id"))
+
+
+# A sanity bound on a LoRA stack's length, checked before Triton is asked; the real limit is each model's
+# `max_loras_per_request` (the backend refuses more with a 400 naming it).
+MAX_LORA_STACK = 16
+
+# `lora`: one adapter (an object) or a stack (a list; each adapter's delta is added, `[]` = none). Tagged by the
+# JSON type so that a bad entry's error names the form that was sent (`lora.list.1.path`), not both forms.
+LoRAField = Annotated[Union[Annotated[LoRARequest, Tag("object")],
+                            Annotated[list[LoRARequest], Tag("list"), Field(max_length=MAX_LORA_STACK)]],
+                      Discriminator(lambda v: "list" if isinstance(v, list) else "object"),
+                      Field(description="One adapter, or a LoRA stack: a list of them whose deltas add up (after "
+                                        "the adapter `model` names, if any; `[]` = none). The model's "
+                                        "`max_loras_per_request` (default 4) bounds a stack.")]
 
 
 class StreamOptions(_Body):
@@ -39,8 +53,8 @@ class _Sampling(_Body):
     n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    lora: LoRARequest | None = None
-    lora_scale: float | None = None  # scale for `model` = adapter name
+    lora: LoRAField | None = None
+    lora_scale: float | None = None  # scale for `model` = adapter name (for a base model: lora's default scale)
 
 
 class TextPart(_Body):
@@ -84,7 +98,7 @@ class ImageGenerationRequest(_Body):
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
     negative_prompt: str | None = None
-    lora: LoRARequest | None = None
+    lora: LoRAField | None = None
     lora_scale: float | None = None
 
 

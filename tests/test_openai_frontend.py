@@ -26,6 +26,8 @@ from tests.frontend_process import ADMIN_KEY, API_KEY, FrontendProcess
 DEMO = adapters_dir() / "demo"
 CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
 GREEDY = dict(max_tokens=16, temperature=0)
+_LORA_UPPER = {"name": "uppercase", "path": str(DEMO / "uppercase")}
+_LORA_SIG = {"name": "signature", "path": str(DEMO / "signature")}
 
 
 @pytest.fixture
@@ -188,22 +190,44 @@ BAD = {
                                                              "lora": {"name": "x", "path": "/etc"}}, 400,
                                     "outside the allowed adapter roots"),
     "lora object without path": ("/v1/chat/completions", {"model": "llm", "messages": CAPITAL,
-                                                          "lora": {"name": "x"}}, 400, "Field required"),
+                                                          "lora": {"name": "x"}}, 400,
+                                 "lora.object.path: Field required"),
     "adapter unknown to the backend": ("/v1/chat/completions", {"model": "llm", "messages": CAPITAL,
                                                                 "lora": {"name": "x", "path": "{missing}"}}, 404,
                                        "not found"),
+    # LoRA stacks (`lora` as a list): the backend's refusals come through with its words.
+    "lora stack above max_loras_per_request": ("/v1/chat/completions", {"model": "llm", "messages": CAPITAL, "lora": [
+        _LORA_UPPER, _LORA_SIG, *({"name": f"u{i}", "path": str(DEMO / "uppercase")} for i in range(3))]}, 400,
+        "5 LoRA adapters in one request, max_loras_per_request is 4"),
+    "lora stack above the frontend's bound": ("/v1/completions", {"model": "llm", "prompt": "x",
+                                                                  "lora": [_LORA_UPPER] * 17}, 400,
+                                              "lora.list: List should have at most 16 items"),
+    "same adapter twice in a stack": ("/v1/chat/completions", {"model": "uppercase", "messages": CAPITAL,
+                                                               "lora": [_LORA_UPPER]}, 400, "appears twice"),
+    "unknown adapter in a stack": ("/v1/chat/completions", {"model": "llm", "messages": CAPITAL, "lora": [
+        _LORA_UPPER, {"name": "ghost", "path": str(DEMO / "ghost")}]}, 404,
+        "/demo/ghost: no such folder"),
+    "image adapter in a text stack": ("/v1/chat/completions", {"model": "llm", "messages": CAPITAL, "lora": [
+        _LORA_SIG, {"name": "a", "path": str(diffusion_adapters_dir() / "tiny-sd3-a")}]}, 400,
+        "/tiny-sd3-a: target_modules"),
+    "lora stack entry without path": ("/v1/images/generations", {"model": "diffusion", "prompt": "x",
+                                                                 "lora": [{"name": "x"}]}, 400,
+                                      "lora.list.0.path: Field required"),
+    "lora stack entry outside the roots": ("/v1/chat/completions", {"model": "llm", "messages": CAPITAL, "lora": [
+        _LORA_SIG, {"name": "x", "path": "/etc"}]}, 400, "outside the allowed adapter roots"),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
 def test_bad_request_has_openai_error_shape_and_status(case, frontend, lora_root):
     path, body, status, message = BAD[case]
-    if "lora" in body and body["lora"].get("path") == "{missing}":
+    if isinstance(body.get("lora"), dict) and body["lora"].get("path") == "{missing}":
         body = {**body, "lora": {**body["lora"], "path": str(lora_root / "missing_adapter")}}
     response = _http(frontend, "POST", path, json=body)
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and message in error["message"], error
+    assert error["type"] == ("not_found_error" if status == 404 else "invalid_request_error")
     assert _http(frontend, "POST", "/v1/completions", json={"model": "llm", "prompt": "Hi",
                                                            "max_tokens": 1}).status_code == 200
 

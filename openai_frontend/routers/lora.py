@@ -16,7 +16,7 @@ from backends.errors import InvalidArgument, NotFound
 from backends.lora.adapter import CONFIG_FILE
 from backends.lora.registry import AdapterEntry
 from openai_frontend.auth import require_admin_key
-from openai_frontend.catalog import DIFFUSION, LLM, Target
+from openai_frontend.catalog import DIFFUSION, LLM, Adapter, Target
 from openai_frontend.errors import OpenAIError, error_responses
 from openai_frontend.schemas import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
 
@@ -67,7 +67,7 @@ async def load_lora_adapter(body: LoadLoRAAdapterRequest, request: Request):
         if base is None:
             raise OpenAIError(400, f"no ready {kind} model to load this adapter on; give base_model_name",
                               "base_model_name")
-    await _warm(request, Target(bases[base], lora_name=body.lora_name, lora_path=str(path)))
+    await _warm(request, Target(bases[base], (Adapter(body.lora_name, str(path)),)))
     try:
         registry.add(AdapterEntry(body.lora_name, str(path), base_model=base, pinned=body.pinned),
                      replace_existing=body.load_inplace)
