@@ -105,6 +105,14 @@ def get_lora_stack(request) -> list[LoRAFields]:
                       values("lora_scale", get_floats, float), values("lora_int_id", get_ints, int))
 
 
+def get_lora_fields(request) -> LoRAFields:
+    """One adapter or none, for models that serve no LoRA stacks (the PEFT baselines of the benchmarks)."""
+    stack = get_lora_stack(request)
+    if len(stack) > 1:
+        raise InvalidArgument(f"{len(stack)} LoRA adapters in one request: this model serves one at a time")
+    return stack[0] if stack else LoRAFields()
+
+
 def string_tensor(name: str, value: str) -> "pb_utils.Tensor":
     return pb_utils.Tensor(name, np.array([value.encode("utf-8")], dtype=np.object_))
 
