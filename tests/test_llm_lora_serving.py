@@ -122,17 +122,20 @@ def test_mixed_adapter_batch_gives_each_stream_its_solo_tokens(grpc_client, trit
     jobs = [(prompt, lora) for prompt in PROMPTS for lora in loras]
     alone = [_ok(grpc_client, prompt, **lora).text for prompt, lora in jobs]
     assert len(set(alone)) > 8, "the adapters should change the answers"
+    assert concurrently(triton_server, jobs) == alone
 
+
+def concurrently(triton_server, jobs: list[tuple[str, dict]], model: str = "llm") -> list[str]:
+    """The (prompt, LoRA fields) jobs as concurrent streams, one client each: they share engine steps."""
     def one(job) -> str:
         client = grpcclient.InferenceServerClient(triton_server.grpc_url)
         try:
-            return _ok(client, job[0], stream=True, **job[1]).text
+            return _ok(client, job[0], model=model, stream=True, **job[1]).text
         finally:
             client.close()
 
     with ThreadPoolExecutor(len(jobs)) as pool:
-        together = list(pool.map(one, jobs))
-    assert together == alone
+        return list(pool.map(one, jobs))
 
 
 def test_dynamic_registry_adapter_is_served_then_unloaded(grpc_client, triton_server, lora_root, adapters):
@@ -214,17 +217,7 @@ def test_more_distinct_adapters_than_slots_queue_and_none_fail(grpc_client, trit
     jobs = [(prompt, lora) for lora in loras for prompt in PROMPTS[:2]]
     alone = [_ok(grpc_client, p, model=tight_model, **lora).text for p, lora in jobs]
     evictions = _metric(triton_server.metrics_url, "multilora_lora_device_evictions_total", tight_model)
-
-    def one(job) -> str:
-        client = grpcclient.InferenceServerClient(triton_server.grpc_url)
-        try:
-            return _ok(client, job[0], model=tight_model, stream=True, **job[1]).text
-        finally:
-            client.close()
-
-    with ThreadPoolExecutor(len(jobs)) as pool:
-        together = list(pool.map(one, jobs))
-    assert together == alone
+    assert concurrently(triton_server, jobs, tight_model) == alone
     # 4 adapters through 2 slots: slots were recycled, and every slot is free again.
     assert _metric(triton_server.metrics_url, "multilora_lora_device_evictions_total", tight_model) > evictions
     assert _metric(triton_server.metrics_url, "multilora_lora_slots_in_use", tight_model) == 0

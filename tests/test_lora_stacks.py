@@ -201,9 +201,8 @@ def stack_adapters(lora_root):
 
 def test_stacks_and_single_adapters_in_one_batch_keep_their_solo_tokens(grpc_client, triton_server, stack_adapters):
     import json
-    from concurrent.futures import ThreadPoolExecutor
 
-    import tritonclient.grpc as grpcclient
+    from tests.test_llm_lora_serving import concurrently
 
     CAPITAL, _, PROMPTS, _ok, _ = _serving()
     both = dict(lora_name=["uppercase", "signature"], lora_scale=[1.0, 1.0])
@@ -214,15 +213,7 @@ def test_stacks_and_single_adapters_in_one_batch_keep_their_solo_tokens(grpc_cli
     alone = [_ok(grpc_client, prompt, **lora).text for prompt, lora in jobs]
     assert alone[0] not in (alone[-1], _ok(grpc_client, CAPITAL, lora_name="uppercase").text)
 
-    def one(job) -> str:
-        client = grpcclient.InferenceServerClient(triton_server.grpc_url)
-        try:
-            return _ok(client, job[0], stream=True, **job[1]).text
-        finally:
-            client.close()
-
-    with ThreadPoolExecutor(len(jobs)) as pool:
-        assert list(pool.map(one, jobs)) == alone
+    assert concurrently(triton_server, jobs) == alone
     as_parameters = _ok(grpc_client, CAPITAL, parameters={"lora_name": json.dumps(["uppercase", "signature"]),
                                                           "lora_scale": "[1.0, 1.0]"})
     assert as_parameters.text == alone[0]
