@@ -17,9 +17,9 @@ ResNet, shortcut and resampler convolutions), Y a second linear-only adapter; ne
 
     .venv/bin/python -m scripts.bench_diffusion [--repeats 5] [--pipelines tiny-random-sd3 bench-random-sd3]
     .venv/bin/python -m scripts.bench_diffusion --locon [--repeats 5]
-    .venv/bin/python -m scripts.bench_diffusion --stacks [--repeats 5]
+    .venv/bin/python -m scripts.bench_diffusion --stacks [--repeats 5] [--pipelines bench-random-sd3]
 
-With --stacks, only this: on bench-random-sd3, a batch of 4 requests each with a LoRA stack of 2 distinct
+With --stacks, only this: on each of --pipelines, a batch of 4 requests each with a LoRA stack of 2 distinct
 adapters (8 adapters in one batch) through `DiffusionGenerator.run`, next to the batch without LoRA, and diffusers
 doing the same by hand: 4 pipeline calls with `set_adapters([a, b], adapter_weights=[0.7, 0.3])` between them.
 """
@@ -242,7 +242,7 @@ def run_locon(repeats: int, size: int = 256, steps: int = 4) -> list[dict]:
                  vs_linear=statistics.median(v) / linear) for k, v in timings.items()]
 
 
-def run_stacks(repeats: int, name: str = BENCH_SD3) -> list[dict]:
+def run_stacks(repeats: int, name: str) -> list[dict]:
     """A batch of 4 requests, each with a LoRA stack of 2 distinct adapters (8 adapters in the batch, scales 0.7
     and 0.3), next to the batch without LoRA; diffusers needs one call per request with `set_adapters` between."""
     setting = SETTINGS[name]
@@ -405,7 +405,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=REPO_ROOT / "bench_out")
     p.add_argument("--locon", action="store_true", help="only the LoCon vs linear-only batch on bench-random-sdxl")
     p.add_argument("--stacks", action="store_true",
-                   help="only 4 requests x a LoRA stack of 2 adapters on bench-random-sd3, vs no LoRA and diffusers")
+                   help="only 4 requests x a LoRA stack of 2 adapters (on --pipelines), vs no LoRA and diffusers")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import warnings
@@ -421,7 +421,8 @@ def main() -> None:
                 "vs linear-only": "vs_linear"}, args.out / "diffusion_locon.csv")
         return
     if args.stacks:
-        report(run_stacks(args.repeats), "Batch of 4 requests, each a LoRA stack of 2 adapters (p50/p99)",
+        report([r for name in args.pipelines for r in run_stacks(args.repeats, name)],
+               "Batch of 4 requests, each a LoRA stack of 2 adapters (p50/p99)",
                {"pipeline": "pipeline", "case": "case", "p50 s": "p50_s", "p99 s": "p99_s",
                 "vs ours no LoRA": "vs_ours_base", "vs ours stacks": "vs_ours_stacks"},
                args.out / "diffusion_stacks.csv")
