@@ -2,19 +2,17 @@
 
 Same prompts (chat-templated), greedy, max_tokens 32, on this machine, in one run:
   - baseline: transformers `model.generate` in-process, one request after another
-  - triton:   perf_analyzer --async --streaming over gRPC at each concurrency
+  - triton:   perf_analyzer --async --streaming over gRPC at each concurrency (continuous batching), a fixed
+              request count after a warm-up round; tokens from the responses' `num_output_tokens`
 
-    .venv/bin/python -m scripts.bench_llm_platform [--concurrency 1 4] [--max-tokens 32] [--out bench_out]
+    .venv/bin/python -m scripts.bench_llm_platform [--concurrency 1 4 16] [--max-tokens 32] [--out bench_out]
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import json
-import re
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from backends.settings import REPO_ROOT, default_llm_model_path
+from scripts.bench_serving import perf_analyzer, summarise
 from scripts.make_perf_inputs import QUESTIONS, build
 from scripts.triton_launcher import TritonServer, free_port
 
@@ -48,7 +47,8 @@ def hf_generate_baseline(max_tokens: int, rounds: int) -> dict:
             if i == 0:
                 continue  # warm-up
             latencies.append(time.perf_counter() - started)
-            tokens += out.shape[1] - ids.input_ids.shape[1]
+            # EOS excluded: Triton's num_output_tokens does not count it either.
+            tokens += int((out[0, ids.input_ids.shape[1]:] != model.generation_config.eos_token_id).sum())
     total = sum(latencies)
     return {
         "path": "HF generate, in-process", "concurrency": 1, "req_per_s": len(latencies) / total,
@@ -57,39 +57,13 @@ def hf_generate_baseline(max_tokens: int, rounds: int) -> dict:
     }
 
 
-def run_perf_analyzer(server: TritonServer, inputs: Path, concurrency: int, interval_ms: int) -> dict:
-    cmd = [
-        str(REPO_ROOT / "scripts" / "perf_analyzer"), "-m", "llm", "-u", server.grpc_url, "-i", "grpc",
-        "--async", "--streaming", "--input-data", str(inputs), f"--concurrency-range={concurrency}",
-        f"--measurement-interval={interval_ms}", "--stability-percentage=50",
-    ]
-    console.print(f"[dim]$ {' '.join(cmd)}[/dim]")
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if out.returncode != 0:
-        raise RuntimeError(f"perf_analyzer failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
-    text = out.stdout
-
-    def num(label: str) -> float:
-        match = re.search(rf"^\s*{label}: ([\d.]+)", text, re.M)
-        if not match:
-            raise RuntimeError(f"'{label}' not in perf_analyzer output:\n{text}")
-        return float(match.group(1))
-
-    return {
-        "path": "Triton llm, perf_analyzer gRPC stream", "concurrency": concurrency,
-        "req_per_s": num("Throughput"),
-        # One streamed response per token plus the final one: responses/s is tokens/s within a few percent.
-        "tok_per_s": num("Response Throughput"),
-        "p50_ms": num("p50 latency") / 1e3, "p99_ms": num("p99 latency") / 1e3,
-    }
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--rounds", type=int, default=2, help="baseline passes over the 8 prompts")
-    p.add_argument("--interval-ms", type=int, default=10000, help="perf_analyzer measurement window")
+    p.add_argument("--requests-per-stream", type=int, default=4, help="perf_analyzer requests = this x concurrency")
+    p.add_argument("--min-requests", type=int, default=16)
     p.add_argument("--out", type=Path, default=REPO_ROOT / "bench_out")
     args = p.parse_args()
 
@@ -97,16 +71,22 @@ def main() -> None:
     with console.status("baseline: HF generate"):
         rows.append(hf_generate_baseline(args.max_tokens, args.rounds))
     with tempfile.TemporaryDirectory() as tmp:
-        inputs = Path(tmp) / "inputs.json"
-        inputs.write_text(json.dumps(build(args.max_tokens, 0.0, stream=True)))
-        server = TritonServer(http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-                              log_file=Path(tmp) / "tritonserver.log")
+        workdir = Path(tmp)
+        data = build(args.max_tokens, 0.0, stream=True)
+        server = TritonServer(models=["llm"], http_port=free_port(), grpc_port=free_port(),
+                              metrics_port=free_port(), log_file=workdir / "tritonserver.log")
         with console.status("starting tritonserver"):
             server.start()
         try:
+            with console.status("warm-up"):
+                perf_analyzer(server, "llm", data, max(args.concurrency), max(args.concurrency), workdir)
             for c in args.concurrency:
-                with console.status(f"perf_analyzer concurrency {c}"):
-                    rows.append(run_perf_analyzer(server, inputs, c, args.interval_ms))
+                count = max(args.min_requests, args.requests_per_stream * c)
+                with console.status(f"perf_analyzer concurrency {c}, {count} requests"):
+                    r = summarise("Triton llm, perf_analyzer gRPC stream", 0, c,
+                                  perf_analyzer(server, "llm", data, c, count, workdir))
+                rows.append({"path": r.system, "concurrency": c, "req_per_s": r.req_per_s,
+                             "tok_per_s": r.tok_per_s, "p50_ms": r.lat_p50_ms, "p99_ms": r.lat_p99_ms})
         finally:
             server.stop()
 

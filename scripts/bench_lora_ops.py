@@ -1,8 +1,13 @@
 """Mixed-adapter LoRA cost on SmolLM2: base model vs ours vs PEFT `adapter_names`, same inputs, one process.
 
-For k distinct r=16 adapters (all 7 projections) spread round-robin over a batch of 16 sequences, times a decode
-step (1 new token per row over a 32-token KV cache) and a prefill (128 tokens per row). Prints ratios, writes
-CSV + PNG.
+For k distinct r=16 adapters (all 7 projections) assigned round-robin to the rows of a batch of 16 sequences,
+times a decode step (1 new token per row over a 32-token KV cache) and a prefill (128 tokens per row). "ours"
+includes the per-step batch setup our engine runs before every forward (`LoRAContext.use`: `LoRABatch.build`
+turns the rows' slots and scales into the dense mask or gather indices), as PEFT's time includes its per-forward
+grouping by adapter name. The k adapters sit in adjacent slots 0..k-1; "ours spread" uses k slots spread over
+all `max(ks)` slots instead (first and last included; every slot holds an adapter of the same rank and targets),
+which the dense decode path pays for: its shrink reads every slot between the lowest and the highest used one. Row order does not matter to either path
+(a per-row mask, a per-sequence gather). Prints ratios, writes CSV + PNG.
 
     .venv/bin/python -m scripts.bench_lora_ops [--ks 1 2 4 8 16] [--batch 16] [--prefill-len 128]
 """
@@ -15,6 +20,7 @@ import os
 import statistics
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from rich.console import Console
@@ -22,11 +28,11 @@ from rich.table import Table
 from tqdm import tqdm
 
 from backends.lora.adapter import load_adapter
-from backends.lora.patch import patch_model
+from backends.lora.patch import LoRAContext, patch_model
 from backends.settings import REPO_ROOT, cache_dir
 from scripts.make_adapters import ALL_PROJECTIONS, load_smollm2, make_random_adapter
 
-console = Console(width=140)
+console = Console(width=200)
 RANK = 16
 
 
@@ -64,7 +70,7 @@ class Workload:
         self.past_ids = self.prefill_ids[:, :past_len]
         self.step_ids = torch.randint(0, vocab, (batch, 1), generator=gen)
 
-    def decode_fn(self, model, **kw):
+    def decode_fn(self, model: Callable, **kw):
         with torch.inference_mode():
             cache = model(input_ids=self.past_ids, use_cache=True, **kw).cache
 
@@ -74,11 +80,38 @@ class Workload:
             cache.crop(-1)  # drop the token just added: every step sees the same past
         return step
 
-    def prefill_fn(self, model, **kw):
+    def prefill_fn(self, model: Callable, **kw):
         def run():
             with torch.inference_mode():
                 model(input_ids=self.prefill_ids, use_cache=False, logits_to_keep=1, **kw)
         return run
+
+
+def with_batch_setup(model: torch.nn.Module, ctx: LoRAContext, slots: list[int]) -> Callable:
+    """Our model as the engine calls it each step: the rows' LoRA metadata built, the forward, the context
+    cleared (`ModelRunner._forward`)."""
+    scales = [1.0] * len(slots)
+
+    def forward(**kw):
+        with ctx.use(slots, scales):
+            return model(**kw)
+    return forward
+
+
+def spread_slots(k: int, num_slots: int) -> list[int]:
+    """k slots evenly over 0..num_slots-1, the first and the last included."""
+    return [round(i * (num_slots - 1) / (k - 1)) for i in range(k)] if k > 1 else [0]
+
+
+def setup_ms(ctx: LoRAContext, slots: list[int], repeats: int = 200) -> float:
+    """Median time of the per-step batch setup alone (build + clear)."""
+    samples = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        with ctx.use(slots, [1.0] * len(slots)):
+            pass
+        samples.append(time.perf_counter() - started)
+    return statistics.median(samples) * 1e3
 
 
 def _evict_from_page_cache(folder: Path) -> None:
@@ -154,43 +187,50 @@ def main() -> None:
 
     rows = []
     console.print(f"torch threads: {torch.get_num_threads()}")
+    num_slots = max(args.ks)
     for k in tqdm(args.ks, desc="k"):
         slots = [i % k for i in range(args.batch)]
         names = [f"lora{s}" for s in slots]
-        ctx.set_batch(slots, [1.0] * args.batch)  # per sequence: serves the prefill and the decode shapes
-        decode = {"base": work.decode_fn(base), "ours": work.decode_fn(ours)}
+        models = {"base": base, "ours": with_batch_setup(ours, ctx, slots)}
+        if 1 < k < num_slots:  # k other adapters (every slot holds one, all of the same shape), spread slots
+            spread = spread_slots(k, num_slots)
+            models["ours_spread"] = with_batch_setup(ours, ctx, [spread[s] for s in slots])
+        decode = {name: work.decode_fn(model) for name, model in models.items()}
+        prefill = {name: work.prefill_fn(model) for name, model in models.items()}
         if peft is not None:
             decode["peft"] = work.decode_fn(peft, adapter_names=names)
-        times = compare(decode, args.decode_repeats)
-        prefill = {"base": work.prefill_fn(base), "ours": work.prefill_fn(ours)}
-        if peft is not None:
             prefill["peft"] = work.prefill_fn(peft, adapter_names=names)
+        times = compare(decode, args.decode_repeats)
         times_pre = compare(prefill, args.prefill_repeats)
-        ctx.clear()
-        row = {"k": k}
+        row = {"k": k, "ours_setup_ms": setup_ms(ctx, slots)}
         for system in decode:
             row[f"{system}_decode_ms"] = times[system]
             row[f"{system}_prefill_ms"] = times_pre[system]
         rows.append(row)
 
     table = Table(title=f"SmolLM2-135M fp32, batch {args.batch}, r={RANK} on all 7 projections, "
-                        f"{torch.get_num_threads()} threads; ms are medians")
-    cols = ["k", "base dec ms", "ours dec ms", "ours/base dec", "PEFT/base dec", "PEFT/ours dec",
-            "base pre ms", "ours pre ms", "ours/base pre", "PEFT/base pre", "PEFT/ours pre"]
+                        f"{torch.get_num_threads()} threads; ms are medians; ours includes the setup; spread = "
+                        f"the k adapters in slots spread over 0..{num_slots - 1}")
+    cols = ["k", "setup ms", "base dec ms", "ours dec ms", "ours/base dec", "spread/base dec", "PEFT/base dec",
+            "PEFT/ours dec", "base pre ms", "ours pre ms", "ours/base pre", "spread/base pre", "PEFT/base pre",
+            "PEFT/ours pre"]
     for c in cols:
         table.add_column(c, justify="right")
     for r in rows:
-        r["ours_over_base_decode"] = r["ours_decode_ms"] / r["base_decode_ms"]
-        r["ours_over_base_prefill"] = r["ours_prefill_ms"] / r["base_prefill_ms"]
+        for phase in ("decode", "prefill"):
+            for system in ("ours", "ours_spread"):
+                if f"{system}_{phase}_ms" in r:
+                    r[f"{system}_over_base_{phase}"] = r[f"{system}_{phase}_ms"] / r[f"base_{phase}_ms"]
         if peft is not None:
             r["peft_over_base_decode"] = r["peft_decode_ms"] / r["base_decode_ms"]
             r["peft_over_ours_decode"] = r["peft_decode_ms"] / r["ours_decode_ms"]
             r["peft_over_base_prefill"] = r["peft_prefill_ms"] / r["base_prefill_ms"]
             r["peft_over_ours_prefill"] = r["peft_prefill_ms"] / r["ours_prefill_ms"]
         g = lambda key, fmt="{:.2f}x": fmt.format(r[key]) if key in r else "-"  # noqa: E731
-        table.add_row(str(r["k"]), g("base_decode_ms", "{:.1f}"), g("ours_decode_ms", "{:.1f}"),
-                      g("ours_over_base_decode"), g("peft_over_base_decode"), g("peft_over_ours_decode"),
-                      g("base_prefill_ms", "{:.0f}"), g("ours_prefill_ms", "{:.0f}"), g("ours_over_base_prefill"),
+        table.add_row(str(r["k"]), g("ours_setup_ms", "{:.3f}"), g("base_decode_ms", "{:.1f}"),
+                      g("ours_decode_ms", "{:.1f}"), g("ours_over_base_decode"), g("ours_spread_over_base_decode"),
+                      g("peft_over_base_decode"), g("peft_over_ours_decode"), g("base_prefill_ms", "{:.0f}"),
+                      g("ours_prefill_ms", "{:.0f}"), g("ours_over_base_prefill"), g("ours_spread_over_base_prefill"),
                       g("peft_over_base_prefill"), g("peft_over_ours_prefill"))
     console.print(table)
 
@@ -198,7 +238,7 @@ def main() -> None:
     with open(args.out / "lora_load.csv", "w", newline="") as f:
         csv.writer(f).writerows([["metric", "ms"], *[[k, f"{v:.3f}"] for k, v in costs.items()]])
     with open(args.out / "lora_ops.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[-1]))
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(key for r in rows for key in r)))
         writer.writeheader()
         writer.writerows(rows)
     plot(rows, args.out / "lora_ops.png", peft is not None)

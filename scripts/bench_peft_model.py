@@ -1,4 +1,5 @@
-"""Benchmark baseline: the per-request PEFT server a user would write by hand, as a decoupled Triton Python model.
+"""Benchmark baseline: the serial per-request PEFT server a user would write by hand, as a decoupled Triton Python
+model (`scripts/bench_peft_batched_model.py` is the batched one).
 
 One request at a time (Triton calls `execute` serially for an instance): load the request's adapter into the
 `PeftModel` the first time its name is seen, `set_adapter`, `generate` with a streamer that sends one response per
@@ -19,8 +20,8 @@ from backends.settings import default_llm_model_path
 
 
 class _SendTokens(BaseStreamer):
-    def __init__(self, sender, tokenizer):
-        self.sender, self.tokenizer = sender, tokenizer
+    def __init__(self, sender, tokenizer, eos: set[int]):
+        self.sender, self.tokenizer, self.eos = sender, tokenizer, eos
         self.prompt_seen = False
         self.count = 0
 
@@ -28,7 +29,9 @@ class _SendTokens(BaseStreamer):
         if not self.prompt_seen:  # generate() hands the prompt over first
             self.prompt_seen = True
             return
-        self.count += value.numel()
+        if value.item() in self.eos:  # not an output token (our engine does not count it either)
+            return
+        self.count += 1
         text = self.tokenizer.decode(value.reshape(-1), skip_special_tokens=True)
         self.sender.send(_response(text, "", self.count))
 
@@ -51,6 +54,8 @@ class TritonPythonModel:
         path = params.get("model_path") or str(default_llm_model_path())
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        eos = self.base.generation_config.eos_token_id
+        self.eos = set(eos if isinstance(eos, list) else [eos])
         self.peft = None
         self.loaded: set[str] = set()
 
@@ -79,7 +84,7 @@ class TritonPythonModel:
                 lora = tio.get_lora_fields(request)
                 ids = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
                 model = self._model_for(lora.name, lora.path)
-                streamer = _SendTokens(sender, self.tokenizer)
+                streamer = _SendTokens(sender, self.tokenizer, self.eos)
                 kwargs = dict(max_new_tokens=max_tokens, do_sample=False, streamer=streamer,
                               pad_token_id=self.tokenizer.pad_token_id)
                 if model is None and self.peft is not None:
