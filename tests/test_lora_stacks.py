@@ -11,6 +11,7 @@ from torch import nn
 
 from backends.lora.conv import conv_lora_apply
 from backends.lora.ops import DENSE_MAX_ROW_SLOTS, LoRABatch, lora_apply
+from tests.test_llm_lora_serving import CAPITAL, GREEDY, PROMPTS, _ok, _random, concurrently
 
 # Per sequence: a stack of (slot, scale); [] = base. Mixed depths, shared and distinct adapters, a zero scale.
 STACKS = [[(0, 0.7), (1, 0.3)], [(0, 1.0)], [], [(2, 0.5), (1, 1.0)], [(3, 1.0), (2, 0.0), (0, 2.0)], [(1, 0.25)]]
@@ -184,17 +185,10 @@ def test_diffusion_stack_equals_diffusers_set_adapters_with_both():
 
 # -- through tritonserver ----------------------------------------------------------------------------------------
 
-def _serving():
-    from tests.test_llm_lora_serving import CAPITAL, GREEDY, PROMPTS, _ok, _random
-
-    return CAPITAL, GREEDY, PROMPTS, _ok, _random
-
-
 @pytest.fixture(scope="module")
 def stack_adapters(lora_root):
     from backends.settings import adapters_dir
 
-    _random = _serving()[4]
     return {"rand": _random(lora_root, "stack_rand", seed=11), "signature": adapters_dir() / "demo" / "signature",
             "image": adapters_dir() / "diffusion" / "tiny-sd3-a"}
 
@@ -202,9 +196,6 @@ def stack_adapters(lora_root):
 def test_stacks_and_single_adapters_in_one_batch_keep_their_solo_tokens(grpc_client, triton_server, stack_adapters):
     import json
 
-    from tests.test_llm_lora_serving import concurrently
-
-    CAPITAL, _, PROMPTS, _ok, _ = _serving()
     both = dict(lora_name=["uppercase", "signature"], lora_scale=[1.0, 1.0])
     jobs = [(CAPITAL, both), (PROMPTS[1], dict(lora_name="uppercase")), (PROMPTS[2], {}),
             (PROMPTS[3], dict(lora_path=[str(stack_adapters["rand"]), str(stack_adapters["signature"])],
@@ -243,7 +234,6 @@ BAD = {
 def test_bad_stack_is_refused_and_the_server_keeps_serving(case, grpc_client, stack_adapters):
     from tests.llm_client import generate
 
-    CAPITAL, GREEDY, _, _ok, _ = _serving()
     params, message = BAD[case]
     params = params(stack_adapters) if callable(params) else params
     out = generate(grpc_client, CAPITAL, **{**GREEDY, **params})
@@ -258,7 +248,6 @@ def test_a_stack_needing_more_slots_than_max_loras_is_refused(grpc_client, http_
     from tests.conftest import TIGHT_MODEL
     from tests.llm_client import generate
 
-    CAPITAL, GREEDY, _, _ok, _ = _serving()
     three = [str(stack_adapters["rand"]), str(stack_adapters["signature"]),
              str(stack_adapters["signature"].parent / "uppercase")]
     http_client.load_model(TIGHT_MODEL)
