@@ -22,3 +22,11 @@ class Unavailable(BackendError):
 
 class InternalError(BackendError):
     """Our fault, not the request's (Triton INTERNAL, HTTP 500); the message still names what failed."""
+
+
+def same_kind(exc: BackendError, message: str) -> BackendError:
+    """An error of the same kind (so the same status) as `exc`, with another message."""
+    for kind in (InvalidArgument, NotFound, Unavailable, InternalError):
+        if isinstance(exc, kind):
+            return kind(message)
+    return BackendError(message)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from backends.lora.object_store import location, split_locations
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 CACHE_DIR_ENV = "MULTILORA_CACHE_DIR"
@@ -44,10 +46,19 @@ def adapters_dir() -> Path:
     return cache_dir() / "adapters"
 
 
-def lora_registry_file() -> Path:
-    """The dynamic adapter registry shared by the backends and the frontend's load/unload endpoints."""
+def lora_registry_file() -> str | Path:
+    """The dynamic adapter registry shared by the backends and the frontend's load/unload endpoints: a local file,
+    or an s3:// object that several replicas share."""
     env = os.environ.get(LORA_REGISTRY_ENV)
-    return Path(env).expanduser().resolve() if env else cache_dir() / "lora_registry.json"
+    if not env:
+        return cache_dir() / "lora_registry.json"
+    found = location(env)
+    return found if isinstance(found, str) else found.resolve()
+
+
+def env_locations(name: str) -> list[str | Path]:
+    """An os.pathsep-separated list of folders and s3:// locations from the environment."""
+    return split_locations(os.environ.get(name, ""))
 
 
 def env_paths(name: str) -> list[Path]:

@@ -11,7 +11,7 @@ from fastapi.responses import Response
 
 from backends.errors import BackendError
 from backends.lora.registry import AdapterEntry, LoRARegistry, parse_lora_modules
-from openai_frontend.auth import require_api_key
+from openai_frontend.auth import require_metrics_key
 from openai_frontend.catalog import Catalog
 from openai_frontend.config import FrontendConfig
 from openai_frontend.body_limit import BodyLimit
@@ -82,7 +82,7 @@ def create_app(config: FrontendConfig) -> FastAPI:
         metrics.latency.labels(template).observe(time.perf_counter() - started)
         return response
 
-    @app.get("/metrics", dependencies=[Depends(require_api_key)], response_class=PrometheusText,
+    @app.get("/metrics", dependencies=[Depends(require_metrics_key)], response_class=PrometheusText,
              responses=error_responses(401))
     async def metrics_endpoint() -> PrometheusText:
         return PrometheusText(await app.state.metrics.render())

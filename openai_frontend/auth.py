@@ -1,4 +1,4 @@
-"""API keys: `Authorization: Bearer KEY` (or `x-api-key`) on /v1 routes and /metrics; a separate admin key on the
+"""API keys: `Authorization: Bearer KEY` (or `x-api-key`) on /v1 routes and /metrics (unless --public-metrics); a separate admin key on the
 adapter load/unload routes (the API key when no admin key is set) and on base-model load/unload, which are off
 unless an admin key is configured (they restart models for every user). Compared in constant time."""
 
@@ -30,6 +30,14 @@ def _check(request: Request, key: str | None, what: str) -> None:
 
 async def require_api_key(request: Request) -> None:
     _check(request, request.app.state.config.api_key, "API key")
+
+
+async def require_metrics_key(request: Request) -> None:
+    """/metrics takes the API key unless --public-metrics: the inference gateway's endpoint picker scrapes it and
+    cannot send a bearer token (it shows queue sizes and adapter names, no request content)."""
+    config = request.app.state.config
+    if not config.public_metrics:
+        _check(request, config.api_key, "API key")
 
 
 async def require_admin_key(request: Request) -> None:

@@ -7,7 +7,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from backends.settings import adapters_dir, lora_registry_file
+from backends.lora.object_store import location
+from backends.settings import ALLOWED_LORA_ROOTS_ENV, adapters_dir, env_locations, lora_registry_file
 
 
 def _truthy(value: str | None) -> bool:
@@ -22,8 +23,8 @@ class FrontendConfig:
     admin_key: str | None = None  # load/unload routes; falls back to api_key
     allow_runtime_lora_updating: bool = False
     lora_modules: str = ""  # vLLM --lora-modules forms, registered at start
-    registry_file: Path = field(default_factory=lora_registry_file)
-    allowed_lora_roots: tuple[Path, ...] = ()
+    registry_file: str | Path = field(default_factory=lora_registry_file)  # a file, or s3:// shared by replicas
+    allowed_lora_roots: tuple[str | Path, ...] = ()  # folders and s3:// buckets or prefixes
     max_body_bytes: int = 1 << 20
     max_tokens_limit: int = 4096
     max_prompt_chars: int = 32768
@@ -34,10 +35,11 @@ class FrontendConfig:
     probe_interval_s: float = 2.0
     max_model_restarts: int = 3
     restart_window_s: float = 600.0
+    public_metrics: bool = False  # /metrics without the API key (scrapers such as the gateway's endpoint picker)
     lora_separator: str | None = None  # Triton's OpenAI frontend: model="<base><sep><adapter>" (None: off)
 
     @property
-    def roots(self) -> tuple[Path, ...]:
+    def roots(self) -> tuple[str | Path, ...]:
         return (adapters_dir(), *self.allowed_lora_roots)
 
 
@@ -61,10 +63,12 @@ def parser() -> argparse.ArgumentParser:
                         "[MULTILORA_ALLOW_RUNTIME_LORA_UPDATING or VLLM_ALLOW_RUNTIME_LORA_UPDATING]")
     p.add_argument("--lora-modules", nargs="*", default=[env("MULTILORA_LORA_MODULES", "")],
                    help="adapters to register at start: name=path ... or vLLM's JSON form")
-    p.add_argument("--lora-registry-file", type=Path, default=lora_registry_file(),
-                   help="the registry shared with the backends [MULTILORA_LORA_REGISTRY]")
-    p.add_argument("--allowed-lora-root", action="append", type=Path, default=[],
-                   help="adapter paths must lie under one of these (repeatable; .cache/adapters always allowed)")
+    p.add_argument("--lora-registry-file", type=location, default=lora_registry_file(),
+                   help="the registry shared with the backends: a file, or s3://bucket/key shared by every replica "
+                        "[MULTILORA_LORA_REGISTRY]")
+    p.add_argument("--allowed-lora-root", action="append", type=location, default=[],
+                   help="adapter paths must lie under one of these folders or s3://bucket/prefix locations "
+                        "(repeatable; .cache/adapters always allowed)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)
     p.add_argument("--max-tokens-limit", type=int, default=4096)
     p.add_argument("--max-prompt-chars", type=int, default=32768)
@@ -81,21 +85,25 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-separator", default=env("MULTILORA_LORA_SEPARATOR") or None,
                    help="also accept model='<base><sep><adapter>' (Triton's OpenAI frontend naming, e.g. '/') and "
                         "list adapters that way in /v1/models [MULTILORA_LORA_SEPARATOR, off]")
+    p.add_argument("--public-metrics", action="store_true", default=_truthy(env("MULTILORA_PUBLIC_METRICS")),
+                   help="serve /metrics without the API key, for scrapers that cannot send one (the inference "
+                        "gateway's endpoint picker) [MULTILORA_PUBLIC_METRICS]")
     p.add_argument("--log-level", default=env("MULTILORA_LOG_LEVEL", "info"))
     return p
 
 
 def from_args(args: argparse.Namespace) -> FrontendConfig:
-    roots = [*args.allowed_lora_root,
-             *(Path(p) for p in os.environ.get("MULTILORA_ALLOWED_LORA_ROOTS", "").split(os.pathsep) if p)]
+    roots = [*args.allowed_lora_root, *env_locations(ALLOWED_LORA_ROOTS_ENV)]
     return FrontendConfig(
         triton_grpc_url=args.triton_grpc_url, triton_metrics_url=args.triton_metrics_url or None,
         api_key=args.api_key or None, admin_key=args.admin_key or None,
         allow_runtime_lora_updating=args.allow_runtime_lora_updating,
         lora_modules=" ".join(m for m in args.lora_modules if m), registry_file=args.lora_registry_file,
-        allowed_lora_roots=tuple(r.expanduser().resolve() for r in roots), max_body_bytes=args.max_body_bytes,
+        allowed_lora_roots=tuple(r if isinstance(r, str) else r.resolve() for r in roots),
+        max_body_bytes=args.max_body_bytes,
         max_tokens_limit=args.max_tokens_limit, max_prompt_chars=args.max_prompt_chars, max_images=args.max_images,
         max_image_size=args.max_image_size, supervise=not args.no_supervise,
         probe_interval_s=args.probe_interval_s, max_model_restarts=args.max_model_restarts,
         restart_window_s=args.restart_window_s, lora_separator=args.lora_separator or None,
+        public_metrics=args.public_metrics,
     )

@@ -12,6 +12,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from backends.errors import BackendError, InvalidArgument, NotFound, Unavailable
+
 log = logging.getLogger(__name__)
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -31,6 +33,11 @@ class OpenAIError(Exception):
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param,
                           "code": self.code if self.code is not None else self.status}}
+
+
+def status_of(exc: BackendError) -> int:
+    """The HTTP status of a backend error raised in the frontend's own process (registry, downloads)."""
+    return {NotFound: 404, InvalidArgument: 400, Unavailable: 503}.get(type(exc), 500)
 
 
 class ErrorBody(BaseModel):

@@ -14,19 +14,21 @@ from backends.settings import REPO_ROOT
 from scripts.triton_launcher import free_port
 
 class FrontendProcess:
-    def __init__(self, grpc_url: str, metrics_url: str | None, log_file: Path, *extra: str):
+    def __init__(self, grpc_url: str, metrics_url: str | None, log_file: Path, *extra: str,
+                 env: dict[str, str] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.cmd = [sys.executable, "-m", "openai_frontend", "--host", "127.0.0.1", "--port", str(self.port),
                     "--triton-grpc-url", grpc_url, *(["--triton-metrics-url", metrics_url] if metrics_url else []),
                     *extra]
         self.log_file = log_file
+        self.env = {**(os.environ if env is None else env), "PYTHONPATH": str(REPO_ROOT)}
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "FrontendProcess":
         with open(self.log_file, "ab") as out:
             self.proc = subprocess.Popen(self.cmd, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+                                         env=self.env)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, self.log_file.read_text()[-3000:]

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+import heapq
 import logging
 import threading
 import time
@@ -84,6 +85,8 @@ class LoRACache:
         self._host_bytes = 0
         self._loading: dict[int, Future] = {}
         self._slot_of: OrderedDict[int, int] = OrderedDict()  # int_id -> slot, LRU order
+        # A heap: the lowest free slot is taken first, which keeps the span of slots a batch uses short (the dense
+        # decode shrink reads every slot from the lowest to the highest one in use).
         self._free_slots = list(range(self.max_loras))
         self._in_use: Counter[int] = Counter()
         self._pinned: set[int] = set()
@@ -190,7 +193,7 @@ class LoRACache:
 
     def _place(self, int_id: int, adapter: LoRAAdapter) -> None:
         if self._free_slots:
-            slot = self._free_slots.pop(0)
+            slot = heapq.heappop(self._free_slots)
         else:
             victim = next((i for i in self._slot_of if not self._in_use[i] and i not in self._pinned), None)
             if victim is None:
@@ -251,7 +254,7 @@ class LoRACache:
             slot = self._slot_of.pop(key, None)
             if slot is not None:
                 self.context.clear_slot(slot)
-                self._free_slots.append(slot)
+                heapq.heappush(self._free_slots, slot)
                 found = True
             return found
 

@@ -19,6 +19,7 @@ from typing import Callable, Iterable
 
 from backends.errors import InvalidArgument, NotFound
 from backends.lora.adapter import CONFIG_FILE
+from backends.lora.object_store import S3Uri, is_s3
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 STATIC, DYNAMIC, RESOLVER = "static", "dynamic", "resolver"
@@ -66,19 +67,55 @@ def parse_lora_modules(spec: str) -> list[AdapterEntry]:
 
 
 class PathPolicy:
-    def __init__(self, roots: Iterable[str | Path]):
-        self.roots = [Path(r).expanduser().resolve() for r in roots]
+    """Allowed adapter locations: local folders (compared after symlinks) and s3:// buckets or prefixes."""
 
-    def check(self, path: str | Path) -> Path:
-        """The real path of `path` if it lies under an allowed root, else InvalidArgument."""
+    def __init__(self, roots: Iterable[str | Path]):
+        roots = list(roots)
+        self.s3_roots = [S3Uri.parse(r, allow_bucket=True) for r in roots if is_s3(r)]
+        self.local_roots = [Path(r).expanduser().resolve() for r in roots if not is_s3(r)]
+
+    @property
+    def roots(self) -> list[str]:
+        return [str(r) for r in self.local_roots] + [r.uri for r in self.s3_roots]
+
+    def check(self, path: str | Path) -> str:
+        """The real path of `path` (or the normalised s3:// URI) if it lies under an allowed root, else
+        InvalidArgument."""
+        if is_s3(path):
+            uri = S3Uri.parse(str(path))
+            if not any(uri.is_under(root) for root in self.s3_roots):
+                raise InvalidArgument(f"LoRA path '{path}' is outside the allowed adapter roots "
+                                      f"({', '.join(self.roots) or 'none configured'})")
+            return uri.uri
         try:
             real = Path(path).expanduser().resolve()
         except ValueError as exc:  # a NUL byte: no file can have that name
             raise InvalidArgument(f"LoRA path {str(path)!r} is not a valid path ({exc})") from None
-        if not any(real == root or real.is_relative_to(root) for root in self.roots):
-            roots = ", ".join(str(r) for r in self.roots) or "none configured"
-            raise InvalidArgument(f"LoRA path '{path}' is outside the allowed adapter roots ({roots})")
-        return real
+        if not any(real == root or real.is_relative_to(root) for root in self.local_roots):
+            raise InvalidArgument(f"LoRA path '{path}' is outside the allowed adapter roots "
+                                  f"({', '.join(self.roots) or 'none configured'})")
+        return str(real)
+
+
+def registry_document(version: int, entries: dict[str, AdapterEntry]) -> dict:
+    """The registry as stored (file or object): names map to entries without their name and source."""
+    return {"version": version,
+            "adapters": {n: {k: v for k, v in asdict(e).items() if k not in ("name", "source")}
+                         for n, e in sorted(entries.items())}}
+
+
+def parse_registry_document(data: dict) -> tuple[int, dict[str, AdapterEntry]]:
+    return int(data["version"]), {n: AdapterEntry(**{**e, "name": n, "source": DYNAMIC})
+                                  for n, e in data["adapters"].items()}
+
+
+def open_registry(location: str | Path) -> "RegistryFile":
+    """The dynamic registry at `location`: a local JSON file, or an object shared by replicas (s3://...)."""
+    if is_s3(location):
+        from backends.lora.registry_s3 import S3RegistryObject
+
+        return S3RegistryObject(str(location))
+    return RegistryFile(location)
 
 
 class RegistryFile:
@@ -108,9 +145,7 @@ class RegistryFile:
                 return self._cached
             try:
                 data = json.loads(self.path.read_text()) if sig is not None else {"version": 0, "adapters": {}}
-                adapters = {n: AdapterEntry(**{**e, "name": n, "source": DYNAMIC})
-                            for n, e in data["adapters"].items()}
-                version = int(data["version"])
+                version, adapters = parse_registry_document(data)
             except FileNotFoundError:  # removed between stat and read: read again next time
                 return self._cached
             except (ValueError, TypeError, KeyError, AttributeError) as exc:
@@ -132,9 +167,7 @@ class RegistryFile:
                 self._sig = None  # another process may have written: re-read under the lock
             version, entries = self.read()
             entries = change(dict(entries))
-            data = {"version": version + 1,
-                    "adapters": {n: {k: v for k, v in asdict(e).items() if k not in ("name", "source")}
-                                 for n, e in sorted(entries.items())}}
+            data = registry_document(version + 1, entries)
             fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name + ".")
             try:
                 with os.fdopen(fd, "w") as f:
@@ -163,8 +196,8 @@ class LoRARegistry:
         self.static = {e.name: e for e in static}
         # Operators name static adapters and resolver dirs in config: those places are allowed by definition.
         self.paths = PathPolicy([*allowed_roots, *self.resolver_dirs, *(e.path for e in self.static.values())])
-        self.static = {n: replace(e, path=str(self.paths.check(e.path))) for n, e in self.static.items()}
-        self.file = RegistryFile(registry_file) if registry_file else None
+        self.static = {n: replace(e, path=self.paths.check(e.path)) for n, e in self.static.items()}
+        self.file = open_registry(registry_file) if registry_file else None
 
     @property
     def version(self) -> int:
@@ -179,14 +212,14 @@ class LoRARegistry:
         for root in self.resolver_dirs:
             folder = root / name
             if (folder / CONFIG_FILE).is_file():
-                return AdapterEntry(name, str(self.paths.check(folder)), source=RESOLVER)
+                return AdapterEntry(name, self.paths.check(folder), source=RESOLVER)
         return None
 
     def resolve(self, name: str) -> AdapterEntry:
         """Static first, then the dynamic registry, then resolver dirs; NotFound lists the known names."""
         entry = self.static.get(name) or self._dynamic().get(name)
         if entry is not None:
-            return replace(entry, path=str(self.paths.check(entry.path)))
+            return replace(entry, path=self.paths.check(entry.path))
         entry = self._resolve_dir(name)
         if entry is None:
             raise NotFound(f"LoRA adapter '{name}' not found; known adapters: {self.known_names()}")
@@ -206,7 +239,7 @@ class LoRARegistry:
             raise InvalidArgument(f"invalid LoRA adapter name {entry.name!r}: use letters, digits, '.', '_', '-'")
         if entry.name in self.static:
             raise InvalidArgument(f"LoRA adapter '{entry.name}' is static (model config); it cannot be replaced")
-        real = str(self.paths.check(entry.path))
+        real = self.paths.check(entry.path)
 
         def change(entries: dict[str, AdapterEntry]) -> dict[str, AdapterEntry]:
             if entry.name in entries and not replace_existing:

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from backends.errors import InvalidArgument, Unavailable
+from backends.errors import BackendError, InvalidArgument, Unavailable, same_kind
 from backends.lora.cache import AdapterRef, LoRACache
 from backends.lora.ids import IdBook
+from backends.lora.object_store import downloads, is_s3
 from backends.lora.registry import STATIC, LoRARegistry
 
 log = logging.getLogger(__name__)
@@ -57,10 +58,15 @@ def files_version(path: str) -> int:
     return (hash(sig) & ((1 << 62) - 1)) | 1
 
 
+def local_copy(location: str) -> str:
+    """Where the adapter's files are on this machine: the location itself, or the download of an s3:// one."""
+    return str(downloads().fetch(location)) if is_s3(location) else location
+
+
 @dataclass(frozen=True)
 class _Loaded:
     name: str
-    path: str
+    location: str  # a folder or file, or an s3:// URI
     by_name: bool  # resolved through the dynamic registry or a resolver dir (not an explicit path)
 
 
@@ -89,7 +95,7 @@ class AdapterResolver:
         """Load and pin every static adapter (model config); the first bad one raises with its error."""
         refs = []
         for entry in self.registry.static.values():
-            ref = AdapterRef(self.ids.assign(entry.path, entry.int_id), entry.name, entry.path)
+            ref = AdapterRef(self.ids.assign(entry.path, entry.int_id), entry.name, local_copy(entry.path))
             self.cache.pin(ref)
             refs.append(ref)
             log.info("static LoRA adapter '%s' pinned (%s, id %d)", entry.name, entry.path, ref.int_id)
@@ -107,23 +113,30 @@ class AdapterResolver:
             raise InvalidArgument(f"lora_scale must be a finite number >= 0, got {fields.scale}")
         self.sync()
         if fields.path:
-            path = str(self.registry.paths.check(fields.path))
-            name = fields.name or Path(path).name
+            where = self.registry.paths.check(fields.path)
+            name = fields.name or Path(where).name
             int_id, by_name, static = fields.int_id, False, False
         elif fields.name:
             entry = self.registry.resolve(fields.name)
-            name, path = entry.name, entry.path
+            name, where = entry.name, entry.path
             int_id = fields.int_id if fields.int_id is not None else entry.int_id
             by_name, static = True, entry.source == STATIC
         else:
             raise InvalidArgument("lora_int_id was given without lora_name or lora_path")
-        int_id = self.ids.assign(path, int_id)
+        int_id = self.ids.assign(where, int_id)  # by location: an object's new version keeps the adapter's id
+        path = local_copy(where)
         # Static adapters change only with a model reload; every other adapter is checked against its files on
         # each request (a few stat calls), so a rewritten adapter is a new cache entry.
         ref = AdapterRef(int_id, name, path, 0 if static else files_version(path))
         self.cache.check_admissible(ref)
         if self.cache.lookup(ref) is None:  # validate a cold adapter now: a broken one never reaches a batch
-            self._run(lambda: self.cache.get(ref))
+            try:
+                self._run(lambda: self.cache.get(ref))
+            except BackendError as exc:
+                if path == where:
+                    raise
+                message = str(exc).replace(path, where)  # name the object, not our download of it
+                raise same_kind(exc, message if where in message else f"LoRA adapter '{where}': {message}") from None
             cached = set(self.cache.host_ids()) | set(self.cache.device_ids())
             with self._lock:
                 for key, (old, _) in list(self._loaded.items()):
@@ -134,7 +147,7 @@ class AdapterResolver:
                         del self._loaded[key]  # evicted by the cache's LRU meanwhile
         if not static:
             with self._lock:
-                self._loaded.setdefault(ref.key, (ref, _Loaded(name, path, by_name)))
+                self._loaded.setdefault(ref.key, (ref, _Loaded(name, where, by_name)))
         return LoRASelection(ref, scale)
 
     def select_stack(self, stack: Sequence[LoRAFields]) -> tuple[LoRASelection, ...]:
@@ -173,7 +186,7 @@ class AdapterResolver:
                         current = self.registry.resolve(loaded.name).path
                     except Exception:  # NotFound, or a path now outside the roots
                         current = None
-                    if current != loaded.path:
+                    if current != loaded.location:
                         self._stale.add(key)
             for key in list(self._stale):
                 try:
@@ -184,7 +197,7 @@ class AdapterResolver:
                 ref, loaded = self._loaded.pop(key)
                 if not any(r.int_id == ref.int_id for r, _ in self._loaded.values()):
                     self.ids.forget(ref.int_id)
-                log.info("LoRA adapter '%s' (%s, id %d) dropped from the cache", loaded.name, loaded.path,
+                log.info("LoRA adapter '%s' (%s, id %d) dropped from the cache", loaded.name, loaded.location,
                          ref.int_id)
 
 

@@ -15,11 +15,13 @@ from typing import Callable
 from backends.lora.adapter import LoRAAdapter, load_adapter
 from backends.model_params import param_int
 from backends.lora.cache import AdapterRef, LoRACache
+from backends.lora.object_store import is_s3, location, split_locations
 from backends.lora.patch import LoRAContext
 from backends.lora.registry import AdapterEntry, LoRARegistry, parse_lora_modules
 from backends.lora.resolver import DEFAULT_MAX_LORAS_PER_REQUEST, AdapterResolver
 from backends.settings import (
-    ALLOWED_LORA_ROOTS_ENV, LORA_RESOLVER_DIRS_ENV, adapters_dir, cache_dir, env_paths, lora_registry_file,
+    ALLOWED_LORA_ROOTS_ENV, LORA_RESOLVER_DIRS_ENV, adapters_dir, cache_dir, env_locations, env_paths,
+    lora_registry_file,
 )
 
 log = logging.getLogger(__name__)
@@ -27,6 +29,10 @@ log = logging.getLogger(__name__)
 
 def _paths(params: dict[str, str], key: str) -> list[Path]:
     return [Path(p.strip()).expanduser() for p in (params.get(key) or "").split(",") if p.strip()]
+
+
+def _locations(params: dict[str, str], key: str) -> list[str | Path]:
+    return split_locations(params.get(key) or "", ",")
 
 
 @dataclass(frozen=True)
@@ -37,8 +43,8 @@ class LoRAServingConfig:
     max_cpu_loras: int = 64
     max_cpu_lora_bytes: int | None = None
     static: tuple[AdapterEntry, ...] = ()
-    registry_file: Path | None = field(default_factory=lora_registry_file)  # None: no dynamic registry
-    allowed_roots: tuple[Path, ...] = ()
+    registry_file: str | Path | None = field(default_factory=lora_registry_file)  # None: no dynamic registry
+    allowed_roots: tuple[str | Path, ...] = ()  # folders and s3:// buckets or prefixes
     resolver_dirs: tuple[Path, ...] = ()
 
     @property
@@ -53,7 +59,8 @@ class LoRAServingConfig:
         lora_resolver_dirs (comma-separated; the env lists MULTILORA_ALLOWED_LORA_ROOTS and
         MULTILORA_LORA_RESOLVER_DIRS add to them). The adapters folder of the project cache is always allowed."""
         static = tuple(
-            replace(e, path=str(p if (p := Path(e.path).expanduser()).is_absolute() else cache_dir() / p))
+            replace(e, path=e.path if is_s3(e.path) else
+                    str(p if (p := Path(e.path).expanduser()).is_absolute() else cache_dir() / p))
             for e in parse_lora_modules(params.get("lora_modules") or "")
         )
         max_loras = param_int(params, "max_loras", cls.max_loras)
@@ -66,9 +73,10 @@ class LoRAServingConfig:
             max_cpu_loras=max(max_cpu, max_loras),
             max_cpu_lora_bytes=param_int(params, "max_cpu_lora_bytes", None),
             static=static,
-            registry_file=(None if registry.lower() == "none" else Path(registry).expanduser() if registry
+            registry_file=(None if registry.lower() == "none" else location(registry) if registry
                            else lora_registry_file()),
-            allowed_roots=(adapters_dir(), *_paths(params, "allowed_lora_roots"), *env_paths(ALLOWED_LORA_ROOTS_ENV)),
+            allowed_roots=(adapters_dir(), *_locations(params, "allowed_lora_roots"),
+                           *env_locations(ALLOWED_LORA_ROOTS_ENV)),
             resolver_dirs=(*_paths(params, "lora_resolver_dirs"), *env_paths(LORA_RESOLVER_DIRS_ENV)),
         )
 
@@ -92,5 +100,5 @@ def build_resolver(context: LoRAContext, config: LoRAServingConfig,
     resolver.pin_static()
     log.info("LoRA: %d slots, max rank %d, host cache %d adapters; registry %s; allowed roots %s",
              config.max_loras, config.max_lora_rank, config.max_cpu_loras, config.registry_file,
-             [str(r) for r in registry.paths.roots])
+             registry.paths.roots)
     return resolver

@@ -9,15 +9,19 @@ where the backends find it by name and which survives a frontend restart.
 from __future__ import annotations
 
 
+import asyncio
+from pathlib import Path
+
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import PlainTextResponse
 
-from backends.errors import InvalidArgument, NotFound
+from backends.errors import BackendError
 from backends.lora.adapter import CONFIG_FILE
+from backends.lora.object_store import downloads, is_s3
 from backends.lora.registry import AdapterEntry
 from openai_frontend.auth import require_admin_key
 from openai_frontend.catalog import DIFFUSION, LLM, Adapter, Target
-from openai_frontend.errors import OpenAIError, error_responses
+from openai_frontend.errors import OpenAIError, error_responses, status_of
 from openai_frontend.schemas import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
 
 # Success is vLLM's plain-text sentence; errors are JSON like everywhere else.
@@ -53,38 +57,37 @@ async def load_lora_adapter(body: LoadLoRAAdapterRequest, request: Request):
         raise OpenAIError(400, f"The lora adapter '{body.lora_name}' has already been loaded.")
     try:
         path = registry.paths.check(body.lora_path)
-    except InvalidArgument as exc:
-        raise OpenAIError(400, str(exc), "lora_path") from None
-    if not path.exists():
+        local = Path(await asyncio.to_thread(downloads().fetch, path) if is_s3(path) else path)
+    except BackendError as exc:
+        raise OpenAIError(status_of(exc), str(exc), "lora_path") from None
+    if not local.exists():
         raise OpenAIError(404, f"LoRA adapter path '{body.lora_path}' not found", "lora_path")
     if body.base_model_name:
         if body.base_model_name not in bases:
             raise OpenAIError(404, f"The model '{body.base_model_name}' does not exist.", "base_model_name")
         base = body.base_model_name
     else:  # a PEFT folder is a text adapter by default, a single diffusers/kohya file an image one
-        kind = LLM if (path / CONFIG_FILE).is_file() else DIFFUSION
+        kind = LLM if (local / CONFIG_FILE).is_file() else DIFFUSION
         base = catalog.default_base(bases, kind)
         if base is None:
             raise OpenAIError(400, f"no ready {kind} model to load this adapter on; give base_model_name",
                               "base_model_name")
-    await _warm(request, Target(bases[base], (Adapter(body.lora_name, str(path)),)))
-    try:
-        registry.add(AdapterEntry(body.lora_name, str(path), base_model=base, pinned=body.pinned),
-                     replace_existing=body.load_inplace)
-    except InvalidArgument as exc:
-        raise OpenAIError(400, str(exc)) from None
+    await _warm(request, Target(bases[base], (Adapter(body.lora_name, path),)))
+    try:  # a shared registry in object storage is a network round trip: off the event loop
+        await asyncio.to_thread(registry.add, AdapterEntry(body.lora_name, path, base_model=base, pinned=body.pinned),
+                                replace_existing=body.load_inplace)
+    except BackendError as exc:
+        raise OpenAIError(status_of(exc), str(exc)) from None
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
 
-@router.post("/v1/unload_lora_adapter")
+@router.post("/v1/unload_lora_adapter", responses=error_responses(503))  # a shared registry may be unreachable
 async def unload_lora_adapter(body: UnloadLoRAAdapterRequest, request: Request):
     _enabled(request)
     if not body.lora_name:
         raise OpenAIError(400, "'lora_name' must be provided.")
     try:
-        request.app.state.catalog.registry.remove(body.lora_name)
-    except NotFound as exc:
-        raise OpenAIError(404, str(exc)) from None
-    except InvalidArgument as exc:
-        raise OpenAIError(400, str(exc)) from None
+        await asyncio.to_thread(request.app.state.catalog.registry.remove, body.lora_name)
+    except BackendError as exc:
+        raise OpenAIError(status_of(exc), str(exc)) from None
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")

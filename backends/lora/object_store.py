@@ -1,0 +1,273 @@
+"""Adapters and the dynamic registry in S3-compatible object storage (`s3://bucket/prefix/name`).
+
+Every replica of a deployment reads the same bucket, so an adapter uploaded once is served everywhere. boto3 takes
+the endpoint, region and credentials from the standard AWS environment and config files (`AWS_ENDPOINT_URL` points
+it at MinIO or any other S3-compatible store).
+
+Adapters are downloaded into a local disk cache, one folder per object version (the objects' ETags), so a changed
+object is a new version and the resolver's file fingerprint sees new files. Downloads land in a temporary folder
+renamed into place (readers never see half an adapter); a lock file per adapter makes concurrent requests, threads
+and processes alike, download it once. When the store cannot be reached, the newest local copy keeps serving.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from backends.errors import BackendError, InvalidArgument, NotFound, Unavailable
+
+log = logging.getLogger(__name__)
+
+S3_SCHEME = "s3://"
+S3_CACHE_DIR_ENV = "MULTILORA_S3_CACHE_DIR"
+S3_CACHE_MAX_BYTES_ENV = "MULTILORA_S3_CACHE_MAX_BYTES"
+DEFAULT_S3_CACHE_MAX_BYTES = 10 << 30
+# S3's bucket naming rules (3-63 lower-case letters, digits, dots, hyphens); keys: no empty, "." or ".." segments.
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_COMPLETE = ".complete"  # marks a finished download; its mtime is the version's last use (for the LRU)
+
+
+def is_s3(location: str | os.PathLike | None) -> bool:
+    return isinstance(location, str) and location.startswith(S3_SCHEME)
+
+
+@dataclass(frozen=True)
+class S3Uri:
+    bucket: str
+    key: str  # no leading or trailing "/"; "" for a whole bucket (allowed roots only)
+
+    @classmethod
+    def parse(cls, uri: str, allow_bucket: bool = False) -> "S3Uri":
+        bucket, _, key = uri[len(S3_SCHEME):].partition("/")
+        key = key.strip("/")
+        segments = key.split("/") if key else []
+        if not _BUCKET.match(bucket) or "\x00" in key or any(s in ("", ".", "..") for s in segments):
+            raise InvalidArgument(f"'{uri}' is not a valid s3:// location (s3://bucket/key, no empty, '.' or '..' "
+                                  f"parts)")
+        if not key and not allow_bucket:
+            raise InvalidArgument(f"'{uri}' names a bucket, not an adapter (s3://bucket/prefix/name)")
+        return cls(bucket, key)
+
+    @property
+    def uri(self) -> str:
+        return f"{S3_SCHEME}{self.bucket}/{self.key}" if self.key else f"{S3_SCHEME}{self.bucket}"
+
+    def is_under(self, root: "S3Uri") -> bool:
+        return self.bucket == root.bucket and (not root.key or self.key == root.key
+                                               or self.key.startswith(root.key + "/"))
+
+
+def location(value: str | Path) -> str | Path:
+    """A configured place for adapters or the registry: an s3:// URI (checked, normalised) or a local path."""
+    return S3Uri.parse(value, allow_bucket=True).uri if is_s3(value) else Path(value).expanduser()
+
+
+def split_locations(value: str, sep: str = os.pathsep) -> list[str | Path]:
+    """A list of folders and s3:// locations: `sep` separates them, except the ':' of "s3://"."""
+    return [location(p.strip()) for p in re.split(re.escape(sep) + r"(?!//)", value) if p.strip()]
+
+
+def s3_client():
+    import boto3  # only deployments with s3:// locations need boto3 loaded
+    from botocore.config import Config
+
+    # Short timeouts and few retries: a request waits on this call, and a store that is down must fail fast
+    # into "serve the cached copy" or a clear 503, not hang the client.
+    return boto3.session.Session().client("s3", config=Config(
+        connect_timeout=2, read_timeout=20, retries={"max_attempts": 2, "mode": "standard"}))
+
+
+def error_code(exc: Exception) -> str:
+    response = getattr(exc, "response", None) or {}
+    return str(response.get("Error", {}).get("Code", "")) or str(
+        response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+
+
+def unreachable(exc: Exception) -> bool:
+    """The store is down or failing (retry later), as opposed to an answer about the object."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    if isinstance(exc, ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        return status >= 500 or error_code(exc) in ("SlowDown", "RequestTimeout", "ServiceUnavailable")
+    return isinstance(exc, (BotoCoreError, OSError))
+
+
+@dataclass(frozen=True)
+class _Object:
+    name: str  # file name in the local folder
+    key: str
+    etag: str
+    size: int
+
+
+class AdapterDownloads:
+    """Local disk cache of adapters held in object storage, bounded in bytes (least recently used leaves first)."""
+
+    def __init__(self, root: str | Path, max_bytes: int = DEFAULT_S3_CACHE_MAX_BYTES, check_ttl_s: float = 5.0,
+                 client_factory: Callable[[], object] = s3_client):
+        self.root = Path(root)
+        self.max_bytes = max_bytes
+        self.check_ttl_s = check_ttl_s  # how long a version, once checked against the store, is trusted
+        self._client_factory = client_factory
+        self._client = None
+        self._lock = threading.Lock()
+        self._locks: dict[str, threading.Lock] = {}
+        self._checked: dict[str, tuple[float, Path]] = {}  # uri -> (when checked, local copy)
+
+    @property
+    def client(self):
+        with self._lock:
+            if self._client is None:
+                self._client = self._client_factory()
+            return self._client
+
+    def _folder(self, uri: S3Uri) -> Path:
+        return self.root / hashlib.sha256(uri.uri.encode()).hexdigest()[:24]
+
+    @contextlib.contextmanager
+    def _exclusive(self, uri: S3Uri) -> Iterator[None]:
+        """One download per adapter: a thread lock, then a file lock for other processes on this disk."""
+        with self._lock:
+            lock = self._locks.setdefault(uri.uri, threading.Lock())
+        with lock:
+            folder = self._folder(uri)
+            folder.mkdir(parents=True, exist_ok=True)
+            with open(folder / ".lock", "w") as f:
+                fcntl.flock(f, fcntl.LOCK_EX)
+                yield
+
+    def fetch(self, location: str) -> Path:
+        """The local copy of the adapter at `location` (a folder, or the file of a single-file adapter)."""
+        uri = S3Uri.parse(location)
+        checked = self._checked.get(uri.uri)
+        if checked and time.monotonic() - checked[0] < self.check_ttl_s and checked[1].exists():
+            return checked[1]
+        with self._exclusive(uri):
+            try:
+                local = self._download(uri, self._list(uri))
+            except BackendError:
+                raise
+            except Exception as exc:
+                if not unreachable(exc):
+                    raise InvalidArgument(f"object store refused LoRA adapter '{uri.uri}': {exc}") from None
+                local = self._newest_local(uri)
+                if local is None:
+                    raise Unavailable(f"object store unreachable for LoRA adapter '{uri.uri}' and no local copy "
+                                      f"({type(exc).__name__}: {exc})") from None
+                log.warning("object store unreachable for '%s' (%s); serving the cached copy %s", uri.uri, exc,
+                            local)
+        self._checked[uri.uri] = (time.monotonic(), local)
+        return local
+
+    def _list(self, uri: S3Uri) -> list[_Object]:
+        """The adapter's objects: the files directly under `key/` (a PEFT folder), else the object `key` itself
+        (a single-file adapter such as a kohya .safetensors)."""
+        from botocore.exceptions import ClientError
+
+        client = self.client
+        try:
+            page = client.list_objects_v2(Bucket=uri.bucket, Prefix=uri.key + "/", Delimiter="/")
+        except ClientError as exc:
+            if error_code(exc) == "NoSuchBucket":
+                raise NotFound(f"LoRA adapter '{uri.uri}' not found: no bucket '{uri.bucket}'") from None
+            raise
+        objects = [_Object(o["Key"].rsplit("/", 1)[-1], o["Key"], o["ETag"].strip('"'), int(o["Size"]))
+                   for o in page.get("Contents", []) if not o["Key"].rsplit("/", 1)[-1].startswith(".")]
+        if page.get("IsTruncated"):
+            raise InvalidArgument(f"'{uri.uri}' holds more than {len(objects)} objects; that is not an adapter")
+        if objects:
+            return objects
+        try:
+            head = client.head_object(Bucket=uri.bucket, Key=uri.key)
+        except ClientError as exc:
+            if error_code(exc) in ("404", "NoSuchKey", "NotFound"):
+                raise NotFound(f"LoRA adapter '{uri.uri}' not found (no object or folder there)") from None
+            raise
+        return [_Object(uri.key.rsplit("/", 1)[-1], uri.key, head["ETag"].strip('"'), int(head["ContentLength"]))]
+
+    def _download(self, uri: S3Uri, objects: list[_Object]) -> Path:
+        single = len(objects) == 1 and objects[0].key == uri.key
+        version = hashlib.sha256(json.dumps(sorted((o.key, o.etag, o.size) for o in objects)).encode()).hexdigest()
+        final = self._folder(uri) / version[:24]
+        if not (final / _COMPLETE).exists():
+            total = sum(o.size for o in objects)
+            if total > self.max_bytes:
+                raise InvalidArgument(f"LoRA adapter '{uri.uri}' is {total} bytes, more than the download cache "
+                                      f"holds ({self.max_bytes}, {S3_CACHE_MAX_BYTES_ENV})")
+            tmp = Path(tempfile.mkdtemp(dir=self._folder(uri), prefix=".tmp-"))
+            try:
+                for o in objects:
+                    self.client.download_file(uri.bucket, o.key, str(tmp / o.name))
+                (tmp / _COMPLETE).write_text(json.dumps({"uri": uri.uri, "file": objects[0].name if single else None}))
+                shutil.rmtree(final, ignore_errors=True)  # a folder left by a crash mid-rename
+                os.rename(tmp, final)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            log.info("downloaded LoRA adapter '%s' (%d files, %d bytes) to %s", uri.uri, len(objects), total, final)
+            self._evict(keep=final)
+        os.utime(final / _COMPLETE)
+        return final / objects[0].name if single else final
+
+    def _versions(self) -> Iterator[Path]:
+        for folder in self.root.glob(f"*/*/{_COMPLETE}"):
+            yield folder.parent
+
+    def _newest_local(self, uri: S3Uri) -> Path | None:
+        markers = sorted(self._folder(uri).glob(f"*/{_COMPLETE}"), key=lambda p: p.stat().st_mtime)
+        if not markers:
+            return None
+        single = json.loads(markers[-1].read_text()).get("file")
+        return markers[-1].parent / single if single else markers[-1].parent
+
+    def _evict(self, keep: Path) -> None:
+        """Drop least recently used versions until the cache fits; loaded adapters live in memory, so a removed
+        folder only costs a download the next time it is requested cold."""
+        versions = []
+        for folder in self._versions():
+            try:
+                used = (folder / _COMPLETE).stat().st_mtime
+                size = sum(f.stat().st_size for f in folder.iterdir())
+            except FileNotFoundError:
+                continue  # another process evicted it meanwhile
+            versions.append((used, size, folder))
+        total = sum(size for _, size, _ in versions)
+        for used, size, folder in sorted(versions):
+            if total <= self.max_bytes:
+                break
+            if folder == keep:
+                continue
+            shutil.rmtree(folder, ignore_errors=True)
+            total -= size
+            log.info("adapter download cache over %d bytes: removed %s", self.max_bytes, folder)
+
+
+_downloads: AdapterDownloads | None = None
+_downloads_lock = threading.Lock()
+
+
+def downloads() -> AdapterDownloads:
+    """This process's download cache, configured from the environment."""
+    global _downloads
+    with _downloads_lock:
+        if _downloads is None:
+            from backends.settings import cache_dir
+
+            root = os.environ.get(S3_CACHE_DIR_ENV) or cache_dir() / "s3-adapters"
+            max_bytes = int(os.environ.get(S3_CACHE_MAX_BYTES_ENV) or DEFAULT_S3_CACHE_MAX_BYTES)
+            _downloads = AdapterDownloads(Path(root).expanduser(), max_bytes)
+        return _downloads

@@ -1,0 +1,126 @@
+"""The dynamic LoRA registry as one object in S3-compatible storage, shared by every replica of a deployment."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+import time
+from dataclasses import replace
+from typing import Callable
+
+from backends.errors import Unavailable
+from backends.lora.object_store import S3Uri, error_code, s3_client, unreachable
+from backends.lora.registry import DYNAMIC, AdapterEntry, parse_registry_document, registry_document
+
+log = logging.getLogger(__name__)
+
+
+class S3RegistryObject:
+    """The dynamic registry as one JSON object shared by every replica: `{"version": n, "adapters": {...}}`, the
+    same document as the local registry file.
+
+    Writers read the object with its ETag and write it back only if it is unchanged (`If-Match`, or
+    `If-None-Match: *` for the first write); a writer that loses the race reads again and reapplies its change, so
+    no update is lost. Readers poll at most every `ttl_s` seconds, conditionally (`If-None-Match`). A corrupt
+    object keeps the last good registry serving, and the next write replaces it."""
+
+    def __init__(self, location: str, ttl_s: float = 1.0, attempts: int = 8,
+                 client_factory: Callable[[], object] = s3_client):
+        uri = S3Uri.parse(location)
+        self.path = uri.uri  # for messages, like RegistryFile.path
+        self.uri = uri
+        self.ttl_s = ttl_s
+        self.attempts = attempts
+        self._client_factory = client_factory
+        self._client = None
+        self._lock = threading.Lock()
+        self._etag: str | None = None
+        self._checked = float("-inf")
+        self._cached: tuple[int, dict[str, AdapterEntry]] = (0, {})
+        self._bad_etag: str | None = None
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = self._client_factory()
+        return self._client
+
+    def _get(self, etag: str | None) -> tuple[str | None, bytes | None]:
+        """(ETag, body); body None when unchanged since `etag`; (None, None) when there is no object yet."""
+        from botocore.exceptions import ClientError
+
+        kwargs = {"IfNoneMatch": f'"{etag}"'} if etag else {}
+        try:
+            response = self.client.get_object(Bucket=self.uri.bucket, Key=self.uri.key, **kwargs)
+        except ClientError as exc:
+            code = error_code(exc)
+            if code in ("304", "NotModified"):
+                return etag, None
+            if code in ("NoSuchKey", "404"):
+                return None, None
+            raise
+        return response["ETag"].strip('"'), response["Body"].read()
+
+    def _refresh(self, force: bool) -> None:
+        """Bring the cached registry up to date (caller holds the lock); unreadable objects keep the last good."""
+        if not force and time.monotonic() - self._checked < self.ttl_s:
+            return
+        etag, body = self._get(None if force else self._etag)
+        self._checked = time.monotonic()
+        if etag is None:
+            self._etag, self._cached = None, (0, {})
+        elif body is not None:
+            try:
+                self._cached = parse_registry_document(json.loads(body))
+            except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                if etag != self._bad_etag:
+                    log.error("LoRA registry %s is not valid (%s: %s); keeping the last good registry (version %d, "
+                              "%d adapters)", self.path, type(exc).__name__, exc, self._cached[0],
+                              len(self._cached[1]))
+                self._bad_etag = etag
+            self._etag = etag
+
+    def read(self) -> tuple[int, dict[str, AdapterEntry]]:
+        with self._lock:
+            try:
+                self._refresh(force=False)
+            except Exception as exc:
+                if not unreachable(exc):
+                    raise
+                # Store down: adapters already known keep resolving; new registrations wait for it.
+                log.warning("LoRA registry %s unreachable (%s); using the last registry read", self.path, exc)
+                self._checked = time.monotonic()
+            return self._cached
+
+    def update(self, change: Callable[[dict[str, AdapterEntry]], dict[str, AdapterEntry]]) -> int:
+        """Apply `change` with compare-and-swap; returns the new version. Conflicts are retried with backoff."""
+        from botocore.exceptions import ClientError
+
+        for attempt in range(self.attempts):
+            with self._lock:
+                try:
+                    self._refresh(force=True)
+                except Exception as exc:
+                    raise Unavailable(f"LoRA registry {self.path} unreachable: {exc}") from None
+                etag = self._etag
+                version, entries = self._cached
+                entries = change(dict(entries))
+                body = json.dumps(registry_document(version + 1, entries), indent=1).encode()
+                condition = {"IfMatch": f'"{etag}"'} if etag else {"IfNoneMatch": "*"}
+                try:
+                    response = self.client.put_object(Bucket=self.uri.bucket, Key=self.uri.key, Body=body,
+                                                      ContentType="application/json", **condition)
+                except ClientError as exc:
+                    if error_code(exc) not in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+                        raise Unavailable(f"LoRA registry {self.path} write failed: {exc}") from None
+                    log.info("LoRA registry %s changed under us (attempt %d); re-reading", self.path, attempt + 1)
+                    self._checked = float("-inf")
+                else:
+                    self._etag = response["ETag"].strip('"')
+                    self._checked = time.monotonic()
+                    self._cached = (version + 1, {n: replace(e, source=DYNAMIC) for n, e in entries.items()})
+                    return version + 1
+            time.sleep(random.uniform(0.01, 0.05) * (2 ** attempt))
+        raise Unavailable(f"LoRA registry {self.path}: {self.attempts} conflicting writes in a row; retry")
