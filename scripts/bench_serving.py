@@ -81,6 +81,15 @@ def bench_adapters(count: int, rank: int, targets: list[str]) -> list[Path]:
     return folders
 
 
+def lora_tensors(names: list[str], paths: list[str] | None = None) -> dict:
+    """perf_analyzer input data for the LoRA tensors: their dims are [-1] (a request may carry a LoRA stack), so
+    each entry states its shape or perf_analyzer refuses to start."""
+    tensors = {"lora_name": {"content": names, "shape": [len(names)]}}
+    if paths is not None:
+        tensors["lora_path"] = {"content": paths, "shape": [len(paths)]}
+    return tensors
+
+
 def story(i: int) -> str:
     return f"Write a story about {TOPICS[i % len(TOPICS)]}."
 
@@ -95,7 +104,7 @@ def trace(adapters: list[Path], entries: int, alpha: float, max_tokens: int, see
                  "stream": [True]}
         if adapters:
             folder = rng.choices(adapters, weights)[0]
-            entry.update(lora_name=[folder.name], lora_path=[str(folder)])
+            entry.update(lora_tensors([folder.name], [str(folder)]))
         data.append(entry)
     return {"data": data}
 
@@ -103,7 +112,7 @@ def trace(adapters: list[Path], entries: int, alpha: float, max_tokens: int, see
 def warmup_data(adapters: list[Path]) -> dict:
     """Every adapter once, one token each (the base case: one base request); the same input set as `trace`."""
     entry = {"text_input": [apply_chat_template("Hi")], "max_tokens": [1], "temperature": [0.0], "stream": [True]}
-    return {"data": [{**entry, "lora_name": [f.name], "lora_path": [str(f)]} for f in adapters] or [entry]}
+    return {"data": [{**entry, **lora_tensors([f.name], [str(f)])} for f in adapters] or [entry]}
 
 
 def _add_model(repo: Path, name: str, module: str, config: str) -> None:
@@ -276,8 +285,50 @@ def demo_trace(entries: int, max_tokens: int, seed: int = 0) -> dict:
         entry = {"text_input": [apply_chat_template(story(i))], "max_tokens": [max_tokens], "temperature": [0.0],
                  "stream": [True]}
         name = rng.choice(DEMO_MODELS)
-        data.append(entry if name == "llm" else {**entry, "lora_name": [name]})
+        data.append(entry if name == "llm" else {**entry, **lora_tensors([name])})
     return {"data": data}
+
+
+def sdk_records(url: str, concurrency: int, requests: int, max_tokens: int, seed: int = 0) -> list[dict]:
+    """The frontend driven by a light client: the openai SDK streaming chat with `concurrency` requests in flight,
+    the prompts and model draws of `demo_trace`. Records in perf_analyzer's export format, so `summarise` treats
+    both paths alike. aiperf measures the same route, but its own processes need about a core: on a 2-core machine
+    that competes with the model, so this client is what isolates the frontend's overhead."""
+    import asyncio
+    import time
+
+    from openai import AsyncOpenAI
+
+    rng = random.Random(seed)
+    jobs = iter([(story(i), rng.choice(DEMO_MODELS)) for i in range(requests)])
+
+    async def one(client: AsyncOpenAI, prompt: str, model: str) -> dict:
+        start, stamps, usage = time.time_ns(), [], 0
+        stream = await client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0,
+            stream=True, stream_options={"include_usage": True})
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                stamps.append(time.time_ns())
+            if chunk.usage:
+                usage = chunk.usage.completion_tokens
+        counts = list(range(1, len(stamps) + 1))
+        if counts:  # a chunk may carry more than one token: the total is the server's count
+            counts[-1] = max(counts[-1], usage)
+        return {"timestamp": start, "response_timestamps": stamps,
+                "response_outputs": [{"num_output_tokens": c} for c in counts]}
+
+    async def run() -> list[dict]:
+        records: list[dict] = []
+        async with AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0) as client:
+            async def stream_requests() -> None:
+                for prompt, model in jobs:
+                    records.append(await one(client, prompt, model))
+
+            await asyncio.gather(*(stream_requests() for _ in range(concurrency)))
+        return records
+
+    return asyncio.run(run())
 
 
 def aiperf(executable: Path, url: str, concurrency: int, requests: int, max_tokens: int, workdir: Path) -> Row:
@@ -317,8 +368,12 @@ def run_frontend_overhead(args: argparse.Namespace) -> list[Row]:
         # The stock llm model with its static demo adapters, which the frontend lists as models.
         repo = workdir / "repo"
         copy_model(repo, "llm", "llm", {"max_loras": str(args.max_loras), "max_num_seqs": str(args.max_num_seqs)})
+        # The model gets --server-threads torch threads and the clients the rest of the cores: a client process
+        # running while the model's OpenMP threads wait on each other at every op would measure the contention,
+        # not the path (aiperf's own processes keep about a core busy).
         server = TritonServer(model_repository=repo, models=["llm"], http_port=free_port(), grpc_port=free_port(),
-                              metrics_port=free_port(), log_file=workdir / "tritonserver.log")
+                              metrics_port=free_port(), log_file=workdir / "tritonserver.log",
+                              env={**os.environ, "OMP_NUM_THREADS": str(args.server_threads)})
         with console.status("starting tritonserver and the frontend"):
             server.start()
             frontend = FrontendProcess(server.grpc_url, None, workdir / "frontend.log").start()
@@ -332,9 +387,14 @@ def run_frontend_overhead(args: argparse.Namespace) -> list[Row]:
                             perf_analyzer(server, "llm", demo_trace(64, args.max_tokens, seed=1), c, c, workdir)
                         direct = summarise("perf_analyzer -> Triton", 2, c,
                                            perf_analyzer(server, "llm", data, c, count, workdir))
+                    with console.status(f"round {round_ + 1}: openai SDK -> frontend, concurrency {c}"):
+                        if round_ == 0:
+                            sdk_records(frontend.url, c, c, args.max_tokens, seed=1)
+                        sdk = summarise("openai SDK -> frontend -> Triton", 2, c,
+                                        sdk_records(frontend.url, c, count, args.max_tokens))
                     with console.status(f"round {round_ + 1}: aiperf -> frontend, concurrency {c}"):
                         served = aiperf(executable, frontend.url, c, count, args.max_tokens, workdir)
-                    for row in (direct, served):
+                    for row in (direct, sdk, served):
                         runs.setdefault((row.system, c), []).append(row)
                         console.print(row)
         finally:
@@ -378,6 +438,8 @@ def main() -> None:
                    help="measure every case this many times, the cases taking turns; the best round is kept")
     p.add_argument("--aiperf", action="store_true",
                    help="measure the OpenAI frontend with aiperf against perf_analyzer on Triton instead")
+    p.add_argument("--server-threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
+                   help="--aiperf: the model's torch threads (the clients need the other cores)")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "bench_out")
     args = p.parse_args()
 
