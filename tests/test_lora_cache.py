@@ -168,3 +168,14 @@ def test_remove_frees_both_tiers_but_not_while_running(folders):
     assert cache.remove(a.int_id)
     assert a.int_id not in cache.host_ids() and cache.slot_of(a.int_id) is None
     assert torch.count_nonzero(cache.context.layers["model.layers.0.self_attn.q_proj"].lora_A[slot]) == 0
+
+
+def test_a_freed_slot_is_reused_lowest_first(folders):
+    """The dense decode shrink reads every slot between the lowest and highest in use: new adapters must fill the
+    lowest free slot, not the one freed last."""
+    cache, _ = make_cache(max_loras=4, max_cpu_loras=4)
+    a, b, c, d = refs(folders)[:4]
+    assert [cache.acquire([r])[0] for r in (a, b, c)] == [0, 1, 2]
+    cache.release([a, b, c])
+    assert cache.remove(a.int_id) and cache.remove(c.int_id)  # frees 0, then 2
+    assert cache.acquire([d])[0] == 0
