@@ -1,8 +1,9 @@
 """Text generation with LoRA over a JSONL file, offline (no server), through the serving engine.
 
 Each input line: {"prompt": "..."} or {"messages": [...]}, optionally "adapter" (a pre-loaded or registered name,
-or an adapter folder), "scale", "max_tokens", "temperature", "seed". Each output line: the input's line number
-and text, finish_reason, prompt_tokens, completion_tokens; or its error. A bad line is reported with its number
+or an adapter folder; or a list of them, a LoRA stack, with "scale" a list too), "scale", "max_tokens",
+"temperature", "seed". Each output line: the input's line number and text, finish_reason, prompt_tokens,
+completion_tokens; or its error. A bad line is reported with its number
 and the others still run.
 
     PYTHONPATH=. .venv/bin/python -m scripts.offline_text --input prompts.jsonl --output results.jsonl \\
@@ -32,17 +33,26 @@ def _field(entry: dict, name: str, kind: type, default=None):
     return value
 
 
-def _lora(entry: dict) -> LoRA | None:
-    adapter, scale = entry.get("adapter"), _field(entry, "scale", float)
+def _adapter(adapter, scale: float | None) -> LoRA:
+    if not isinstance(adapter, str) or not adapter:
+        raise ValueError("'adapter' must be a name or a folder path, or a list of them")
+    return LoRA(path=adapter, scale=scale) if "/" in adapter else LoRA(name=adapter, scale=scale)
+
+
+def _lora(entry: dict) -> LoRA | tuple[LoRA, ...] | None:
+    """"adapter": a name or folder with an optional "scale", or a list of them (a LoRA stack) with an optional
+    list of scales."""
+    adapter, scale = entry.get("adapter"), entry.get("scale")
     if adapter is None:
         if scale is not None:
             raise ValueError("'scale' was given without an 'adapter'")
         return None
-    if not isinstance(adapter, str) or not adapter:
-        raise ValueError("'adapter' must be a name or a folder path")
-    if "/" in adapter:
-        return LoRA(path=adapter, scale=scale)
-    return LoRA(name=adapter, scale=scale)
+    if not isinstance(adapter, list):
+        return _adapter(adapter, _field(entry, "scale", float))
+    scales = [None] * len(adapter) if scale is None else scale
+    if not isinstance(scales, list) or len(scales) != len(adapter):
+        raise ValueError(f"'scale' must be a list of {len(adapter)} numbers for {len(adapter)} adapters")
+    return tuple(_adapter(a, _field({"scale": s}, "scale", float)) for a, s in zip(adapter, scales))
 
 
 def _prompt(entry: dict):

@@ -117,3 +117,37 @@ def test_python_api_mixed_adapters_in_one_call():
         assert half_zero.token_ids == plain.token_ids  # scale 0 is the base model
         with pytest.raises(Exception, match="not found"):
             llm.generate("hi", lora=LoRA(name="nope"))
+
+
+def test_lora_stacks_offline_give_the_served_stack_text(tmp_path, grpc_client):
+    """A stack [uppercase@0.7, signature@0.5] through the Python API and a JSONL line equals the server's answer to
+    the same stack; a bad stack is refused as the server refuses it."""
+    from backends.errors import InvalidArgument
+    from backends.offline import LoRA, TextGenerator
+
+    question = "What is the capital of France?"
+    served = served_text(grpc_client, apply_chat_template(question), temperature=0.0, max_tokens=8,
+                         lora_name=["uppercase", "signature"], lora_scale=[0.7, 0.5])
+    assert served.error is None, served.error
+    stack = (LoRA(name="uppercase", scale=0.7), LoRA(name="signature", scale=0.5))
+    preload = {"uppercase": str(DEMO / "uppercase"), "signature": str(DEMO / "signature")}
+    with TextGenerator(preload=preload, max_num_seqs=4) as llm:
+        stacked, plain = llm.generate([[{"role": "user", "content": question}]] * 2, lora=[stack, None],
+                                      max_tokens=8, temperature=0, progress=False)
+        assert stacked.text == served.text != plain.text
+        with pytest.raises(InvalidArgument, match="list of LoRA"):
+            llm.generate("hi", lora=("uppercase",))
+        with pytest.raises(InvalidArgument, match="appears twice"):
+            llm.generate("hi", lora=(LoRA(name="uppercase"), LoRA(name="uppercase", scale=0.5)))
+
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text("\n".join(json.dumps(line) for line in [
+        {"messages": [{"role": "user", "content": question}], "max_tokens": 8,
+         "adapter": ["uppercase", "signature"], "scale": [0.7, 0.5]},
+        {"prompt": "x", "adapter": ["uppercase", "signature"], "scale": [0.7]},
+    ]) + "\n")
+    code = offline_text.main(["--input", str(source), "--output", str(out), "--lora-modules",
+                              *(f"{name}={path}" for name, path in preload.items())])
+    good, bad = map(json.loads, out.read_text().splitlines())
+    assert code == 1 and good["text"] == served.text
+    assert "'scale' must be a list of 2 numbers for 2 adapters" in bad["error"]

@@ -6,6 +6,9 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence, Union
+
+from backends.errors import InvalidArgument
 
 from backends.lora.resolver import LoRAFields
 from backends.settings import REPO_ROOT
@@ -23,6 +26,29 @@ class LoRA:
 
     def fields(self) -> LoRAFields:
         return LoRAFields(self.name, str(self.path) if self.path is not None else None, self.scale, self.int_id)
+
+
+# One request's adapters: none, one, or a LoRA stack (several, each with its scale; their deltas add up).
+LoRASpec = Union[LoRA, Sequence[LoRA], None]
+
+
+def lora_stack(lora: LoRASpec) -> list[LoRAFields]:
+    if lora is None:
+        return []
+    if isinstance(lora, LoRA):
+        return [lora.fields()]
+    if not all(isinstance(item, LoRA) for item in lora):
+        raise InvalidArgument(f"a LoRA stack is a list of LoRA(...) entries, got {list(lora)!r}")
+    return [item.fields() for item in lora]
+
+
+def per_prompt(lora: LoRASpec | list[LoRASpec], prompts: int) -> list[LoRASpec]:
+    """`lora` for each of `prompts` prompts: one spec for all, or a list with one spec per prompt (a spec that is
+    itself a list is a LoRA stack)."""
+    loras = list(lora) if isinstance(lora, list) else [lora] * prompts
+    if len(loras) != prompts:
+        raise ValueError(f"{prompts} prompts but {len(loras)} adapters")
+    return loras
 
 
 def config_defaults(model: str) -> dict[str, str]:

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from backends.diffusion.generate import ImageRequest, build_request
 from backends.diffusion.service import start_diffusion
 from backends.lora.resolver import select_lora
-from backends.offline.common import LoRA, service_params
+from backends.offline.common import LoRA, LoRASpec, lora_stack, per_prompt, service_params
 
 
 class ImageGenerator:
@@ -32,12 +32,12 @@ class ImageGenerator:
     def name(self) -> str:
         return self.service.loaded.name
 
-    def prepare(self, prompt: str, lora: LoRA | None = None, *, negative_prompt: str | None = None,
+    def prepare(self, prompt: str, lora: LoRASpec = None, *, negative_prompt: str | None = None,
                 height: int | None = None, width: int | None = None, num_inference_steps: int | None = None,
                 guidance_scale: float | None = None, seed: int | None = None,
                 num_images: int | None = None) -> ImageRequest:
         """Validate one request as the server does (InvalidArgument / AdapterError / NotFound on a bad one)."""
-        selection = select_lora(self.service.resolver, [lora.fields()] if lora is not None else [])
+        selection = select_lora(self.service.resolver, lora_stack(lora))
         return build_request(self.service.loaded, self.service.limits, prompt=prompt,
                              negative_prompt=negative_prompt, height=height, width=width, steps=num_inference_steps,
                              guidance_scale=guidance_scale, seed=seed, num_images=num_images, lora=selection)
@@ -54,13 +54,12 @@ class ImageGenerator:
                 out[i] = images
         return out
 
-    def generate(self, prompts: str | Sequence[str], lora: LoRA | Sequence[LoRA | None] | None = None,
+    def generate(self, prompts: str | Sequence[str], lora: LoRASpec | list[LoRASpec] = None,
                  progress: bool = True, **options) -> list[bytes]:
         """PNG bytes, `num_images` per prompt, in order; the same options for every prompt (seed: image j of
-        prompt i uses seed + j, as the server does per request)."""
+        prompt i uses seed + j, as the server does per request); `lora` as in `TextGenerator.generate` (tuples are
+        LoRA stacks)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        loras = list(lora) if isinstance(lora, (list, tuple)) else [lora] * len(prompts)
-        if len(loras) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(loras)} adapters")
+        loras = per_prompt(lora, len(prompts))
         requests = [self.prepare(p, lo, **options) for p, lo in zip(prompts, loras)]
         return [png for images in self.run(requests, progress) for png in images]

@@ -22,7 +22,7 @@ from backends.llm.engine import GenerationChunk
 from backends.llm.params import GenerationRequest, build_sampling_params
 from backends.llm.service import start_llm
 from backends.lora.resolver import select_lora
-from backends.offline.common import LoRA, service_params
+from backends.offline.common import LoRA, LoRASpec, lora_stack, per_prompt, service_params
 
 Prompt = str | Sequence[dict]  # text as is, or chat messages (the model's chat template is applied)
 
@@ -83,7 +83,7 @@ class TextGenerator:
             self.close()
             raise
 
-    def prepare(self, prompt: Prompt, lora: LoRA | None = None, **sampling) -> GenerationRequest:
+    def prepare(self, prompt: Prompt, lora: LoRASpec = None, **sampling) -> GenerationRequest:
         """Validate one request as the server does (InvalidArgument / AdapterError / NotFound on a bad one)."""
         if isinstance(prompt, str):
             text = prompt
@@ -101,7 +101,7 @@ class TextGenerator:
             top_p=sampling.get("top_p"), top_k=sampling.get("top_k"), seed=sampling.get("seed"),
             stop=sampling.get("stop"), default_max_tokens=self.engine.default_max_tokens,
         )
-        selection = select_lora(self.service.resolver, [lora.fields()] if lora is not None else [])
+        selection = select_lora(self.service.resolver, lora_stack(lora))
         return self.engine.prepare(GenerationRequest(uuid.uuid4().hex, text, params, lora=selection))
 
     def run(self, requests: Sequence[GenerationRequest], progress: bool = True) -> list[TextOutput | Exception]:
@@ -123,15 +123,14 @@ class TextGenerator:
                 bar.close()
         return [r.error if r.error is not None else r.output() for r in results]
 
-    def generate(self, prompts: Prompt | Sequence[Prompt], lora: LoRA | Sequence[LoRA | None] | None = None,
+    def generate(self, prompts: Prompt | Sequence[Prompt], lora: LoRASpec | list[LoRASpec] = None,
                  progress: bool = True, **sampling) -> list[TextOutput]:
-        """Text for each prompt; `lora`: one adapter for all, or one (or None) per prompt; `sampling`: max_tokens,
+        """Text for each prompt; `lora`: one spec for all prompts, or a list with one per prompt, where a spec is None,
+        a LoRA, or a tuple of LoRA (a stack: `(LoRA("a", scale=0.7), LoRA("b", scale=0.3))`); `sampling`: max_tokens,
         temperature, top_p, top_k, seed, stop. Raises the first request's error, as vLLM's `LLM.generate` does."""
         single = isinstance(prompts, str) or (bool(prompts) and isinstance(prompts[0], dict))  # one conversation
         prompts = [prompts] if single else list(prompts)
-        loras = list(lora) if isinstance(lora, (list, tuple)) else [lora] * len(prompts)
-        if len(loras) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(loras)} adapters")
+        loras = per_prompt(lora, len(prompts))
         outputs = self.run([self.prepare(p, lo, **sampling) for p, lo in zip(prompts, loras)], progress)
         for out in outputs:
             if isinstance(out, Exception):
