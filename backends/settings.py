@@ -59,8 +59,3 @@ def lora_registry_file() -> str | Path:
 def env_locations(name: str) -> list[str | Path]:
     """An os.pathsep-separated list of folders and s3:// locations from the environment."""
     return split_locations(os.environ.get(name, ""))
-
-
-def env_paths(name: str) -> list[Path]:
-    """An os.pathsep-separated list of folders from the environment."""
-    return [Path(p).expanduser() for p in os.environ.get(name, "").split(os.pathsep) if p]

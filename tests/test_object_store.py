@@ -214,3 +214,18 @@ def test_s3_uri_rejects_what_is_not_an_object_location():
     for bad in ("s3://", "s3://x/a", "s3://bucket/a\x00b", "s3://bucket/./a"):
         with pytest.raises(InvalidArgument):
             S3Uri.parse(bad)
+
+
+def test_a_resolver_dir_in_a_bucket_offers_its_adapter_folders_by_name(s3, adapter, tmp_path, monkeypatch):
+    from backends.lora import object_store
+    from backends.lora.registry import RESOLVER, LoRARegistry
+
+    monkeypatch.setattr(object_store, "_downloads", AdapterDownloads(tmp_path / "cache"))
+    s3.upload(adapter, BUCKET, "resolver/alpha")
+    s3.client().put_object(Bucket=BUCKET, Key="resolver/not-an-adapter/notes.txt", Body=b"x")
+    registry = LoRARegistry(resolver_dirs=[f"s3://{BUCKET}/resolver"])
+    entry = registry.resolve("alpha")
+    assert (entry.path, entry.source) == (f"s3://{BUCKET}/resolver/alpha", RESOLVER)
+    assert "alpha" in registry.known_names()
+    with pytest.raises(NotFound, match="'not-an-adapter' not found; known adapters: .*alpha"):
+        registry.resolve("not-an-adapter")

@@ -32,6 +32,7 @@ from backends.errors import BackendError, InvalidArgument, NotFound, Unavailable
 log = logging.getLogger(__name__)
 
 S3_SCHEME = "s3://"
+CONFIG_FILE = "adapter_config.json"  # PEFT's (backends.lora.adapter imports torch; this module must stay light)
 S3_CACHE_DIR_ENV = "MULTILORA_S3_CACHE_DIR"
 S3_CACHE_MAX_BYTES_ENV = "MULTILORA_S3_CACHE_MAX_BYTES"
 DEFAULT_S3_CACHE_MAX_BYTES = 10 << 30
@@ -127,6 +128,7 @@ class AdapterDownloads:
         self._lock = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
         self._checked: dict[str, tuple[float, Path]] = {}  # uri -> (when checked, local copy)
+        self._exists: dict[str, tuple[float, bool]] = {}  # uri -> (when checked, holds an adapter)
 
     @property
     def client(self):
@@ -172,6 +174,44 @@ class AdapterDownloads:
                             local)
         self._checked[uri.uri] = (time.monotonic(), local)
         return local
+
+    def has_adapter(self, location: str) -> bool:
+        """Whether a PEFT adapter folder (its adapter_config.json) is at `location`: resolver dirs in a bucket. While
+        the store is unreachable, a local copy counts."""
+        from botocore.exceptions import ClientError
+
+        uri = S3Uri.parse(location)
+        checked = self._exists.get(uri.uri)
+        if checked and time.monotonic() - checked[0] < self.check_ttl_s:
+            return checked[1]
+        try:
+            self.client.head_object(Bucket=uri.bucket, Key=f"{uri.key}/{CONFIG_FILE}")
+            found = True
+        except ClientError as exc:
+            if unreachable(exc):
+                return self._newest_local(uri) is not None
+            found = False
+        except Exception as exc:
+            if not unreachable(exc):
+                raise
+            return self._newest_local(uri) is not None
+        self._exists[uri.uri] = (time.monotonic(), found)
+        return found
+
+    def children(self, location: str) -> list[str]:
+        """Names of the folders directly under `location` (the adapters a resolver dir in a bucket offers); none
+        while the store is unreachable."""
+        uri = S3Uri.parse(location, allow_bucket=True)
+        prefix = f"{uri.key}/" if uri.key else ""
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=uri.bucket, Prefix=prefix,
+                                                                          Delimiter="/")
+            return [p["Prefix"][len(prefix):].rstrip("/") for page in pages for p in page.get("CommonPrefixes", [])]
+        except Exception as exc:
+            if not unreachable(exc) and error_code(exc) != "NoSuchBucket":
+                raise
+            log.warning("cannot list LoRA adapters under '%s': %s", uri.uri, exc)
+            return []
 
     def _list(self, uri: S3Uri) -> list[_Object]:
         """The adapter's objects: the files directly under `key/` (a PEFT folder), else the object `key` itself

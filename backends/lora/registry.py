@@ -19,7 +19,7 @@ from typing import Callable, Iterable
 
 from backends.errors import InvalidArgument, NotFound
 from backends.lora.adapter import CONFIG_FILE
-from backends.lora.object_store import S3Uri, is_s3
+from backends.lora.object_store import S3Uri, downloads, is_s3, location
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 STATIC, DYNAMIC, RESOLVER = "static", "dynamic", "resolver"
@@ -189,10 +189,10 @@ class LoRARegistry:
         self,
         static: Iterable[AdapterEntry] = (),
         registry_file: str | Path | None = None,
-        resolver_dirs: Iterable[str | Path] = (),
+        resolver_dirs: Iterable[str | Path] = (),  # folders or s3:// prefixes holding one adapter folder per name
         allowed_roots: Iterable[str | Path] = (),
     ):
-        self.resolver_dirs = [Path(d).expanduser().resolve() for d in resolver_dirs]
+        self.resolver_dirs = [d if is_s3(d) else Path(d).expanduser().resolve() for d in map(location, resolver_dirs)]
         self.static = {e.name: e for e in static}
         # Operators name static adapters and resolver dirs in config: those places are allowed by definition.
         self.paths = PathPolicy([*allowed_roots, *self.resolver_dirs, *(e.path for e in self.static.values())])
@@ -210,9 +210,11 @@ class LoRARegistry:
         if not _SAFE_NAME.match(name) or name in (".", ".."):
             return None
         for root in self.resolver_dirs:
-            folder = root / name
-            if (folder / CONFIG_FILE).is_file():
-                return AdapterEntry(name, self.paths.check(folder), source=RESOLVER)
+            if isinstance(root, str):  # a bucket prefix
+                if downloads().has_adapter(f"{root}/{name}"):
+                    return AdapterEntry(name, self.paths.check(f"{root}/{name}"), source=RESOLVER)
+            elif (root / name / CONFIG_FILE).is_file():
+                return AdapterEntry(name, self.paths.check(root / name), source=RESOLVER)
         return None
 
     def resolve(self, name: str) -> AdapterEntry:
@@ -228,7 +230,9 @@ class LoRARegistry:
     def known_names(self) -> list[str]:
         names = set(self.static) | set(self._dynamic())
         for root in self.resolver_dirs:
-            if root.is_dir():
+            if isinstance(root, str):
+                names.update(n for n in downloads().children(root) if _SAFE_NAME.match(n))
+            elif root.is_dir():
                 names.update(p.parent.name for p in root.glob(f"*/{CONFIG_FILE}"))
         return sorted(names)
 

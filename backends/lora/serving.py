@@ -20,15 +20,10 @@ from backends.lora.patch import LoRAContext
 from backends.lora.registry import AdapterEntry, LoRARegistry, parse_lora_modules
 from backends.lora.resolver import DEFAULT_MAX_LORAS_PER_REQUEST, AdapterResolver
 from backends.settings import (
-    ALLOWED_LORA_ROOTS_ENV, LORA_RESOLVER_DIRS_ENV, adapters_dir, cache_dir, env_locations, env_paths,
-    lora_registry_file,
+    ALLOWED_LORA_ROOTS_ENV, LORA_RESOLVER_DIRS_ENV, adapters_dir, cache_dir, env_locations, lora_registry_file,
 )
 
 log = logging.getLogger(__name__)
-
-
-def _paths(params: dict[str, str], key: str) -> list[Path]:
-    return [Path(p.strip()).expanduser() for p in (params.get(key) or "").split(",") if p.strip()]
 
 
 def _locations(params: dict[str, str], key: str) -> list[str | Path]:
@@ -45,7 +40,7 @@ class LoRAServingConfig:
     static: tuple[AdapterEntry, ...] = ()
     registry_file: str | Path | None = field(default_factory=lora_registry_file)  # None: no dynamic registry
     allowed_roots: tuple[str | Path, ...] = ()  # folders and s3:// buckets or prefixes
-    resolver_dirs: tuple[Path, ...] = ()
+    resolver_dirs: tuple[str | Path, ...] = ()  # folders or s3:// prefixes
 
     @property
     def enabled(self) -> bool:
@@ -77,7 +72,7 @@ class LoRAServingConfig:
                            else lora_registry_file()),
             allowed_roots=(adapters_dir(), *_locations(params, "allowed_lora_roots"),
                            *env_locations(ALLOWED_LORA_ROOTS_ENV)),
-            resolver_dirs=(*_paths(params, "lora_resolver_dirs"), *env_paths(LORA_RESOLVER_DIRS_ENV)),
+            resolver_dirs=(*_locations(params, "lora_resolver_dirs"), *env_locations(LORA_RESOLVER_DIRS_ENV)),
         )
 
 
