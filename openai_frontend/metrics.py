@@ -1,48 +1,74 @@
 """`/metrics`: the frontend's own Prometheus metrics, the backends' metrics re-exported from Triton's metrics port,
 and the Gateway API Inference Extension's model-server metrics under vLLM's names, so an inference gateway can
-route a request to the replica that already holds its adapter."""
+route a request to the replica that already holds its adapter.
+
+Every gateway series is built from the scrape of Triton's metrics port at the time of the request, never from
+this process's own counts: several frontends in front of one Triton then all report the same queues and adapters.
+The endpoint picker reads one series per name, so the models on the port are folded into one replica's view."""
 
 from __future__ import annotations
 
 import time
 from collections import Counter
-from typing import Sequence
+from dataclasses import dataclass, field
 
 import httpx
 from prometheus_client import CollectorRegistry, Counter as PromCounter, Gauge, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+# The KV cache's shape per text model: slots, tokens per slot.
+_KV_SHAPE = {"multilora_llm_kv_cache_slots": 0, "multilora_llm_kv_cache_slot_tokens": 1}
+# Our residency tiers under the names vLLM's proposed residency metrics use (vllm-project/vllm#54830).
+_LEVELS = {"device": "gpu", "host": "cpu"}
 
-# Backend gauges (Triton's metrics port) behind the vLLM names.
-_BACKEND_GAUGES = {"multilora_llm_num_requests_waiting": "waiting", "multilora_llm_num_requests_running": "running",
-                   "multilora_llm_kv_cache_usage_ratio": "kv", "multilora_lora_max_loras": "slots"}
 
+@dataclass
+class BackendState:
+    """One scrape of Triton's metrics port, reduced to what the gateway series need."""
 
-class AdapterActivity:
-    """In-flight requests per adapter: waiting until their first token/image, then running. A request with a LoRA
-    stack counts for each of its adapters (each holds a slot while it runs)."""
+    waiting: float = 0.0  # the text models' queues, summed
+    running: float = 0.0
+    kv_usage: float = 0.0  # the fullest text model's
+    max_lora: int = 0  # the most LoRA slots any model has
+    kv_shapes: dict[str, list[int]] = field(default_factory=dict)  # model -> [slots, tokens per slot]
+    requests: dict[str, Counter[str]] = field(  # state -> adapter -> requests, over every model
+        default_factory=lambda: {"running": Counter(), "waiting": Counter()})
+    resident: Counter[str] = field(default_factory=Counter)  # tier -> adapters, over every model
+    resident_adapters: list[dict[str, str]] = field(default_factory=list)  # labels: model, adapter, tier, pinned
 
-    def __init__(self) -> None:
-        self.waiting: Counter[str] = Counter()
-        self.running: Counter[str] = Counter()
+    @classmethod
+    def parse(cls, triton_text: str) -> "BackendState":
+        state = cls()
+        for family in text_string_to_metric_families(triton_text):
+            for sample in family.samples:
+                state._add(sample.name, sample.labels, sample.value)
+        return state
 
-    def start(self, adapters: Sequence[str]) -> None:
-        for adapter in adapters:
-            self.waiting[adapter] += 1
+    def _add(self, name: str, labels: dict[str, str], value: float) -> None:
+        if name == "multilora_llm_num_requests_waiting":
+            self.waiting += value
+        elif name == "multilora_llm_num_requests_running":
+            self.running += value
+        elif name == "multilora_llm_kv_cache_usage_ratio":
+            self.kv_usage = max(self.kv_usage, value)
+        elif name == "multilora_lora_max_loras":
+            self.max_lora = max(self.max_lora, int(value))
+        elif name in _KV_SHAPE:
+            self.kv_shapes.setdefault(labels["model"], [0, 0])[_KV_SHAPE[name]] = int(value)
+        elif name == "multilora_lora_adapter_requests" and value > 0:
+            self.requests[labels["state"]][labels["adapter"]] += int(value)
+        elif name == "multilora_lora_adapters_resident":
+            self.resident[labels["tier"]] += value
+        elif name == "multilora_lora_adapter_resident_info" and value > 0:
+            self.resident_adapters.append(labels)
 
-    def first_output(self, adapters: Sequence[str]) -> None:
-        for adapter in adapters:
-            if self.waiting[adapter] > 0:
-                self.waiting[adapter] -= 1
-                self.running[adapter] += 1
+    def kv_cache(self) -> tuple[int, int] | None:
+        """(slots, tokens per slot) of the text model with the largest KV cache; None without text models."""
+        shape = max(self.kv_shapes.values(), key=lambda shape: shape[0] * shape[1], default=None)
+        return None if shape is None else (shape[0], shape[1])
 
-    def finish(self, adapters: Sequence[str], started: bool) -> None:
-        tally = self.running if started else self.waiting
-        for adapter in adapters:
-            tally[adapter] = max(0, tally[adapter] - 1)
-
-    def names(self, tally: Counter[str]) -> str:
-        return ",".join(sorted(n for n, c in tally.items() if c > 0))
+    def adapters(self, state: str) -> str:
+        return ",".join(sorted(self.requests[state]))
 
 
 class FrontendMetrics:
@@ -60,18 +86,33 @@ class FrontendMetrics:
                                              ["model"], registry=self.registry)
         self.images = PromCounter("multilora_frontend_images_total", "Images generated", ["model"],
                                   registry=self.registry)
-        self.lora_info = Gauge("vllm:lora_requests_info", "Running and waiting LoRA adapters (value: update time)",
-                               ["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
-                               registry=self.registry)
-        self.waiting = Gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled (text models)",
-                             registry=self.registry)
-        self.running = Gauge("vllm:num_requests_running", "Requests being generated (text models)",
-                             registry=self.registry)
-        self.kv_usage = Gauge("vllm:gpu_cache_usage_perc", "KV-cache utilisation, 1 = full (text models)",
-                              registry=self.registry)
         self.restarts = PromCounter("multilora_model_restarts_total", "Models reloaded by the supervisor after "
                                     "their process stopped", ["model"], registry=self.registry)
-        self.activity = AdapterActivity()
+        self._gateway_series()
+
+    def _gateway_series(self) -> None:
+        """The model-server protocol's series (what the endpoint picker scrapes), and vLLM's proposed residency
+        series for routers that score adapter residency."""
+        gauge = self._gauge
+        self.waiting = gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled (text models)")
+        self.running = gauge("vllm:num_requests_running", "Requests being generated (text models)")
+        self.kv_usage = gauge("vllm:kv_cache_usage_perc", "KV-cache usage, 1 = full (the fullest text model)")
+        self.gpu_cache_usage = gauge("vllm:gpu_cache_usage_perc", "vllm:kv_cache_usage_perc under its older name "
+                                     "(older endpoint pickers read it)")
+        self.cache_config = gauge("vllm:cache_config_info", "KV-cache configuration (value 1): a block is one "
+                                  "sequence's slot of max_model_len tokens; no prefix caching",
+                                  ("block_size", "num_gpu_blocks", "enable_prefix_caching"))
+        self.lora_info = gauge("vllm:lora_requests_info", "Running and waiting LoRA adapters (value: update time)",
+                               ("max_lora", "running_lora_adapters", "waiting_lora_adapters"))
+        self.adapter_loaded = gauge("vllm:lora_adapter_loaded", "1 per resident LoRA adapter; level: gpu = in a "
+                                    "device slot, cpu = in host memory only",
+                                    ("model_name", "adapter_name", "level", "pinned"))
+        self.gpu_loaded = gauge("vllm:num_gpu_loaded_lora_adapters", "LoRA adapters in device slots")
+        self.cpu_loaded = gauge("vllm:num_cpu_loaded_lora_adapters", "LoRA adapters in host memory")
+        self.max_gpu_loras = gauge("vllm:max_gpu_lora_adapters", "LoRA device slots (max_loras)")
+
+    def _gauge(self, name: str, help_: str, labels: tuple[str, ...] = ()) -> Gauge:
+        return Gauge(name, help_, labels, registry=self.registry)
 
     async def _triton_text(self) -> str:
         if not self.triton_metrics_url:
@@ -83,26 +124,28 @@ class FrontendMetrics:
         except httpx.HTTPError:
             return ""  # Triton down: the frontend's own metrics still answer
 
-    @staticmethod
-    def _backend_totals(triton_text: str) -> dict[str, float]:
-        """Text-model queue gauges summed over models; KV use and slot count: the largest model's."""
-        totals = dict.fromkeys(_BACKEND_GAUGES.values(), 0.0)
-        for family in text_string_to_metric_families(triton_text):
-            for sample in family.samples:
-                key = _BACKEND_GAUGES.get(sample.name)
-                if key in ("kv", "slots"):
-                    totals[key] = max(totals[key], sample.value)
-                elif key:
-                    totals[key] += sample.value
-        return totals
+    def _set_gateway_series(self, backend: BackendState) -> None:
+        self.waiting.set(backend.waiting)
+        self.running.set(backend.running)
+        self.kv_usage.set(backend.kv_usage)
+        self.gpu_cache_usage.set(backend.kv_usage)
+        self.cache_config.clear()
+        kv_cache = backend.kv_cache()
+        if kv_cache is not None:
+            slots, tokens = kv_cache
+            self.cache_config.labels(str(tokens), str(slots), "False").set(1)  # a slot's prefix is never shared
+        self.lora_info.clear()
+        self.lora_info.labels(str(backend.max_lora), backend.adapters("running"),
+                              backend.adapters("waiting")).set(time.time())
+        self.adapter_loaded.clear()
+        for labels in backend.resident_adapters:
+            self.adapter_loaded.labels(labels["model"], labels["adapter"], _LEVELS[labels["tier"]],
+                                       labels["pinned"]).set(1)
+        self.gpu_loaded.set(backend.resident["device"])
+        self.cpu_loaded.set(backend.resident["host"])
+        self.max_gpu_loras.set(backend.max_lora)
 
     async def render(self) -> bytes:
         triton = await self._triton_text()
-        totals = self._backend_totals(triton)
-        self.waiting.set(totals["waiting"])
-        self.running.set(totals["running"])
-        self.kv_usage.set(totals["kv"])
-        self.lora_info.clear()
-        self.lora_info.labels(str(int(totals["slots"])), self.activity.names(self.activity.running),
-                              self.activity.names(self.activity.waiting)).set(time.time())
+        self._set_gateway_series(BackendState.parse(triton))
         return generate_latest(self.registry) + triton.encode()

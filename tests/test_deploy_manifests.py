@@ -47,10 +47,6 @@ SECRET_TEMPLATES = "secrets.example.yaml"  # Secrets that exist only as template
 # Env var names read by the AWS SDK (botocore), not by our code: credentials, AWS_DEFAULT_REGION (boto3's region),
 # AWS_REGION (the other SDKs' region name, and the one in the issue), AWS_ENDPOINT_URL (botocore >= 1.31).
 AWS_SDK_ENV = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ENDPOINT_URL"}
-# Being added in parallel by issue 15 parts 1 and 3 (S3 adapter cache; the newer KV-cache gauge name). A name here
-# is accepted while the code does not read/emit it yet; anything else unknown fails. Empty these sets once landed.
-PENDING_ENV: set[str] = set()
-PENDING_METRICS = {"vllm:kv_cache_usage_perc"}
 CODE_DIRS = ("backends", "openai_frontend", "scripts", "model_repository")
 
 
@@ -325,7 +321,7 @@ def check_env_names(m: Manifests) -> list[str]:
     explicit, from_maps = _env_of(m, MODEL_SERVER)
     problems = []
     for name in sorted({*explicit, *from_maps}):
-        if name in AWS_SDK_ENV or name in read or name in PENDING_ENV:
+        if name in AWS_SDK_ENV or name in read:
             continue
         problems.append(f"env {name} is read nowhere in {', '.join(CODE_DIRS)}")
     return problems
@@ -475,7 +471,7 @@ def check_epp_config(m: Manifests) -> list[str]:
             family = re.sub(r"\{.*\}$", "", configs[engine].get(field, "")).strip()
             if not family:
                 problems.append(f"EPP config: {field} is off, its scorer would see nothing")
-            elif family not in emitted and family not in PENDING_METRICS:
+            elif family not in emitted:
                 problems.append(f"EPP config: {field} = {family!r}, which our /metrics does not emit")
         lora = re.sub(r"\{.*\}$", "", configs[engine].get("loraSpec", ""))
         if lora in emitted:

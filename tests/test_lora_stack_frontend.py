@@ -13,7 +13,6 @@ import pytest
 
 from backends.settings import adapters_dir
 from openai_frontend.catalog import Adapter, BaseModel, Target
-from openai_frontend.metrics import AdapterActivity
 from scripts.make_fixtures import diffusion_adapters_dir
 from tests.frontend_process import API_KEY
 
@@ -109,7 +108,7 @@ def test_a_running_stack_counts_each_adapter_in_the_gateway_metric(client, front
         time.sleep(0.2)
 
 
-def test_a_stack_goes_to_triton_as_json_arrays_and_counts_each_adapter():
+def test_a_stack_goes_to_triton_as_json_arrays():
     """One adapter keeps the plain values of before; a stack sends the backends' list form, with the gaps filled
     with what the backend would use anyway (empty path: by name; scale 1.0)."""
     base = BaseModel("llm", "llm", "/m")
@@ -120,11 +119,3 @@ def test_a_stack_goes_to_triton_as_json_arrays_and_counts_each_adapter():
     assert stack.lora_name == "up+a"
     assert stack.lora_parameters() == {"lora_name": '["up", "a"]', "lora_path": '["", "/p/a"]',
                                        "lora_scale": "[1.0, 0.5]"}
-    activity = AdapterActivity()
-    activity.start(stack.adapter_names)
-    activity.start(("a",))
-    assert activity.names(activity.waiting) == "a,up"
-    activity.first_output(stack.adapter_names)
-    assert activity.names(activity.running) == "a,up" and activity.waiting["a"] == 1
-    activity.finish(stack.adapter_names, started=True)
-    assert activity.names(activity.running) == ""

@@ -26,6 +26,11 @@ log = logging.getLogger(__name__)
 
 
 
+def _refs(stacks) -> list:
+    """One adapter ref per request and adapter (a LoRA stack counts for each of its adapters)."""
+    return [selection.ref for stack in stacks for selection in stack]
+
+
 class _Metrics:
     def __init__(self, model_name: str):
         labels = {"model": model_name}
@@ -39,6 +44,11 @@ class _Metrics:
         ]
         self.images, self.batches, self.seconds = (f.Metric(labels=labels) for f in self._families)
         self.lora = TritonLoRAMetrics(model_name)
+
+    def close(self) -> None:
+        """Delete this model's series (see `TritonLoRAMetrics.close`)."""
+        self.lora.close()
+        self._families.clear()
 
 
 class TritonDiffusionModel:
@@ -60,9 +70,12 @@ class TritonDiffusionModel:
         self.loaded, self.limits, self.generator = service.loaded, service.limits, service.generator
         self.resolver = service.resolver
         self.metrics = _Metrics(args["model_name"])
+        if self.resolver is not None:
+            self.metrics.lora.start(self.resolver.registry.static, self.resolver.cache)
 
     def _parse(self, request) -> ImageRequest:
         lora = select_lora(self.resolver, tio.get_lora_stack(request))
+        self.metrics.lora.note(selection.ref for selection in lora)
         return build_request(
             self.loaded, self.limits,
             prompt=tio.get_string(request, "prompt"),
@@ -101,8 +114,11 @@ class TritonDiffusionModel:
                 log.exception("request %s could not be parsed", request.request_id())
                 responses[i] = pb_utils.InferenceResponse(output_tensors=[], error=tio.to_triton_error(exc))
         items = [req for _, req in parsed]
-        for chunk in self.generator.plan(items):
+        chunks = self.generator.plan(items)
+        for n, chunk in enumerate(chunks):
             batch = [items[j] for j in chunk]
+            self._report_lora(running=_refs(r.lora for r in batch),
+                              waiting=_refs(items[j].lora for later in chunks[n + 1:] for j in later))
             try:
                 result = self.generator.run(batch)
             except Exception as exc:
@@ -117,14 +133,19 @@ class TritonDiffusionModel:
             self.metrics.images.increment(sum(len(i) for i in result.images))
             self.metrics.batches.increment(1)
             self.metrics.seconds.increment(result.seconds)
-        if self.resolver is not None:
-            cache = self.resolver.cache
-            try:
-                self.metrics.lora.report(cache.stats(), cache.slots_in_use(), len(cache.host_ids()),
-                                         cache.max_loras)
-            except Exception:  # metrics never cost the requests their answers
-                log.exception("reporting LoRA metrics failed")
+        self._report_lora()
         return responses
 
+    def _report_lora(self, running=(), waiting=()) -> None:
+        """Requests per adapter as Triton hands them over: the batch being denoised runs, the later batches of
+        the same call wait (requests still in Triton's own queue are not visible to the model)."""
+        if self.resolver is None:
+            return
+        try:
+            self.metrics.lora.report(self.resolver.cache, running, waiting)
+        except Exception:  # metrics never cost the requests their answers
+            log.exception("reporting LoRA metrics failed")
+
     def finalize(self) -> None:
+        self.metrics.close()
         log.info("diffusion model %s unloaded", self.loaded.name)

@@ -31,7 +31,7 @@ from backends.llm.params import GenerationRequest, SamplingParams, check_context
 from backends.llm.runner import ModelRunner, RowLoRA
 from backends.llm.sampling import make_generator, sample_next_tokens
 from backends.llm.scheduler import Scheduler, SchedulerLimits
-from backends.lora.cache import CacheStats, LoRACache, NoFreeSlot
+from backends.lora.cache import AdapterRef, LoRACache, NoFreeSlot
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -73,7 +73,8 @@ class EngineObserver(Protocol):
 
     def on_queue(self, waiting: int, running: int, kv_usage: float) -> None: ...
 
-    def on_lora(self, stats: CacheStats, slots_in_use: int, adapters_in_host: int, max_loras: int) -> None: ...
+    def on_lora(self, cache: LoRACache, running: list[AdapterRef], waiting: list[AdapterRef]) -> None:
+        """After every step: the cache, and one adapter ref per request and adapter running / waiting."""
 
 
 class Sequence:
@@ -130,6 +131,11 @@ class Sequence:
     @property
     def last_token(self) -> int:
         return self.output_ids[-1]
+
+
+def _adapter_refs(seqs: "list[Sequence] | deque[Sequence]") -> list[AdapterRef]:
+    """One ref per sequence and adapter: a LoRA stack counts for each of its adapters."""
+    return [selection.ref for seq in seqs for selection in seq.request.lora]
 
 
 @dataclass
@@ -289,11 +295,11 @@ class LLMEngine:
 
     def _observe_queue(self) -> None:
         if self._observer:
-            self._observer.on_queue(len(self._waiting) + self._queue.qsize(), len(self._running),
-                                    self.runner.kv.usage)
+            running = [*self._running, *self._admitting]
+            # The adapters first: once the queue gauges read idle, the adapter lists do too.
             if self.lora_cache is not None:
-                self._observer.on_lora(self.lora_cache.stats(), self.lora_cache.slots_in_use(),
-                                       len(self.lora_cache.host_ids()), self.lora_cache.max_loras)
+                self._observer.on_lora(self.lora_cache, _adapter_refs(running), _adapter_refs(self._waiting))
+            self._observer.on_queue(len(self._waiting) + self._queue.qsize(), len(running), self.runner.kv.usage)
 
     def _pull_requests(self) -> bool:
         """Move queued requests to `waiting` and run handed-over calls, blocking while there is nothing to do.
@@ -341,6 +347,7 @@ class LLMEngine:
         admitted = self._admitting = self._admit()
         self._stalled = bool(self._waiting) and not admitted and not self._running
         if admitted:
+            self._report_queue()  # they run from now on: a router sees them before their first token goes out
             scoring = any(s.params.prompt_logprobs is not None for s in admitted)
             try:
                 logits = self.runner.prefill([s.request.prompt_token_ids for s in admitted],

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import triton_python_backend_utils as pb_utils
 
-from backends.lora.cache import CacheStats
+from backends.llm.kv_cache import SlotKVCache
+from backends.lora.cache import AdapterRef, LoRACache
 from backends.lora.metrics import TritonLoRAMetrics
+from backends.lora.resolver import AdapterResolver
+
+
+_FINISHED = "multilora_llm_requests_finished_total"
 
 
 class TritonEngineMetrics:
@@ -13,13 +18,10 @@ class TritonEngineMetrics:
 
     def __init__(self, model_name: str):
         self._labels = {"model": model_name}
-        # Triton invalidates a Metric once its MetricFamily is garbage-collected: keep the families.
-        self._families: list = []
-        self._finished_family = self._family(
-            "multilora_llm_requests_finished_total",
-            "Finished generation requests by finish reason (stop, length, abort)",
-            pb_utils.MetricFamily.COUNTER,
-        )
+        # Triton invalidates a Metric once its MetricFamily is garbage-collected: keep the families, here only.
+        self._families: dict[str, object] = {}
+        self._family(_FINISHED, "Finished generation requests by finish reason (stop, length, abort)",
+                     pb_utils.MetricFamily.COUNTER)
         self._finished: dict[str, object] = {}
         self._prompt_tokens = self._metric(
             "multilora_llm_prompt_tokens_total", "Prompt tokens processed", pb_utils.MetricFamily.COUNTER
@@ -38,12 +40,25 @@ class TritonEngineMetrics:
             "multilora_llm_kv_cache_usage_ratio", "KV-cache slots held by running sequences over the slots "
             "allocated at load (1 = full: new requests wait)", pb_utils.MetricFamily.GAUGE
         )
+        # The KV cache's shape, fixed at load; a gateway reads it as vLLM's cache_config_info (block = slot).
+        self._kv_slots = self._metric(
+            "multilora_llm_kv_cache_slots", "KV-cache slots (one per running sequence), allocated at load",
+            pb_utils.MetricFamily.GAUGE
+        )
+        self._kv_slot_tokens = self._metric(
+            "multilora_llm_kv_cache_slot_tokens", "Tokens one KV-cache slot holds (max_model_len)",
+            pb_utils.MetricFamily.GAUGE
+        )
         self._lora = TritonLoRAMetrics(model_name)
 
     def _family(self, name: str, description: str, kind):
-        family = pb_utils.MetricFamily(name=name, description=description, kind=kind)
-        self._families.append(family)
+        family = self._families[name] = pb_utils.MetricFamily(name=name, description=description, kind=kind)
         return family
+
+    def close(self) -> None:
+        """Delete this model's series (see `TritonLoRAMetrics.close`); from `finalize`, the engine stopped."""
+        self._lora.close()
+        self._families.clear()
 
     def _metric(self, name: str, description: str, kind):
         return self._family(name, description, kind).Metric(labels=self._labels)
@@ -51,7 +66,7 @@ class TritonEngineMetrics:
     def on_finished(self, finish_reason: str, num_input_tokens: int, num_output_tokens: int) -> None:
         metric = self._finished.get(finish_reason)
         if metric is None:
-            metric = self._finished_family.Metric(labels={**self._labels, "finish_reason": finish_reason})
+            metric = self._families[_FINISHED].Metric(labels={**self._labels, "finish_reason": finish_reason})
             self._finished[finish_reason] = metric
         metric.increment(1)
         self._prompt_tokens.increment(num_input_tokens)
@@ -64,5 +79,15 @@ class TritonEngineMetrics:
         self._running.set(running)
         self._kv_usage.set(kv_usage)
 
-    def on_lora(self, stats: CacheStats, slots_in_use: int, adapters_in_host: int, max_loras: int) -> None:
-        self._lora.report(stats, slots_in_use, adapters_in_host, max_loras)
+    def on_lora(self, cache: LoRACache, running: list[AdapterRef], waiting: list[AdapterRef]) -> None:
+        self._lora.report(cache, running, waiting)
+
+    def on_started(self, kv: SlotKVCache, resolver: AdapterResolver | None) -> None:
+        """What a router reads before any traffic: the KV cache's shape and the static (pinned) adapters."""
+        self._kv_slots.set(kv.num_slots)
+        self._kv_slot_tokens.set(kv.max_model_len)
+        if resolver is not None:
+            self._lora.start(resolver.registry.static, resolver.cache)
+
+    def note_adapters(self, refs: list[AdapterRef]) -> None:
+        self._lora.note(refs)

@@ -86,14 +86,16 @@ class TritonLLMModel:
             device = f"cuda:{args['model_instance_device_id']}"
         log.info("model '%s' serving %s on %s (set parameter model_path or %s to change)", args["model_name"],
                  params.get("model_path") or default_llm_model_path(), device, LLM_MODEL_PATH_ENV)
+        self.metrics = TritonEngineMetrics(args["model_name"])
         self.service = start_llm(
-            params, device, observer=TritonEngineMetrics(args["model_name"]),
+            params, device, observer=self.metrics,
             # Triton 2.51 cannot be told that a Python model went unready: new requests and the supervisor's
             # probes get UNAVAILABLE from now on, and the frontend's supervisor reloads the model.
             on_dead=lambda exc: log.critical("model '%s' cannot serve any more: its engine stopped (%s); reload "
                                              "it (the frontend's supervisor does)", args["model_name"], exc),
         )
         self.engine = self.service.engine
+        self.metrics.on_started(self.engine.runner.kv, self.service.resolver)
 
     def _parse(self, request) -> GenerationRequest:
         prompt = tio.get_string(request, "text_input")
@@ -117,6 +119,7 @@ class TritonLLMModel:
         )
         stream = tio.get_bool(request, "stream")
         lora = select_lora(self.service.resolver, tio.get_lora_stack(request))
+        self.metrics.note_adapters([selection.ref for selection in lora])
         return GenerationRequest(request.request_id() or "", prompt or "", sampling, stream=bool(stream),
                                  prompt_token_ids=ids or [], lora=lora)
 
@@ -141,3 +144,4 @@ class TritonLLMModel:
 
     def finalize(self) -> None:
         self.engine.shutdown()
+        self.metrics.close()

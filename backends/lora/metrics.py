@@ -1,11 +1,20 @@
 """LoRA cache counters and gauges published through the Python backend's custom metrics API (Triton's metrics
-port), labelled by Triton model name; shared by every model that serves adapters."""
+port), labelled by Triton model name; shared by every model that serves adapters.
+
+Besides the cache's counters, a router needs to know per adapter what each replica is doing with it: requests
+running or waiting in this model's own queue, and whether the adapter is resident (in a device slot, or in host
+memory). The frontend turns these into the Gateway API Inference Extension's vLLM-named series; they come from
+the backend so that several frontends in front of one Triton all report the same thing."""
 
 from __future__ import annotations
 
+import threading
+from collections import Counter
+from typing import Iterable
+
 import triton_python_backend_utils as pb_utils
 
-from backends.lora.cache import CacheStats
+from backends.lora.cache import AdapterRef, CacheStats, LoRACache
 
 # CacheStats field -> (counter name, help). Counters advance by the change since the last report.
 _LORA_COUNTERS = {
@@ -18,14 +27,44 @@ _LORA_COUNTERS = {
     "device_evictions": ("multilora_lora_device_evictions_total", "LoRA adapters evicted from a device slot"),
     "device_loads": ("multilora_lora_device_loads_total", "LoRA adapters copied into a device slot"),
 }
+DEVICE, HOST = "device", "host"
 
+
+class _SeriesSet:
+    """A gauge family with series per adapter: `update` sets the given (non-zero) series and zeroes the others.
+    pb_utils cannot delete one series (its MetricFamily holds every Metric it made), so each label set gets one
+    Metric, made on first use and reused: the series grow with the distinct adapters served, not with requests.
+    A value is sent only when it changed: each `set` is a round trip to the Triton process, and the LLM engine
+    reports after every step."""
+
+    def __init__(self, families: dict, name: str, labels: dict[str, str], label_names: tuple[str, ...]):
+        self._families, self._name = families, name  # the family stays its owner's alone (see `close`)
+        self._labels, self._label_names = labels, label_names
+        self._metrics: dict[tuple[str, ...], object] = {}  # label values -> Metric
+        self._values: dict[tuple[str, ...], float] = {}  # the non-zero series, as last set
+
+    def update(self, values: dict[tuple[str, ...], float]) -> None:
+        for gone in self._values.keys() - values.keys():
+            self._metrics[gone].set(0)
+            del self._values[gone]
+        for key, value in values.items():
+            if self._values.get(key) != value:
+                self._metric(key).set(value)
+                self._values[key] = value
+
+    def _metric(self, key: tuple[str, ...]):
+        metric = self._metrics.get(key)
+        if metric is None:
+            labels = {**self._labels, **dict(zip(self._label_names, key))}
+            metric = self._metrics[key] = self._families[self._name].Metric(labels=labels)
+        return metric
 
 
 class TritonLoRAMetrics:
     def __init__(self, model_name: str):
         self._labels = {"model": model_name}
-        # Triton invalidates a Metric once its MetricFamily is garbage-collected: keep the families.
-        self._families: list = []
+        # Triton invalidates a Metric once its MetricFamily is garbage-collected: keep the families, here only.
+        self._families: dict[str, object] = {}
         self._counters = {
             field: self._metric(name, help_, pb_utils.MetricFamily.COUNTER)
             for field, (name, help_) in _LORA_COUNTERS.items()
@@ -37,22 +76,79 @@ class TritonLoRAMetrics:
         self._max_loras = self._metric(
             "multilora_lora_max_loras", "LoRA device slots (distinct adapters per batch)", pb_utils.MetricFamily.GAUGE
         )
-        self._adapters_resident = self._metric(
-            "multilora_lora_adapters_in_host_memory", "LoRA adapters cached in host memory",
-            pb_utils.MetricFamily.GAUGE,
-        )
+        resident = self._family(
+            "multilora_lora_adapters_resident", "LoRA adapters resident per tier: device = in a slot (pinned, "
+            "running or idle), host = in host memory (an adapter is usually in both)", pb_utils.MetricFamily.GAUGE)
+        self._resident = {tier: resident.Metric(labels={**self._labels, "tier": tier}) for tier in (DEVICE, HOST)}
+        self._resident_info = self._series_set(
+            "multilora_lora_adapter_resident_info", "1 per LoRA adapter resident in this model's cache; tier: "
+            "device (in a slot) or host (host memory only); pinned: a static adapter, never evicted",
+            ("adapter", "tier", "pinned"))
+        self._requests = self._series_set(
+            "multilora_lora_adapter_requests", "Requests per LoRA adapter in this model's own queue: running (in "
+            "the batch) or waiting; a LoRA stack counts for each of its adapters", ("adapter", "state"))
+        self._pinned: frozenset[str] = frozenset()
+        # Cache key -> the names requests gave the resident adapters (the cache knows keys only; one adapter's
+        # files may be asked for under two names). Requests are noted on Triton's execute thread, reports may run
+        # on the LLM engine's thread.
+        self._names: dict[int, set[str]] = {}
+        self._names_lock = threading.Lock()
+
+    def _family(self, name: str, description: str, kind):
+        family = self._families[name] = pb_utils.MetricFamily(name=name, description=description, kind=kind)
+        return family
 
     def _metric(self, name: str, description: str, kind):
-        family = pb_utils.MetricFamily(name=name, description=description, kind=kind)
-        self._families.append(family)
-        return family.Metric(labels=self._labels)
+        return self._family(name, description, kind).Metric(labels=self._labels)
 
-    def report(self, stats: CacheStats, slots_in_use: int, adapters_in_host: int, max_loras: int) -> None:
-        self._max_loras.set(max_loras)
+    def _series_set(self, name: str, description: str, label_names: tuple[str, ...]) -> _SeriesSet:
+        self._family(name, description, pb_utils.MetricFamily.GAUGE)
+        return _SeriesSet(self._families, name, self._labels, label_names)
+
+    def close(self) -> None:
+        """Delete this model's series (call it from `finalize`): a MetricFamily deletes its series when it goes,
+        but only while the stub still talks to Triton; left to the stub's exit they stay on the metrics port with
+        their last values, and a router would see an unloaded model's adapters as resident."""
+        self._families.clear()
+
+    def start(self, static_adapters: Iterable[str], cache: LoRACache) -> None:
+        """Static adapters are pinned, so always resident; reporting once now lets a router see them before any
+        traffic arrives."""
+        self._pinned = frozenset(static_adapters)
+        self.report(cache)
+
+    def note(self, refs: Iterable[AdapterRef]) -> None:
+        """Names of the adapters a request resolved (a cold one was just loaded for it), even if the request then
+        fails before it is queued."""
+        with self._names_lock:
+            for ref in refs:
+                self._names.setdefault(ref.key, set()).add(ref.name)
+
+    def report(self, cache: LoRACache, running: Iterable[AdapterRef] = (),
+               waiting: Iterable[AdapterRef] = ()) -> None:
+        """The requests per adapter (one ref per request and adapter), residency, and the cache's counters; the
+        per-adapter series first, so that once the slot gauge reads idle the adapter lists do too."""
+        running, waiting = list(running), list(waiting)
+        self._requests.update(Counter([(r.name, "running") for r in running] + [(r.name, "waiting") for r in waiting]))
+        self._report_residency(set(cache.device_ids()), set(cache.host_ids()), running + waiting)
+        stats = cache.stats()
+        self._max_loras.set(cache.max_loras)
         for field, metric in self._counters.items():
             delta = getattr(stats, field) - getattr(self._seen, field)
             if delta:
                 metric.increment(delta)
         self._seen = stats
-        self._slots_in_use.set(slots_in_use)
-        self._adapters_resident.set(adapters_in_host)
+        self._slots_in_use.set(cache.slots_in_use())
+
+    def _report_residency(self, device: set[int], host: set[int], queued: list[AdapterRef]) -> None:
+        self._resident[DEVICE].set(len(device))
+        self._resident[HOST].set(len(host))
+        self.note(queued)
+        with self._names_lock:  # forget evicted adapters: the book stays as small as the cache
+            self._names = {key: names for key, names in self._names.items() if key in device or key in host}
+            named = [(key, name) for key, names in self._names.items() for name in names]
+        tiers = dict.fromkeys(self._pinned, DEVICE)
+        for key, name in named:  # one name may have two cache keys (an adapter rewritten on disk): best tier wins
+            if tiers.get(name) != DEVICE:
+                tiers[name] = DEVICE if key in device else HOST
+        self._resident_info.update({(name, tier, str(name in self._pinned).lower()): 1 for name, tier in tiers.items()})

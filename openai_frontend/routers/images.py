@@ -55,11 +55,7 @@ async def generate(request: Request, target: Target, body: ImageGenerationReques
     fields = {"prompt": body.prompt, "negative_prompt": body.negative_prompt or "", "height": height,
               "width": width, "num_inference_steps": body.num_inference_steps,
               "guidance_scale": body.guidance_scale, "seed": body.seed, "num_images": body.n}
-    app.metrics.activity.start(target.adapter_names)
-    try:
-        images = await unless_disconnected(
-            request, app.gateway.images(target.base.name, fields, target.lora_parameters()))
-    finally:
-        app.metrics.activity.finish(target.adapter_names, started=False)
+    images = await unless_disconnected(
+        request, app.gateway.images(target.base.name, fields, target.lora_parameters()))
     app.metrics.images.labels(body.model).inc(len(images.pngs))
     return images

@@ -94,25 +94,15 @@ def _record(app, model: str, last: TextChunk | None) -> None:
 async def _collect(request: Request, body: _Sampling, target: Target, fields: dict) -> _Collected:
     """One generation to its end (callers watch for the client disconnecting, once around all of them)."""
     app = request.app.state
-    adapters = target.adapter_names  # each adapter of a stack counts in the gateway metrics
     chunks = app.gateway.generate(target.base.name, fields, target.lora_parameters())
-    app.metrics.activity.start(adapters)
     out = _Collected("", None, None, None)
     text: list[str] = []
-    started = False
-
-    try:
-        async for chunk in chunks:
-            if not started:
-                app.metrics.activity.first_output(adapters)
-                started = True
-            text.append(chunk.text)
-            out.last = chunk
-            if chunk.logprobs is not None:
-                out.logprobs = chunk.logprobs if out.logprobs is None else out.logprobs + chunk.logprobs
-            out.prompt_logprobs = chunk.prompt_logprobs or out.prompt_logprobs
-    finally:
-        app.metrics.activity.finish(adapters, started)
+    async for chunk in chunks:
+        text.append(chunk.text)
+        out.last = chunk
+        if chunk.logprobs is not None:
+            out.logprobs = chunk.logprobs if out.logprobs is None else out.logprobs + chunk.logprobs
+        out.prompt_logprobs = chunk.prompt_logprobs or out.prompt_logprobs
     _record(app, body.model, out.last)
     out.text = "".join(text)
     return out
@@ -128,26 +118,18 @@ async def _stream(request: Request, body: _Sampling, target: Target, fields: dic
     """One generation as SSE chunks built by `render(text, finish_reason, first)`."""
     app = request.app.state
     base = _response_base(body, kind)
-    adapters = target.adapter_names  # each adapter of a stack counts in the gateway metrics
     chunks = app.gateway.generate(target.base.name, fields, target.lora_parameters())
-    app.metrics.activity.start(adapters)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
-    try:  # errors before the first token still get a proper status code
-        first = await unless_disconnected(request, _first(chunks))
-    except BaseException:
-        app.metrics.activity.finish(adapters, False)
-        raise
+    # errors before the first token still get a proper status code
+    first = await unless_disconnected(request, _first(chunks))
 
     async def events() -> AsyncIterator[bytes]:
-        last, started = None, False
+        last = None
         try:
             if kind == "chat":  # OpenAI sends the role first, on its own
                 yield _sse({**base, "object": obj, "choices": [render("", None, True)]})
             async for chunk in _prepend(first, chunks):
-                if not started:
-                    app.metrics.activity.first_output(adapters)
-                    started = True
                 last = chunk
                 if chunk.text or chunk.finish_reason:
                     payload = {**base, "object": obj, "choices": [render(chunk.text, chunk.finish_reason, False)]}
@@ -159,7 +141,6 @@ async def _stream(request: Request, body: _Sampling, target: Target, fields: dic
         except OpenAIError as exc:
             yield _sse(exc.body())
         finally:
-            app.metrics.activity.finish(adapters, started)
             _record(app, body.model, last)
         yield b"data: [DONE]\n\n"
 
