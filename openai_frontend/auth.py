@@ -34,7 +34,8 @@ async def require_api_key(request: Request) -> None:
 
 async def require_metrics_key(request: Request) -> None:
     """/metrics takes the API key unless --public-metrics: the inference gateway's endpoint picker scrapes it and
-    cannot send a bearer token (it shows queue sizes and adapter names, no request content)."""
+    cannot send a bearer token. Public, it shows queue sizes, adapter names and Triton's own metrics; no prompts or
+    outputs."""
     config = request.app.state.config
     if not config.public_metrics:
         _check(request, config.api_key, "API key")

@@ -136,7 +136,9 @@ class Catalog:
         for base in bases.values():
             for name, entry in base.static_adapters.items():
                 out.setdefault(name, (entry, base.name))
-        _, dynamic = self.registry.file.read() if self.registry.file else (0, {})
+        # A registry in object storage is a network round trip (a connect timeout while the store is down): off
+        # the event loop.
+        _, dynamic = await asyncio.to_thread(self.registry.file.read) if self.registry.file else (0, {})
         default = self.default_base(bases, LLM)
         for name, entry in dynamic.items():
             base = entry.base_model if entry.base_model in bases else default

@@ -7,8 +7,17 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from backends.errors import InvalidArgument
 from backends.lora.object_store import location
 from backends.settings import ALLOWED_LORA_ROOTS_ENV, adapters_dir, env_locations, lora_registry_file
+
+
+def _location(value: str) -> str | Path:
+    """argparse type: a folder or s3:// location (a bad one is a usage error, not a traceback)."""
+    try:
+        return location(value)
+    except InvalidArgument as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _truthy(value: str | None) -> bool:
@@ -63,10 +72,10 @@ def parser() -> argparse.ArgumentParser:
                         "[MULTILORA_ALLOW_RUNTIME_LORA_UPDATING or VLLM_ALLOW_RUNTIME_LORA_UPDATING]")
     p.add_argument("--lora-modules", nargs="*", default=[env("MULTILORA_LORA_MODULES", "")],
                    help="adapters to register at start: name=path ... or vLLM's JSON form")
-    p.add_argument("--lora-registry-file", type=location, default=lora_registry_file(),
+    p.add_argument("--lora-registry-file", type=_location, default=lora_registry_file(),
                    help="the registry shared with the backends: a file, or s3://bucket/key shared by every replica "
                         "[MULTILORA_LORA_REGISTRY]")
-    p.add_argument("--allowed-lora-root", action="append", type=location, default=[],
+    p.add_argument("--allowed-lora-root", action="append", type=_location, default=[],
                    help="adapter paths must lie under one of these folders or s3://bucket/prefix locations "
                         "(repeatable; .cache/adapters always allowed)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)

@@ -37,7 +37,10 @@ class OpenAIError(Exception):
 
 def status_of(exc: BackendError) -> int:
     """The HTTP status of a backend error raised in the frontend's own process (registry, downloads)."""
-    return {NotFound: 404, InvalidArgument: 400, Unavailable: 503}.get(type(exc), 500)
+    for kind, status in ((NotFound, 404), (InvalidArgument, 400), (Unavailable, 503)):
+        if isinstance(exc, kind):
+            return status
+    return 500
 
 
 class ErrorBody(BaseModel):

@@ -49,6 +49,8 @@ def _lora(entry: dict) -> LoRA | tuple[LoRA, ...] | None:
         return None
     if not isinstance(adapter, list):
         return _adapter(adapter, _field(entry, "scale", float))
+    if not adapter:
+        raise ValueError("'adapter' is an empty list; leave it out for the base model")
     scales = [None] * len(adapter) if scale is None else scale
     if not isinstance(scales, list) or len(scales) != len(adapter):
         raise ValueError(f"'scale' must be a list of {len(adapter)} numbers for {len(adapter)} adapters")

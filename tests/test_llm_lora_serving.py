@@ -170,6 +170,9 @@ BAD = {
     "scale without adapter": (lambda a: dict(lora_scale=0.5), r"lora_scale was given without lora_name"),
     "int id clash": (lambda a: dict(lora_path=str(a["rand_d"]), lora_int_id=424242),
                      r"lora_int_id 424242 is already bound to another adapter; use another id"),
+    # A name labels the metrics a router reads (comma-separated adapter lists): "x,uppercase" would fake one.
+    "unsafe name with a path": (lambda a: dict(lora_path=str(a["rand_a"]), lora_name="x,uppercase"),
+                                r"invalid LoRA adapter name 'x,uppercase'"),
     "bad request parameter": (lambda a: dict(parameters={"lora_scale": "loud"}),
                               r"request parameter 'lora_scale' must be float, got 'loud'"),
 }

@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import threading
 from pathlib import Path
 
 import pytest
 
 from backends.errors import InvalidArgument, NotFound, Unavailable
-from backends.lora.object_store import AdapterDownloads, S3Uri, s3_client, split_locations
+from backends.lora.object_store import AdapterDownloads, S3Uri, s3_client, split_locations, version_of
 from backends.lora.registry import AdapterEntry, PathPolicy
 from backends.lora.registry_s3 import S3RegistryObject
 from tests.s3_server import S3Server
@@ -109,7 +110,7 @@ def test_an_adapter_downloads_once_under_concurrency_and_a_changed_object_is_a_n
 def test_the_download_cache_is_bounded_least_recently_used_first(s3, adapter, tmp_path):
     a, b = s3.upload(adapter, BUCKET, "lru/a"), s3.upload(adapter, BUCKET, "lru/b")
     size = sum(f.stat().st_size for f in adapter.iterdir())
-    downloads = AdapterDownloads(tmp_path / "cache", max_bytes=int(size * 1.5), check_ttl_s=0)
+    downloads = AdapterDownloads(tmp_path / "cache", max_bytes=int(size * 1.5), check_ttl_s=0, min_age_s=0)
     first = downloads.fetch(a)
     second = downloads.fetch(b)
     assert not first.exists() and second.exists()  # a was least recently used
@@ -229,3 +230,55 @@ def test_a_resolver_dir_in_a_bucket_offers_its_adapter_folders_by_name(s3, adapt
     assert "alpha" in registry.known_names()
     with pytest.raises(NotFound, match="'not-an-adapter' not found; known adapters: .*alpha"):
         registry.resolve("not-an-adapter")
+
+
+def test_folder_markers_are_skipped_and_a_new_download_of_the_same_objects_keeps_its_version(s3, adapter, tmp_path):
+    """A "folder" created in an S3 console is an empty object "prefix/name/"; evicting and downloading the same
+    objects again must not look like a changed adapter (the resolver keys loaded adapters by this version)."""
+    uri = s3.upload(adapter, BUCKET, "marker/a")
+    s3.client().put_object(Bucket=BUCKET, Key="marker/a/", Body=b"")
+    downloads = AdapterDownloads(tmp_path / "cache", check_ttl_s=0)
+    local = downloads.fetch(uri)
+    assert sorted(f.name for f in local.iterdir() if not f.name.startswith(".")) == sorted(
+        f.name for f in adapter.iterdir())
+    version = version_of(local)
+    assert version_of(downloads.fetch(uri)) == version
+    shutil.rmtree(local)  # evicted
+    assert downloads.fetch(uri) == local and version_of(local) == version
+
+
+def test_a_recently_used_version_is_not_evicted_under_a_running_load(s3, adapter, tmp_path):
+    a, b = s3.upload(adapter, BUCKET, "age/a"), s3.upload(adapter, BUCKET, "age/b")
+    size = sum(f.stat().st_size for f in adapter.iterdir())
+    downloads = AdapterDownloads(tmp_path / "cache", max_bytes=int(size * 1.5), check_ttl_s=0, min_age_s=60)
+    first = downloads.fetch(a)
+    assert downloads.fetch(b).exists() and first.exists()  # over budget for a moment rather than pull it away
+
+
+def test_the_resolver_keeps_an_s3_adapter_loaded_across_checks_and_serves_it_from_memory_when_all_else_is_gone(
+        tmp_path, monkeypatch):
+    """Each check against the store touches the download; that must not look like new files (a reload every few
+    seconds). With the store down and the download evicted, the weights in memory still serve."""
+    from backends.lora import object_store
+    from backends.lora.registry import LoRARegistry
+    from backends.lora.resolver import AdapterResolver, LoRAFields
+    from scripts.make_adapters import make_random_adapter
+    from tests.test_lora_cache import ALL_PROJECTIONS, make_cache, tiny_llama
+
+    folder = make_random_adapter(tiny_llama, tmp_path / "peft", seed=1, r=4, lora_alpha=8,
+                                 target_modules=ALL_PROJECTIONS)
+    server = S3Server(tmp_path / "moto.log").start()
+    server.client().create_bucket(Bucket=BUCKET)
+    uri = server.upload(folder, BUCKET, "mem/a")
+    monkeypatch.setattr(object_store, "_downloads", AdapterDownloads(
+        tmp_path / "cache", check_ttl_s=0, client_factory=lambda: S3Server.client(server)))
+    cache, loader = make_cache()
+    resolver = AdapterResolver(LoRARegistry(allowed_roots=[f"s3://{BUCKET}"]), cache)
+    first = resolver.select(LoRAFields(path=uri)).ref
+    assert [resolver.select(LoRAFields(path=uri)).ref.key for _ in range(3)] == [first.key] * 3
+    assert len(loader.calls) == 1
+    server.stop()
+    shutil.rmtree(first.path)
+    assert resolver.select(LoRAFields(path=uri)).ref.key == first.key
+    with pytest.raises(Unavailable, match="mem/b' and no local copy"):
+        resolver.select(LoRAFields(path=f"s3://{BUCKET}/mem/b"))

@@ -135,8 +135,9 @@ def test_lora_stacks_offline_give_the_served_stack_text(tmp_path, grpc_client):
         stacked, plain = llm.generate([[{"role": "user", "content": question}]] * 2, lora=[stack, None],
                                       max_tokens=8, temperature=0, progress=False)
         assert stacked.text == served.text != plain.text
-        with pytest.raises(InvalidArgument, match="list of LoRA"):
-            llm.generate("hi", lora=("uppercase",))
+        for bad in (("uppercase",), ()):
+            with pytest.raises(InvalidArgument, match="non-empty tuple of LoRA"):
+                llm.generate("hi", lora=bad)
         with pytest.raises(InvalidArgument, match="appears twice"):
             llm.generate("hi", lora=(LoRA(name="uppercase"), LoRA(name="uppercase", scale=0.5)))
 
@@ -145,9 +146,11 @@ def test_lora_stacks_offline_give_the_served_stack_text(tmp_path, grpc_client):
         {"messages": [{"role": "user", "content": question}], "max_tokens": 8,
          "adapter": ["uppercase", "signature"], "scale": [0.7, 0.5]},
         {"prompt": "x", "adapter": ["uppercase", "signature"], "scale": [0.7]},
+        {"prompt": "x", "adapter": []},
     ]) + "\n")
     code = offline_text.main(["--input", str(source), "--output", str(out), "--lora-modules",
                               *(f"{name}={path}" for name, path in preload.items())])
-    good, bad = map(json.loads, out.read_text().splitlines())
+    good, bad_scales, empty = map(json.loads, out.read_text().splitlines())
     assert code == 1 and good["text"] == served.text
-    assert "'scale' must be a list of 2 numbers for 2 adapters" in bad["error"]
+    assert "'scale' must be a list of 2 numbers for 2 adapters" in bad_scales["error"]
+    assert "'adapter' is an empty list" in empty["error"]

@@ -23,6 +23,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -97,14 +98,22 @@ def error_code(exc: Exception) -> str:
         response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
 
 
+# Answers that say the store will not serve us now (throttling, expired or wrong credentials), as opposed to an
+# answer about the object: the cached copy keeps serving and the client gets 503, not 400/404.
+_RETRY_LATER = {"SlowDown", "RequestTimeout", "ServiceUnavailable", "AccessDenied", "ExpiredToken",
+                "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "403"}
+_MISSING = {"404", "NoSuchKey", "NotFound"}
+
+
 def unreachable(exc: Exception) -> bool:
-    """The store is down or failing (retry later), as opposed to an answer about the object."""
+    """The store is down or refuses us (retry later), as opposed to an answer about the object."""
     from botocore.exceptions import BotoCoreError, ClientError
+    from s3transfer.exceptions import RetriesExceededError
 
     if isinstance(exc, ClientError):
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        return status >= 500 or error_code(exc) in ("SlowDown", "RequestTimeout", "ServiceUnavailable")
-    return isinstance(exc, (BotoCoreError, OSError))
+        return status >= 500 or error_code(exc) in _RETRY_LATER
+    return isinstance(exc, (BotoCoreError, RetriesExceededError))
 
 
 @dataclass(frozen=True)
@@ -115,20 +124,43 @@ class _Object:
     size: int
 
 
+class _Bounded(OrderedDict):
+    """A dict that forgets its oldest entries beyond `size` (per-location state that clients can grow)."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__(key, value)
+        self.move_to_end(key)
+        while len(self) > self.size:
+            self.popitem(last=False)
+
+
+def version_of(local: Path) -> int:
+    """The object version a local copy holds (from its folder's name, the digest of the objects' ETags): the same
+    objects give the same number however often they are downloaded again. Never 0 (0 marks fixed adapters)."""
+    folder = local if local.is_dir() else local.parent
+    return int(folder.name[:15], 16) | 1
+
+
 class AdapterDownloads:
     """Local disk cache of adapters held in object storage, bounded in bytes (least recently used leaves first)."""
 
     def __init__(self, root: str | Path, max_bytes: int = DEFAULT_S3_CACHE_MAX_BYTES, check_ttl_s: float = 5.0,
-                 client_factory: Callable[[], object] = s3_client):
+                 client_factory: Callable[[], object] = s3_client, min_age_s: float = 60.0):
         self.root = Path(root)
         self.max_bytes = max_bytes
         self.check_ttl_s = check_ttl_s  # how long a version, once checked against the store, is trusted
+        self.min_age_s = min_age_s  # a version used this recently is never evicted: a load may be reading it
         self._client_factory = client_factory
         self._client = None
         self._lock = threading.Lock()
-        self._locks: dict[str, threading.Lock] = {}
-        self._checked: dict[str, tuple[float, Path]] = {}  # uri -> (when checked, local copy)
-        self._exists: dict[str, tuple[float, bool]] = {}  # uri -> (when checked, holds an adapter)
+        self._locks = [threading.Lock() for _ in range(64)]  # striped by location: bounded, one per download
+        self._checked: _Bounded = _Bounded(4096)  # uri -> (when checked, local copy)
+        self._exists: _Bounded = _Bounded(4096)  # uri -> (when checked, holds an adapter)
+        self._children: _Bounded = _Bounded(64)  # uri -> (when listed, folder names)
 
     @property
     def client(self):
@@ -143,9 +175,7 @@ class AdapterDownloads:
     @contextlib.contextmanager
     def _exclusive(self, uri: S3Uri) -> Iterator[None]:
         """One download per adapter: a thread lock, then a file lock for other processes on this disk."""
-        with self._lock:
-            lock = self._locks.setdefault(uri.uri, threading.Lock())
-        with lock:
+        with self._locks[hash(uri.uri) % len(self._locks)]:
             folder = self._folder(uri)
             folder.mkdir(parents=True, exist_ok=True)
             with open(folder / ".lock", "w") as f:
@@ -158,28 +188,28 @@ class AdapterDownloads:
         checked = self._checked.get(uri.uri)
         if checked and time.monotonic() - checked[0] < self.check_ttl_s and checked[1].exists():
             return checked[1]
-        with self._exclusive(uri):
-            try:
-                local = self._download(uri, self._list(uri))
-            except BackendError:
-                raise
-            except Exception as exc:
-                if not unreachable(exc):
-                    raise InvalidArgument(f"object store refused LoRA adapter '{uri.uri}': {exc}") from None
-                local = self._newest_local(uri)
-                if local is None:
-                    raise Unavailable(f"object store unreachable for LoRA adapter '{uri.uri}' and no local copy "
-                                      f"({type(exc).__name__}: {exc})") from None
-                log.warning("object store unreachable for '%s' (%s); serving the cached copy %s", uri.uri, exc,
-                            local)
+        try:
+            objects = self._list(uri)  # before any local state: an unknown location leaves nothing behind
+            with self._exclusive(uri):
+                local = self._download(uri, objects)
+        except BackendError:
+            raise
+        except Exception as exc:
+            if error_code(exc) in _MISSING:  # deleted between the listing and the download
+                raise NotFound(f"LoRA adapter '{uri.uri}' not found (an object of it is gone)") from None
+            if not unreachable(exc):
+                raise InvalidArgument(f"object store refused LoRA adapter '{uri.uri}': {exc}") from None
+            local = self._newest_local(uri)
+            if local is None:
+                raise Unavailable(f"object store unreachable for LoRA adapter '{uri.uri}' and no local copy "
+                                  f"({type(exc).__name__}: {exc})") from None
+            log.warning("object store unreachable for '%s' (%s); serving the cached copy %s", uri.uri, exc, local)
         self._checked[uri.uri] = (time.monotonic(), local)
         return local
 
     def has_adapter(self, location: str) -> bool:
         """Whether a PEFT adapter folder (its adapter_config.json) is at `location`: resolver dirs in a bucket. While
         the store is unreachable, a local copy counts."""
-        from botocore.exceptions import ClientError
-
         uri = S3Uri.parse(location)
         checked = self._exists.get(uri.uri)
         if checked and time.monotonic() - checked[0] < self.check_ttl_s:
@@ -187,14 +217,12 @@ class AdapterDownloads:
         try:
             self.client.head_object(Bucket=uri.bucket, Key=f"{uri.key}/{CONFIG_FILE}")
             found = True
-        except ClientError as exc:
+        except Exception as exc:
             if unreachable(exc):
                 return self._newest_local(uri) is not None
-            found = False
-        except Exception as exc:
-            if not unreachable(exc):
+            if error_code(exc) not in _MISSING:
                 raise
-            return self._newest_local(uri) is not None
+            found = False
         self._exists[uri.uri] = (time.monotonic(), found)
         return found
 
@@ -202,20 +230,26 @@ class AdapterDownloads:
         """Names of the folders directly under `location` (the adapters a resolver dir in a bucket offers); none
         while the store is unreachable."""
         uri = S3Uri.parse(location, allow_bucket=True)
+        listed = self._children.get(uri.uri)
+        if listed and time.monotonic() - listed[0] < self.check_ttl_s:
+            return listed[1]
         prefix = f"{uri.key}/" if uri.key else ""
         try:
             pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=uri.bucket, Prefix=prefix,
                                                                           Delimiter="/")
-            return [p["Prefix"][len(prefix):].rstrip("/") for page in pages for p in page.get("CommonPrefixes", [])]
+            names = [p["Prefix"][len(prefix):].rstrip("/") for page in pages for p in page.get("CommonPrefixes", [])]
         except Exception as exc:
             if not unreachable(exc) and error_code(exc) != "NoSuchBucket":
                 raise
             log.warning("cannot list LoRA adapters under '%s': %s", uri.uri, exc)
             return []
+        self._children[uri.uri] = (time.monotonic(), names)
+        return names
 
     def _list(self, uri: S3Uri) -> list[_Object]:
         """The adapter's objects: the files directly under `key/` (a PEFT folder), else the object `key` itself
-        (a single-file adapter such as a kohya .safetensors)."""
+        (a single-file adapter such as a kohya .safetensors). Folder markers ("key/") and dot files are not
+        adapter files."""
         from botocore.exceptions import ClientError
 
         client = self.client
@@ -225,8 +259,9 @@ class AdapterDownloads:
             if error_code(exc) == "NoSuchBucket":
                 raise NotFound(f"LoRA adapter '{uri.uri}' not found: no bucket '{uri.bucket}'") from None
             raise
-        objects = [_Object(o["Key"].rsplit("/", 1)[-1], o["Key"], o["ETag"].strip('"'), int(o["Size"]))
-                   for o in page.get("Contents", []) if not o["Key"].rsplit("/", 1)[-1].startswith(".")]
+        objects = [_Object(name, o["Key"], o["ETag"].strip('"'), int(o["Size"]))
+                   for o in page.get("Contents", []) for name in [o["Key"].rsplit("/", 1)[-1]]
+                   if name and not name.startswith(".")]
         if page.get("IsTruncated"):
             raise InvalidArgument(f"'{uri.uri}' holds more than {len(objects)} objects; that is not an adapter")
         if objects:
@@ -234,7 +269,7 @@ class AdapterDownloads:
         try:
             head = client.head_object(Bucket=uri.bucket, Key=uri.key)
         except ClientError as exc:
-            if error_code(exc) in ("404", "NoSuchKey", "NotFound"):
+            if error_code(exc) in _MISSING:
                 raise NotFound(f"LoRA adapter '{uri.uri}' not found (no object or folder there)") from None
             raise
         return [_Object(uri.key.rsplit("/", 1)[-1], uri.key, head["ETag"].strip('"'), int(head["ContentLength"]))]
@@ -263,22 +298,32 @@ class AdapterDownloads:
         os.utime(final / _COMPLETE)
         return final / objects[0].name if single else final
 
-    def _versions(self) -> Iterator[Path]:
-        for folder in self.root.glob(f"*/*/{_COMPLETE}"):
-            yield folder.parent
+    def _versions(self, folder: Path) -> list[Path]:
+        """Finished versions under an adapter's folder (or under every adapter's, for the root); the temporary
+        folders of downloads in progress start with '.' and are not versions."""
+        pattern = f"[!.]*/{_COMPLETE}" if folder != self.root else f"[!.]*/[!.]*/{_COMPLETE}"
+        return [marker.parent for marker in folder.glob(pattern)]
 
     def _newest_local(self, uri: S3Uri) -> Path | None:
-        markers = sorted(self._folder(uri).glob(f"*/{_COMPLETE}"), key=lambda p: p.stat().st_mtime)
-        if not markers:
+        versions = []
+        for folder in self._versions(self._folder(uri)):
+            try:
+                versions.append(((folder / _COMPLETE).stat().st_mtime, folder))
+            except FileNotFoundError:
+                continue
+        if not versions:
             return None
-        single = json.loads(markers[-1].read_text()).get("file")
-        return markers[-1].parent / single if single else markers[-1].parent
+        folder = max(versions)[1]
+        single = json.loads((folder / _COMPLETE).read_text()).get("file")
+        return folder / single if single else folder
 
     def _evict(self, keep: Path) -> None:
-        """Drop least recently used versions until the cache fits; loaded adapters live in memory, so a removed
-        folder only costs a download the next time it is requested cold."""
+        """Drop least recently used versions until the cache fits. Loaded adapters live in memory and are keyed by
+        object version, so a removed folder costs a download only when its adapter is requested cold again. A
+        version used in the last `min_age_s` stays (a load may be reading it); another process's download in
+        progress is skipped (its lock is held)."""
         versions = []
-        for folder in self._versions():
+        for folder in self._versions(self.root):
             try:
                 used = (folder / _COMPLETE).stat().st_mtime
                 size = sum(f.stat().st_size for f in folder.iterdir())
@@ -286,14 +331,32 @@ class AdapterDownloads:
                 continue  # another process evicted it meanwhile
             versions.append((used, size, folder))
         total = sum(size for _, size, _ in versions)
+        recent = time.time() - self.min_age_s
         for used, size, folder in sorted(versions):
             if total <= self.max_bytes:
                 break
-            if folder == keep:
+            if folder == keep or used > recent or not self._remove(folder, own=folder.parent == keep.parent):
                 continue
-            shutil.rmtree(folder, ignore_errors=True)
             total -= size
             log.info("adapter download cache over %d bytes: removed %s", self.max_bytes, folder)
+
+    def _remove(self, folder: Path, own: bool) -> bool:
+        """Remove a version under its adapter's file lock (ours already, for `own`), renamed away first so that
+        no half-removed folder ever looks finished."""
+        with contextlib.ExitStack() as stack:
+            if not own:
+                lock = stack.enter_context(open(folder.parent / ".lock", "a"))
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return False  # being downloaded or checked right now
+            trash = folder.with_name(f".trash-{folder.name}")
+            try:
+                os.rename(folder, trash)
+            except FileNotFoundError:
+                return False
+            shutil.rmtree(trash, ignore_errors=True)
+            return True
 
 
 _downloads: AdapterDownloads | None = None

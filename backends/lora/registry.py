@@ -21,7 +21,7 @@ from backends.errors import InvalidArgument, NotFound
 from backends.lora.adapter import CONFIG_FILE
 from backends.lora.object_store import S3Uri, downloads, is_s3, location
 
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 STATIC, DYNAMIC, RESOLVER = "static", "dynamic", "resolver"
 log = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ class LoRARegistry:
         return self.file.read()[1] if self.file else {}
 
     def _resolve_dir(self, name: str) -> AdapterEntry | None:
-        if not _SAFE_NAME.match(name) or name in (".", ".."):
+        if not SAFE_NAME.match(name) or name in (".", ".."):
             return None
         for root in self.resolver_dirs:
             if isinstance(root, str):  # a bucket prefix
@@ -231,7 +231,7 @@ class LoRARegistry:
         names = set(self.static) | set(self._dynamic())
         for root in self.resolver_dirs:
             if isinstance(root, str):
-                names.update(n for n in downloads().children(root) if _SAFE_NAME.match(n))
+                names.update(n for n in downloads().children(root) if SAFE_NAME.match(n))
             elif root.is_dir():
                 names.update(p.parent.name for p in root.glob(f"*/{CONFIG_FILE}"))
         return sorted(names)
@@ -239,7 +239,7 @@ class LoRARegistry:
     def add(self, entry: AdapterEntry, replace_existing: bool = False) -> int:
         if self.file is None:
             raise InvalidArgument("no dynamic LoRA registry file is configured")
-        if not _SAFE_NAME.match(entry.name):
+        if not SAFE_NAME.match(entry.name):
             raise InvalidArgument(f"invalid LoRA adapter name {entry.name!r}: use letters, digits, '.', '_', '-'")
         if entry.name in self.static:
             raise InvalidArgument(f"LoRA adapter '{entry.name}' is static (model config); it cannot be replaced")

@@ -40,6 +40,8 @@ class S3RegistryObject:
         self._checked = float("-inf")
         self._cached: tuple[int, dict[str, AdapterEntry]] = (0, {})
         self._bad_etag: str | None = None
+        self._retry_at = float("-inf")  # while the store is unreachable: when to try it again
+        self._down_for = 0.0
 
     @property
     def client(self):
@@ -84,19 +86,25 @@ class S3RegistryObject:
 
     def read(self) -> tuple[int, dict[str, AdapterEntry]]:
         with self._lock:
+            if time.monotonic() < self._retry_at:
+                return self._cached
             try:
                 self._refresh(force=False)
+                self._down_for = 0.0
             except Exception as exc:
                 if not unreachable(exc):
                     raise
-                # Store down: adapters already known keep resolving; new registrations wait for it.
-                log.warning("LoRA registry %s unreachable (%s); using the last registry read", self.path, exc)
-                self._checked = time.monotonic()
+                # Store down: adapters already known keep resolving, from the last registry read; retries back off
+                # (each costs a connect timeout to every reader) up to 30 s.
+                self._down_for = min(30.0, max(self.ttl_s, 2 * self._down_for))
+                self._retry_at = time.monotonic() + self._down_for
+                log.warning("LoRA registry %s unreachable (%s); using the last registry read, next try in %.0f s",
+                            self.path, exc, self._down_for)
             return self._cached
 
     def update(self, change: Callable[[dict[str, AdapterEntry]], dict[str, AdapterEntry]]) -> int:
         """Apply `change` with compare-and-swap; returns the new version. Conflicts are retried with backoff."""
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         for attempt in range(self.attempts):
             with self._lock:
@@ -112,6 +120,9 @@ class S3RegistryObject:
                 try:
                     response = self.client.put_object(Bucket=self.uri.bucket, Key=self.uri.key, Body=body,
                                                       ContentType="application/json", **condition)
+                except BotoCoreError as exc:  # the write may or may not have happened
+                    raise Unavailable(f"LoRA registry {self.path} unreachable; the outcome of this change is "
+                                      f"unknown, check the adapter list before retrying ({exc})") from None
                 except ClientError as exc:
                     if error_code(exc) not in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
                         raise Unavailable(f"LoRA registry {self.path} write failed: {exc}") from None

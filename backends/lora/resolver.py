@@ -18,8 +18,8 @@ from typing import Callable, Sequence
 from backends.errors import BackendError, InvalidArgument, Unavailable, same_kind
 from backends.lora.cache import AdapterRef, LoRACache
 from backends.lora.ids import IdBook
-from backends.lora.object_store import downloads, is_s3
-from backends.lora.registry import STATIC, LoRARegistry
+from backends.lora.object_store import downloads, is_s3, version_of
+from backends.lora.registry import SAFE_NAME, STATIC, LoRARegistry
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,8 @@ def files_version(path: str) -> int:
     """A cheap fingerprint of an adapter's files (names, sizes, mtimes, inodes of a folder's files, or of a
     single-file adapter): a rewritten or replaced adapter gets a new one. Never 0 (0 marks fixed adapters)."""
     p = Path(path)
-    try:
-        files = [p] if p.is_file() else sorted(f for f in p.iterdir() if f.is_file())
+    try:  # dot files (editors' swap files, our download markers) are not the adapter
+        files = [p] if p.is_file() else sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith("."))
         sig = tuple((f.name, st.st_mtime_ns, st.st_size, st.st_ino) for f in files for st in [f.stat()])
     except OSError:
         sig = ()
@@ -61,6 +61,12 @@ def files_version(path: str) -> int:
 def local_copy(location: str) -> str:
     """Where the adapter's files are on this machine: the location itself, or the download of an s3:// one."""
     return str(downloads().fetch(location)) if is_s3(location) else location
+
+
+def version(location: str, path: str) -> int:
+    """The version of an adapter's files: the object version for a download (the same objects downloaded again
+    are the same adapter), else the files' fingerprint."""
+    return version_of(Path(path)) if is_s3(location) else files_version(path)
 
 
 @dataclass(frozen=True)
@@ -114,6 +120,10 @@ class AdapterResolver:
         self.sync()
         if fields.path:
             where = self.registry.paths.check(fields.path)
+            # The name labels metrics a router reads (comma-separated adapter lists): the registry's rules.
+            if fields.name is not None and not SAFE_NAME.match(fields.name):
+                raise InvalidArgument(f"invalid LoRA adapter name {fields.name!r}: use letters, digits, '.', '_', "
+                                      f"'-' (at most 128)")
             name = fields.name or Path(where).name
             int_id, by_name, static = fields.int_id, False, False
         elif fields.name:
@@ -124,10 +134,19 @@ class AdapterResolver:
         else:
             raise InvalidArgument("lora_int_id was given without lora_name or lora_path")
         int_id = self.ids.assign(where, int_id)  # by location: an object's new version keeps the adapter's id
-        path = local_copy(where)
-        # Static adapters change only with a model reload; every other adapter is checked against its files on
-        # each request (a few stat calls), so a rewritten adapter is a new cache entry.
-        ref = AdapterRef(int_id, name, path, 0 if static else files_version(path))
+        pinned = next((r for r in self._static if r.int_id == int_id), None) if static else None
+        if pinned is not None:  # in memory for good, whatever happens to its files or its store
+            return LoRASelection(pinned, scale)
+        try:
+            path = local_copy(where)
+        except Unavailable:
+            resident = self._resident(where)  # the store is down and the download evicted, the weights in memory
+            if resident is None:
+                raise
+            return LoRASelection(resident, scale)
+        # Every non-static adapter is checked against its files on each request (a few stat calls), so a
+        # rewritten adapter is a new cache entry.
+        ref = AdapterRef(int_id, name, path, 0 if static else version(where, path))
         self.cache.check_admissible(ref)
         if self.cache.lookup(ref) is None:  # validate a cold adapter now: a broken one never reaches a batch
             try:
@@ -149,6 +168,14 @@ class AdapterResolver:
             with self._lock:
                 self._loaded.setdefault(ref.key, (ref, _Loaded(name, where, by_name)))
         return LoRASelection(ref, scale)
+
+    def _resident(self, where: str) -> AdapterRef | None:
+        """The newest loaded version of the adapter at `where` still in the cache."""
+        cached = set(self.cache.host_ids()) | set(self.cache.device_ids())
+        with self._lock:
+            found = [ref for key, (ref, loaded) in self._loaded.items()
+                     if loaded.location == where and key in cached and key not in self._stale]
+        return found[-1] if found else None
 
     def select_stack(self, stack: Sequence[LoRAFields]) -> tuple[LoRASelection, ...]:
         """A request's adapters (() = base model); refuses more than `max_per_request`, one adapter twice, and a

@@ -37,8 +37,9 @@ def lora_stack(lora: LoRASpec) -> list[LoRAFields]:
         return []
     if isinstance(lora, LoRA):
         return [lora.fields()]
-    if not all(isinstance(item, LoRA) for item in lora):
-        raise InvalidArgument(f"a LoRA stack is a list of LoRA(...) entries, got {list(lora)!r}")
+    if not lora or not all(isinstance(item, LoRA) for item in lora):
+        raise InvalidArgument(f"a LoRA stack is a non-empty tuple of LoRA(...) entries (None: the base model), got "
+                              f"{list(lora)!r}")
     return [item.fields() for item in lora]
 
 
