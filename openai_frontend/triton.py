@@ -75,18 +75,27 @@ def to_openai_error(exc: Exception, model: str | None = None) -> OpenAIError:
     raise exc
 
 
+def _ints(name: str, values: list[int], dtype) -> np.ndarray:
+    """Integers for an input of `dtype`; one out of its range is the request's fault (400), not an overflow."""
+    info = np.iinfo(dtype)
+    bad = next((v for v in values if not info.min <= v <= info.max), None)
+    if bad is not None:
+        raise OpenAIError(400, f"'{name}' must be between {info.min} and {info.max}, got {bad}", name)
+    return np.array(values, dtype=dtype)
+
+
 def _tensor(name: str, value, batched: bool = False) -> InferInput:
     """One input; `batched` adds the leading batch dimension of models with max_batch_size > 0."""
     if isinstance(value, str):
         array = np.array([value.encode()], dtype=np.object_)
     elif isinstance(value, list) and name == "input_ids":
-        array = np.array(value, dtype=np.int32)
+        array = _ints(name, value, np.int32)
     elif isinstance(value, list):
         array = np.array([v.encode() for v in value], dtype=np.object_)
     elif isinstance(value, bool):
         array = np.array([value], dtype=np.bool_)
     elif isinstance(value, int):
-        array = np.array([value], dtype=np.int64 if name in ("seed", "lora_int_id") else np.int32)
+        array = _ints(name, [value], np.int64 if name in ("seed", "lora_int_id") else np.int32)
     else:
         array = np.array([value], dtype=np.float32)
     if batched:

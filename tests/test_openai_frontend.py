@@ -215,6 +215,11 @@ BAD = {
                                       "lora.list.0.path: Field required"),
     "lora stack entry outside the roots": ("/v1/chat/completions", {"model": "llm", "messages": CAPITAL, "lora": [
         _LORA_SIG, {"name": "x", "path": "/etc"}]}, 400, "outside the allowed adapter roots"),
+    # Found by schemathesis: integers beyond the Triton input's type overflowed into a 500.
+    "top_k beyond int32": ("/v1/chat/completions", {"model": "llm", "messages": CAPITAL, "top_k": 2 ** 65}, 400,
+                           "'top_k' must be between -2147483648 and 2147483647, got 36893488147419103232"),
+    "seed beyond int64": ("/v1/completions", {"model": "llm", "prompt": "x", "seed": 2 ** 64}, 400,
+                          "'seed' must be between -9223372036854775808 and 9223372036854775807"),
 }
 
 
