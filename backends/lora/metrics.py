@@ -80,6 +80,7 @@ class TritonLoRAMetrics:
             "multilora_lora_adapters_resident", "LoRA adapters resident per tier: device = in a slot (pinned, "
             "running or idle), host = in host memory (an adapter is usually in both)", pb_utils.MetricFamily.GAUGE)
         self._resident = {tier: resident.Metric(labels={**self._labels, "tier": tier}) for tier in (DEVICE, HOST)}
+        self._resident_counts: dict[str, int] = {}
         self._resident_info = self._series_set(
             "multilora_lora_adapter_resident_info", "1 per LoRA adapter resident in this model's cache; tier: "
             "device (in a slot) or host (host memory only); pinned: a static adapter, never evicted",
@@ -141,8 +142,10 @@ class TritonLoRAMetrics:
         self._slots_in_use.set(cache.slots_in_use())
 
     def _report_residency(self, device: set[int], host: set[int], queued: list[AdapterRef]) -> None:
-        self._resident[DEVICE].set(len(device))
-        self._resident[HOST].set(len(host))
+        for tier, count in ((DEVICE, len(device)), (HOST, len(host))):
+            if self._resident_counts.get(tier) != count:  # a set is a round trip to Triton: only on change
+                self._resident[tier].set(count)
+                self._resident_counts[tier] = count
         self.note(queued)
         with self._names_lock:  # forget evicted adapters: the book stays as small as the cache
             self._names = {key: names for key, names in self._names.items() if key in device or key in host}
