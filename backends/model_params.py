@@ -1,5 +1,6 @@
 """Typed reads of a model's config.pbtxt `parameters` (all strings in Triton): empty means the default, a bad
-value fails the model load with a message naming the parameter."""
+value fails the model load with a message naming the parameter. Every model parameter is read through these.
+Torch- and Triton-free: the frontend reads the same parameters from a model's config."""
 
 from __future__ import annotations
 
@@ -18,6 +19,23 @@ def _typed(params: dict[str, str], key: str, default, convert, what: str):
         return convert(raw)
     except ValueError:
         raise ValueError(f"model parameter '{key}' must be {what}, got {raw!r}") from None
+
+
+def model_parameters(model_config: dict) -> dict[str, str]:
+    """config.pbtxt `parameters { key: ... value { string_value: ... } }` (Triton's JSON form) as a plain dict."""
+    return {k: v.get("string_value", "") for k, v in model_config.get("parameters", {}).items()}
+
+
+def param_str(params: dict[str, str], key: str, default: str | None) -> str | None:
+    """The value, stripped; `default` when empty or absent."""
+    return _raw(params, key) or default
+
+
+def param_choice(params: dict[str, str], key: str, default: str, choices) -> str:
+    value = param_str(params, key, default)
+    if value not in choices:
+        raise ValueError(f"model parameter '{key}' must be one of {sorted(choices)}, got {value!r}")
+    return value
 
 
 def param_int(params: dict[str, str], key: str, default: int | None) -> int | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from backends.lora.object_store import location, split_locations
+from backends.lora.store.locations import location, split_locations
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,8 +13,7 @@ import triton_python_backend_utils as pb_utils
 
 from backends.errors import BackendError, InvalidArgument, NotFound, Unavailable
 from backends.protocol import INTERNAL_PREFIX, PROBE_PARAMETER, UNAVAILABLE_PREFIX
-from backends.lora.resolver import LoRAFields
-from backends.lora.stack import lora_stack, parameter_list
+from backends.lora.manager.request import LoRAFields, fields_from_lists, parameter_list
 
 
 def _array(request, name: str) -> np.ndarray | None:
@@ -93,16 +92,16 @@ def is_probe(request) -> bool:
 
 
 def get_lora_stack(request) -> list[LoRAFields]:
-    """The LoRA contract (see `backends.lora.stack`): input tensors first, then request parameters of the same
-    names (vllm_backend style), each a list for a LoRA stack."""
+    """The LoRA contract (see `backends.lora.manager.request`): input tensors first, then request parameters of
+    the same names (vllm_backend style), each a list for a LoRA stack."""
     params = request_parameters(request)
 
-    def values(name: str, read, kind: type) -> list | None:
+    def values(name: str, read, kind: type, nullable: bool = False) -> list | None:
         found = read(request, name)
-        return found if found is not None else parameter_list(params, name, kind)
+        return found if found is not None else parameter_list(params, name, kind, nullable)
 
-    return lora_stack(values("lora_name", get_strings, str), values("lora_path", get_strings, str),
-                      values("lora_scale", get_floats, float), values("lora_int_id", get_ints, int))
+    return fields_from_lists(values("lora_name", get_strings, str), values("lora_path", get_strings, str),
+                             values("lora_scale", get_floats, float), values("lora_int_id", get_ints, int, True))
 
 
 def get_lora_fields(request) -> LoRAFields:
@@ -147,8 +146,3 @@ def send_error(response_sender, exc: Exception) -> None:
         pb_utils.InferenceResponse(output_tensors=[], error=to_triton_error(exc)),
         flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
     )
-
-
-def model_parameters(model_config: dict) -> dict[str, str]:
-    """config.pbtxt `parameters { key: ... value { string_value: ... } }` as a plain dict."""
-    return {k: v.get("string_value", "") for k, v in model_config.get("parameters", {}).items()}

@@ -10,7 +10,8 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import Response
 
 from backends.errors import BackendError
-from backends.lora.registry import AdapterEntry, LoRARegistry, parse_lora_modules
+from backends.lora.store.entries import AdapterEntry, parse_lora_modules
+from backends.lora.store.registry import LoRARegistry
 from openai_frontend.auth import require_metrics_key
 from openai_frontend.catalog import Catalog
 from openai_frontend.config import FrontendConfig

@@ -9,9 +9,10 @@ import time
 from dataclasses import dataclass, field, replace
 
 from backends.errors import BackendError
-from backends.lora.ids import stable_lora_int_id
-from backends.lora.registry import AdapterEntry, LoRARegistry
-from backends.lora.serving import LoRAServingConfig
+from backends.lora.store.ids import stable_lora_int_id
+from backends.lora.store.entries import AdapterEntry
+from backends.lora.store.registry import LoRARegistry
+from backends.lora.manager.config import LoRAServingConfig
 from backends.settings import default_diffusion_model_path, default_llm_model_path
 from openai_frontend.errors import OpenAIError, model_not_found
 from openai_frontend.schemas import LoRAField, LoRARequest

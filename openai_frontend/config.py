@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from backends.errors import InvalidArgument
-from backends.lora.object_store import location
+from backends.lora.store.locations import location
 from backends.settings import ALLOWED_LORA_ROOTS_ENV, adapters_dir, env_locations, lora_registry_file
 
 

@@ -43,8 +43,9 @@ from tqdm import tqdm
 from backends.diffusion.generate import DiffusionGenerator, ImageLimits, build_request, encode_png
 from backends.diffusion.lora import PipelineLoRA
 from backends.diffusion.pipeline import load_pipeline
-from backends.lora.cache import AdapterRef, LoRACache
-from backends.lora.resolver import LoRASelection
+from backends.lora.manager.cache import LoRACache
+from backends.lora.manager.request import AdapterRef
+from backends.lora.manager.request import LoRASelection
 from backends.settings import REPO_ROOT, adapters_dir
 from scripts.make_fixtures import (
     BENCH_SD3, BENCH_SDXL, TINY_SD3, AdapterFixture, _random_lora, fixtures_dir, make_adapter, make_pipeline,

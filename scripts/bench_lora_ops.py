@@ -27,9 +27,11 @@ from rich.console import Console
 from rich.table import Table
 from tqdm import tqdm
 
-from backends.lora.adapter import load_adapter
-from backends.lora.patch import LoRAContext, patch_model
+from backends.lora.adapters.peft import load_adapter
+from backends.lora.layers.context import LoRAContext
+from backends.lora.layers.linear import patch_model
 from backends.settings import REPO_ROOT, cache_dir
+from backends.lora.ops.batch import LoRABatch
 from scripts.make_adapters import ALL_PROJECTIONS, load_smollm2, make_random_adapter
 
 console = Console(width=200)
@@ -93,7 +95,7 @@ def with_batch_setup(model: torch.nn.Module, ctx: LoRAContext, slots: list[int])
     scales = [1.0] * len(slots)
 
     def forward(**kw):
-        with ctx.use(slots, scales):
+        with ctx.use(LoRABatch.build(slots, scales)):
             return model(**kw)
     return forward
 
@@ -108,7 +110,7 @@ def setup_ms(ctx: LoRAContext, slots: list[int], repeats: int = 200) -> float:
     samples = []
     for _ in range(repeats):
         started = time.perf_counter()
-        with ctx.use(slots, [1.0] * len(slots)):
+        with ctx.use(LoRABatch.build(slots, [1.0] * len(slots))):
             pass
         samples.append(time.perf_counter() - started)
     return statistics.median(samples) * 1e3

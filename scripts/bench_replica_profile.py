@@ -69,8 +69,8 @@ class Profiler:
     """Measurements against a started engine; every method runs on the engine thread (through `engine.call`)."""
 
     def __init__(self, engine, folders: list[Path], seed: int):
-        from backends.lora.cache import AdapterRef
-        from backends.lora.ids import stable_lora_int_id
+        from backends.lora.manager.request import AdapterRef
+        from backends.lora.store.ids import stable_lora_int_id
 
         self.engine = engine
         self.runner = engine.runner
@@ -96,12 +96,12 @@ class Profiler:
 
     def _rows_lora(self, batch: int, k: int, by_slot: dict[int, int]):
         """Row r uses the (r mod k)-th of k slots drawn at random; returns the RowLoRAs and the slot span."""
-        from backends.llm.runner import RowLoRA
+        from backends.lora.ops.batch import RowLoRA
 
         if k == 0:
             return [RowLoRA()] * batch, 0
         slots = sorted(self.rng.sample(sorted(by_slot), k))
-        rows = [RowLoRA(slots[r % k], 1.0) for r in range(batch)]
+        rows = [RowLoRA.one(slots[r % k], 1.0) for r in range(batch)]
         return rows, slots[-1] - slots[0] + 1
 
     def _sample(self, logits, n: int) -> None:
@@ -209,7 +209,7 @@ def validate_run(engine, profiler: Profiler, requests: int, max_tokens: int, alp
     submitted at t=0 to the real engine with an empty LoRA cache and the files out of the page cache."""
     from backends.llm.chat import apply_chat_template
     from backends.llm.params import GenerationRequest, SamplingParams
-    from backends.lora.resolver import LoRASelection
+    from backends.lora.manager.request import LoRASelection
     from scripts.bench_serving import story
 
     engine.call(profiler._clear_cache)

@@ -175,11 +175,13 @@ def bench_ops(report: Report, model: Path, adapters: list[Path], device: torch.d
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from backends.llm.runner import LoRASettings, ModelRunner, RowLoRA, RunnerSettings, cache_kwarg
-    from backends.lora.adapter import load_adapter
+    from backends.llm.runner import ModelRunner, RunnerSettings, cache_kwarg
+    from backends.lora.manager.config import LoRAServingConfig
+    from backends.lora.ops.batch import RowLoRA
+    from backends.lora.adapters.peft import load_adapter
 
     kmax = max(sizes.ks)
-    runner = ModelRunner(model, device=str(device), lora=LoRASettings(max_loras=kmax, max_rank=16),
+    runner = ModelRunner(model, device=str(device), lora=LoRAServingConfig(max_loras=kmax, max_lora_rank=16),
                          settings=RunnerSettings(max_model_len=512, max_num_seqs=max(sizes.decode_batches),
                                                  max_graph_batch=max(sizes.decode_batches)))
     for slot, folder in enumerate(adapters[:kmax]):
@@ -227,7 +229,7 @@ def bench_ops(report: Report, model: Path, adapters: list[Path], device: torch.d
         with peft.disable_adapter():
             peft_base = _median_ms(peft_step(None), device, sizes.repeats)
         for k in sizes.ks:
-            lora = [RowLoRA(i % k, 1.0) for i in range(batch)]
+            lora = [RowLoRA.one(i % k, 1.0) for i in range(batch)]
             names = [f"a{i % k}" for i in range(batch)]
             row = [batch, k]
             for eager in modes:
@@ -255,7 +257,7 @@ def bench_ops(report: Report, model: Path, adapters: list[Path], device: torch.d
     with peft.disable_adapter(), torch.inference_mode():
         peft_base = _median_ms(lambda: peft(peft_ids, logits_to_keep=1), device, sizes.repeats)
     for k in sizes.ks:
-        lora = [RowLoRA(i % k, 1.0) for i in range(n)]
+        lora = [RowLoRA.one(i % k, 1.0) for i in range(n)]
         names = [f"a{i % k}" for i in range(n)]
         ms = _median_ms(lambda: runner.prefill(prompts, slots, lora), device, sizes.repeats)
         with torch.inference_mode():
@@ -277,20 +279,21 @@ def bench_engine(report: Report, model: Path, adapters: list[Path], device: torc
     from backends.llm.chat import apply_chat_template
     from backends.llm.engine import LLMEngine
     from backends.llm.params import GenerationRequest, SamplingParams
-    from backends.llm.runner import LoRASettings, ModelRunner, RunnerSettings
-    from backends.lora.cache import AdapterRef
-    from backends.lora.resolver import LoRASelection
-    from backends.lora.serving import LoRAServingConfig, build_resolver
+    from backends.llm.runner import ModelRunner, RunnerSettings
+    from backends.lora.manager.config import LoRAServingConfig
+    from backends.lora.manager.request import AdapterRef
+    from backends.lora.manager.request import LoRASelection
+    from backends.lora.manager.selector import AdapterSelector
     from tests.engine_helpers import Collect
 
     rows = []
     for graphs in sizes.graphs:
-        runner = ModelRunner(model, device=str(device), lora=LoRASettings(max_loras=16, max_rank=16),
+        runner = ModelRunner(model, device=str(device), lora=LoRAServingConfig(max_loras=16, max_lora_rank=16),
                              settings=RunnerSettings(max_model_len=512, max_num_seqs=sizes.max_num_seqs,
                                                      enforce_eager=not graphs,
                                                      max_graph_batch=sizes.max_num_seqs))
         config = LoRAServingConfig(max_loras=16, max_cpu_loras=max(16, *sizes.adapter_sets), registry_file=None)
-        engine = LLMEngine(lambda e: (runner, build_resolver(runner.lora, config, run=e.call).cache))
+        engine = LLMEngine(lambda e: (runner, AdapterSelector.build(runner.lora, config, run=e.call).cache))
         try:
             for n_adapters in sizes.adapter_sets:
                 base_tps = None

@@ -16,11 +16,15 @@ from backends.diffusion.generate import DiffusionGenerator, ImageLimits, build_r
 from backends.diffusion.lora import PipelineLoRA
 from backends.diffusion.pipeline import load_pipeline
 from backends.errors import InvalidArgument
-from backends.lora.adapter import AdapterError, LoRAAdapter, LoRAConfig, ModuleLoRA
-from backends.lora.cache import AdapterRef, LoRACache
-from backends.lora.conv import patch_convs
-from backends.lora.patch import LoRAContext
-from backends.lora.resolver import LoRASelection
+from backends.lora.adapters.config import LoRAConfig
+from backends.lora.adapters.files import AdapterError
+from backends.lora.adapters.peft import LoRAAdapter, ModuleLoRA
+from backends.lora.manager.cache import LoRACache
+from backends.lora.manager.request import AdapterRef
+from backends.lora.layers.conv import patch_convs
+from backends.lora.layers.context import LoRAContext
+from backends.lora.manager.request import LoRASelection
+from backends.lora.ops.batch import LoRABatch
 from scripts.make_fixtures import TINY_FLUX, TINY_SD3, TINY_SDXL, diffusion_adapters_dir, fixtures_dir
 
 A = diffusion_adapters_dir()
@@ -77,8 +81,8 @@ def test_mixed_rows_match_diffusers_with_each_adapter_alone(family):
     kwargs = {**generator.pipeline_kwargs(batch), "output_type": "latent"}
     assert "negative_prompt" not in kwargs  # no row has one: SDXL must get its zero negative embeddings
     slot_of = dict(zip(refs, cache.acquire(list(refs.values()))))
-    with torch.inference_mode(), lora.rows([-1 if n is None else slot_of[n] for n, _ in fam.rows],
-                                           [s for _, s in fam.rows]):
+    with torch.inference_mode(), lora.use(LoRABatch.build([-1 if n is None else slot_of[n] for n, _ in fam.rows],
+                                                          [s for _, s in fam.rows])):
         got = loaded.pipe(**kwargs).images
     assert got.shape[0] == len(fam.rows)
 
@@ -126,7 +130,7 @@ def test_two_locon_adapters_in_one_conv_batch_match_the_per_row_formula(rows):
         module = ModuleLoRA(A=a.reshape(r, -1), Bt=b.t().contiguous())
         context.load_slot(slot, LoRAAdapter(path=None, config=LoRAConfig(r, r, ("0",)), modules={"0": module}))
     x = torch.randn(5, 6, 9, 9, generator=gen)
-    with torch.no_grad(), context.use([s for s, _ in rows], [c for _, c in rows]):
+    with torch.no_grad(), context.use(LoRABatch.build([s for s, _ in rows], [c for _, c in rows])):
         got = model(x)
     with torch.no_grad():
         plain = base(x)

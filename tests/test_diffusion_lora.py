@@ -10,8 +10,10 @@ from safetensors.torch import load_file, save_file
 
 from backends.diffusion.lora import PipelineLoRA
 from backends.diffusion.pipeline import load_pipeline
-from backends.lora.adapter import AdapterError, AdapterNotFoundError
-from backends.lora.cache import AdapterRef, LoRACache
+from backends.lora.adapters.files import AdapterError, AdapterNotFoundError
+from backends.lora.manager.cache import LoRACache
+from backends.lora.manager.request import AdapterRef
+from backends.lora.ops.batch import LoRABatch
 from scripts.make_fixtures import TINY_SD3, TINY_SD15, diffusion_adapters_dir, fixtures_dir
 
 A = diffusion_adapters_dir()
@@ -24,7 +26,7 @@ def _ours(pipeline: str, adapter: str, rows: list[tuple[int, float]], prompts: l
     cache = LoRACache(lora.context, lambda ref: lora.load(ref.path), max_cpu_loras=2)
     ref = AdapterRef(1, "x", str(A / adapter))
     slot = cache.acquire([ref])[0]
-    with lora.rows([slot if s >= 0 else -1 for s, _ in rows], [scale for _, scale in rows]):
+    with lora.use(LoRABatch.build([slot if s >= 0 else -1 for s, _ in rows], [scale for _, scale in rows])):
         gens = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
         return loaded.pipe(prompts, generator=gens, **CALL).images
 
@@ -102,7 +104,7 @@ def test_batch_plan_leaves_room_for_pinned_adapters():
     """3 slots, 1 pinned: 3 distinct dynamic adapters must be split into 2 batches. Before: one batch, which then
     failed as a whole with NoFreeSlot."""
     from backends.diffusion.generate import DiffusionGenerator, ImageLimits, build_request
-    from backends.lora.resolver import LoRASelection
+    from backends.lora.manager.request import LoRASelection
 
     loaded = load_pipeline(str(fixtures_dir() / TINY_SD3))
     lora = PipelineLoRA(loaded, max_loras=3, max_rank=16)

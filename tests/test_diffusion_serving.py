@@ -18,7 +18,8 @@ import tritonclient.http as httpclient
 from safetensors.torch import load_file, save_file
 from tritonclient.utils import InferenceServerException
 
-from backends.lora.registry import AdapterEntry, LoRARegistry
+from backends.lora.store.entries import AdapterEntry
+from backends.lora.store.registry import LoRARegistry
 from backends.settings import REPO_ROOT, adapters_dir
 from scripts.diffusion_client import generate, pixels
 from scripts.make_fixtures import diffusion_adapters_dir

@@ -21,11 +21,13 @@ import torch
 
 from backends.llm.chat import apply_chat_template
 from backends.llm.engine import LLMEngine
-from backends.llm.runner import LoRASettings, ModelRunner, RowLoRA, RunnerSettings
-from backends.lora.adapter import load_adapter
-from backends.lora.cache import AdapterRef
-from backends.lora.resolver import LoRASelection
-from backends.lora.serving import LoRAServingConfig, build_resolver
+from backends.llm.runner import ModelRunner, RunnerSettings
+from backends.lora.manager.config import LoRAServingConfig
+from backends.lora.ops.batch import RowLoRA
+from backends.lora.adapters.peft import load_adapter
+from backends.lora.manager.request import AdapterRef
+from backends.lora.manager.request import LoRASelection
+from backends.lora.manager.selector import AdapterSelector
 from backends.settings import default_llm_model_path
 from scripts.make_adapters import ALL_PROJECTIONS, make_random_adapters, random_smollm2
 from tests.conftest import CHECK_DEVICE_ENV
@@ -72,7 +74,7 @@ def _settings(device, **kw) -> RunnerSettings:
 
 
 def _runner(model_dir, device, adapters=(), **kw) -> ModelRunner:
-    runner = ModelRunner(model_dir, device=str(device), lora=LoRASettings(max_loras=4, max_rank=16),
+    runner = ModelRunner(model_dir, device=str(device), lora=LoRAServingConfig(max_loras=4, max_lora_rank=16),
                          settings=_settings(device, **kw))
     for slot, folder in enumerate(adapters):
         runner.lora.load_slot(slot, load_adapter(folder, runner.lora.spec, 16, dtype=runner.dtype))
@@ -98,7 +100,7 @@ def _assert_same_greedy(ours: list[int], reference_model, prompt: list[int], dev
 
 def _engine(runner, adapters=()) -> LLMEngine:
     config = LoRAServingConfig(max_loras=4, max_cpu_loras=8, registry_file=None)
-    return LLMEngine(lambda e: (runner, build_resolver(runner.lora, config, run=e.call).cache))
+    return LLMEngine(lambda e: (runner, AdapterSelector.build(runner.lora, config, run=e.call).cache))
 
 
 def _generate(engine, prompts, adapters=(), max_tokens=16, ids=False, **sampling) -> list:
@@ -157,7 +159,7 @@ def test_mixed_adapter_logits_equal_peft_adapter_names(model_dir, adapter_dirs, 
     runner = _runner(model_dir, device, adapter_dirs, dtype=dtype)
     peft = _peft(model_dir, adapter_dirs, runner.dtype, device)
     exact = peft if runner.dtype == torch.float32 else _peft(model_dir, adapter_dirs, torch.float32, device)
-    rows = [RowLoRA(0, 1.0), RowLoRA(), RowLoRA(1, 1.0), RowLoRA(2, 1.0)]
+    rows = [RowLoRA.one(0, 1.0), RowLoRA(), RowLoRA.one(1, 1.0), RowLoRA.one(2, 1.0)]
     names = ["a0", "__base__", "a1", "a2"]
     prompts = _prompts(runner)
     slots = [runner.kv.allocate() for _ in prompts]

@@ -12,11 +12,12 @@ import pytest
 from backends.errors import InternalError, Unavailable
 from backends.llm.chat import apply_chat_template
 from backends.llm.engine import LLMEngine
-from backends.llm.runner import LoRASettings, ModelRunner, RunnerSettings
-from backends.lora.cache import AdapterRef
-from backends.lora.registry import AdapterEntry
-from backends.lora.resolver import LoRASelection
-from backends.lora.serving import LoRAServingConfig, build_resolver
+from backends.llm.runner import ModelRunner, RunnerSettings
+from backends.lora.manager.config import LoRAServingConfig
+from backends.lora.manager.request import AdapterRef
+from backends.lora.store.entries import AdapterEntry
+from backends.lora.manager.request import LoRASelection
+from backends.lora.manager.selector import AdapterSelector
 from backends.settings import adapters_dir, default_llm_model_path
 from tests.engine_helpers import Collect, request_for as _request
 
@@ -45,7 +46,7 @@ class Observer:
 
 @pytest.fixture(scope="module")
 def runner():
-    return ModelRunner(default_llm_model_path(), lora=LoRASettings(max_loras=1, max_rank=16),
+    return ModelRunner(default_llm_model_path(), lora=LoRAServingConfig(max_loras=1, max_lora_rank=16),
                        settings=RunnerSettings(max_model_len=1024, max_num_seqs=8))
 
 
@@ -55,7 +56,7 @@ def _engine(runner, observer=None, pinned: bool = False) -> LLMEngine:
     ) if pinned else ())
 
     def setup(engine):
-        return runner, build_resolver(runner.lora, config, run=engine.call).cache
+        return runner, AdapterSelector.build(runner.lora, config, run=engine.call).cache
 
     return LLMEngine(setup, observer=observer)
 

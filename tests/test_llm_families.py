@@ -14,8 +14,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from backends.llm.runner import AttentionLayout, LoRASettings, ModelRunner, RowLoRA, RunnerSettings
-from backends.lora.adapter import AdapterError, load_adapter
+from backends.llm.runner import AttentionLayout, ModelRunner, RunnerSettings
+from backends.lora.manager.config import LoRAServingConfig
+from backends.lora.ops.batch import RowLoRA
+from backends.lora.adapters.files import AdapterError
+from backends.lora.adapters.peft import load_adapter
 from scripts.llm_families import FAMILIES, make_family
 from scripts.make_adapters import make_random_adapter
 from tests.test_lora_exactness import _half_scale_copy
@@ -76,7 +79,7 @@ def _last_logits(model, prompt: list[int]) -> torch.Tensor:
 def family(request, tmp_path_factory):
     folder = make_family(request.param)
     tmp = tmp_path_factory.mktemp(request.param)
-    runner = ModelRunner(folder, lora=LoRASettings(max_loras=2, max_rank=16),
+    runner = ModelRunner(folder, lora=LoRAServingConfig(max_loras=2, max_lora_rank=16),
                          settings=RunnerSettings(max_model_len=96, max_num_seqs=4))
     leaves = _leaf_names(runner.model, runner.lora.layers)
     factory = lambda: _load(folder)  # noqa: E731
@@ -103,7 +106,7 @@ def test_mixed_adapter_batch_equals_peft_per_row(family):
     runner = family.runner
     for slot, name in enumerate(("a", "b")):
         runner.lora.load_slot(slot, load_adapter(family.adapters[name], runner.lora.spec, 16))
-    rows = [RowLoRA(0, 1.0), RowLoRA(), RowLoRA(1, 1.0), RowLoRA(0, 0.5)]
+    rows = [RowLoRA.one(0, 1.0), RowLoRA(), RowLoRA.one(1, 1.0), RowLoRA.one(0, 0.5)]
     logits, tokens = Rows(runner, rows).run()
 
     peft = PeftModel.from_pretrained(family.factory(), family.adapters["a"], adapter_name="a")
@@ -160,7 +163,7 @@ def _phi3_as_llama(phi3):
 def phi3(tmp_path_factory):
     folder = make_family("phi3")
     return SimpleNamespace(folder=folder, tmp=tmp_path_factory.mktemp("phi3"),
-                           runner=ModelRunner(folder, lora=LoRASettings(max_loras=2, max_rank=16),
+                           runner=ModelRunner(folder, lora=LoRAServingConfig(max_loras=2, max_lora_rank=16),
                                               settings=RunnerSettings(max_model_len=96, max_num_seqs=4)))
 
 
@@ -179,7 +182,7 @@ def test_split_qkv_and_gate_up_adapter_loads_onto_fused_phi3_layers(phi3):
     assert {n.rsplit(".", 1)[-1] for n in adapter.modules} == {"qkv_proj", "gate_up_proj", "o_proj"}
     assert adapter.modules["model.layers.0.self_attn.qkv_proj"].A.shape[0] == 12
     phi3.runner.lora.load_slot(0, adapter)
-    rows = [RowLoRA(0, 1.0), RowLoRA(), RowLoRA(0, 0.5), RowLoRA(0, 1.0)]
+    rows = [RowLoRA.one(0, 1.0), RowLoRA(), RowLoRA.one(0, 0.5), RowLoRA.one(0, 1.0)]
     logits, tokens = Rows(phi3.runner, rows).run()
     reference = PeftModel.from_pretrained(llama(), folder).eval()
     torch.testing.assert_close(logits[0], _last_logits(reference, ids), atol=1e-4, rtol=0)
@@ -245,14 +248,14 @@ def test_lm_head_lora_when_targeted_equals_peft(tmp_path):
     factory = lambda: _load(folder)  # noqa: E731
     adapter = make_random_adapter(factory, tmp_path / "head", seed=5, std=0.1, r=4, lora_alpha=8,
                                   target_modules=["v_proj", "lm_head"])
-    default = ModelRunner(folder, lora=LoRASettings(max_loras=1, max_rank=8), settings=RunnerSettings(max_model_len=64))
+    default = ModelRunner(folder, lora=LoRAServingConfig(max_loras=1, max_lora_rank=8), settings=RunnerSettings(max_model_len=64))
     with pytest.raises(AdapterError, match="does not have or does not LoRA-enable: lm_head"):
         load_adapter(adapter, default.lora.spec, 8)
-    runner = ModelRunner(folder, lora=LoRASettings(max_loras=1, max_rank=8, target_modules="all-linear,lm_head"),
+    runner = ModelRunner(folder, lora=LoRAServingConfig(max_loras=1, max_lora_rank=8, target_modules="all-linear,lm_head"),
                          settings=RunnerSettings(max_model_len=64, max_num_seqs=4))
     assert "lm_head" in runner.lora.layers and len(runner.lora.layers) == len(default.lora.layers) + 1
     runner.lora.load_slot(0, load_adapter(adapter, runner.lora.spec, 8))
-    logits, tokens = Rows(runner, [RowLoRA(0, 1.0), RowLoRA(), RowLoRA(0, 1.0), RowLoRA()]).run()
+    logits, tokens = Rows(runner, [RowLoRA.one(0, 1.0), RowLoRA(), RowLoRA.one(0, 1.0), RowLoRA()]).run()
     reference = PeftModel.from_pretrained(factory(), adapter).eval()
     ids = runner.encode(PROMPTS[2])
     torch.testing.assert_close(logits[2], _last_logits(reference, ids), atol=1e-4, rtol=0)
@@ -261,7 +264,7 @@ def test_lm_head_lora_when_targeted_equals_peft(tmp_path):
 
 @pytest.mark.parametrize("targets, layers", [("q_proj,v_proj", 4), ('["o_proj"]', 2), (r".*\.0\.mlp\..*_proj", 3)])
 def test_lora_target_modules_narrow_the_patched_layers(targets, layers):
-    runner = ModelRunner(make_family("llama"), lora=LoRASettings(1, 8, targets),
+    runner = ModelRunner(make_family("llama"), lora=LoRAServingConfig(max_loras=1, max_lora_rank=8, target_modules=targets),
                          settings=RunnerSettings(max_model_len=32, max_num_seqs=1))
     assert len(runner.lora.layers) == layers
 
@@ -273,7 +276,7 @@ def test_lora_target_modules_narrow_the_patched_layers(targets, layers):
 ])
 def test_lora_target_modules_that_match_nothing_fail_the_load(targets, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
-        ModelRunner(make_family("llama"), lora=LoRASettings(1, 8, targets), settings=RunnerSettings(max_model_len=32))
+        ModelRunner(make_family("llama"), lora=LoRAServingConfig(max_loras=1, max_lora_rank=8, target_modules=targets), settings=RunnerSettings(max_model_len=32))
 
 
 def test_a_window_the_model_ignores_is_not_applied(tmp_path):
@@ -359,4 +362,4 @@ def test_a_model_without_linear_projections_is_refused_naming_its_layers(tmp_pat
     GPT2LMHeadModel(GPT2Config(vocab_size=259, n_embd=32, n_layer=1, n_head=2, n_positions=64)).save_pretrained(tmp_path)
     byte_tokenizer().save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"GPT2LMHeadModel has no nn.Linear in its decoder blocks .*Conv1D"):
-        ModelRunner(tmp_path, lora=LoRASettings(1, 8), settings=RunnerSettings(max_model_len=32))
+        ModelRunner(tmp_path, lora=LoRAServingConfig(max_loras=1, max_lora_rank=8), settings=RunnerSettings(max_model_len=32))

@@ -15,9 +15,10 @@ import torch
 from backends.llm.chat import apply_chat_template
 from backends.llm.engine import LLMEngine
 from backends.llm.kv_cache import KVShape, plan_num_slots
-from backends.llm.runner import LoRASettings, ModelRunner, RowLoRA, RunnerSettings, resolve_dtype
-from backends.lora.adapter import load_adapter
-from backends.lora.patch import RowSlots
+from backends.llm.runner import ModelRunner, RunnerSettings, resolve_dtype
+from backends.lora.manager.config import LoRAServingConfig
+from backends.lora.ops.batch import LoRABatch, RowLoRA
+from backends.lora.adapters.peft import load_adapter
 from backends.settings import adapters_dir, default_llm_model_path
 from tests.engine_helpers import Collect, request_for
 
@@ -27,7 +28,7 @@ STEPS = 10
 
 @pytest.fixture(scope="module")
 def runner():
-    runner = ModelRunner(default_llm_model_path(), lora=LoRASettings(max_loras=2, max_rank=16),
+    runner = ModelRunner(default_llm_model_path(), lora=LoRAServingConfig(max_loras=2, max_lora_rank=16),
                          settings=RunnerSettings(max_model_len=256, max_num_seqs=4))
     runner.lora.load_slot(0, load_adapter(adapters_dir() / "demo" / "uppercase", runner.lora.spec, 16))
     return runner
@@ -102,19 +103,15 @@ def test_static_decode_step_equals_the_eager_one_with_mixed_adapters(runner):
     seqs = [_Live(runner, i) for i in range(3)]
     try:
         _prefill(runner, seqs)
-        lora = [RowLoRA(0, 1.0), RowLoRA(), RowLoRA(0, 0.5)]
+        lora = [RowLoRA.one(0, 1.0), RowLoRA(), RowLoRA.one(0, 0.5)]
         slots = [s.slot for s in seqs]
         eager = runner.decode(slots, [s.tokens[-1] for s in seqs], [s.cached for s in seqs], lora)
-        rows = RowSlots.allocate(4, runner.lora)  # bucket 4 > 3 rows: one padding row
-        rows.write([(max(r.slot, 0), r.scale if r.slot >= 0 else 0.0) for r in lora])
+        rows = runner.lora.ops.fixed_batch(4)  # bucket 4 > 3 rows: one padding row
+        rows.write(LoRABatch.from_rows(lora))
         inputs = {"input_ids": torch.tensor([s.tokens[-1] for s in seqs] + [0]).view(-1, 1),
                   "position_ids": torch.tensor([s.cached for s in seqs] + [0]).view(-1, 1)}
-        runner.lora.rows = rows
-        try:
-            with torch.inference_mode():
-                static = runner._decode_forward(inputs, runner.max_model_len)
-        finally:
-            runner.lora.rows = None
+        with torch.inference_mode(), runner.lora.use(rows):
+            static = runner._decode_forward(inputs, runner.max_model_len)
         torch.testing.assert_close(static[:3], eager, atol=2e-4, rtol=1e-4)
         assert static[:3].argmax(-1).tolist() == eager.argmax(-1).tolist()
     finally:
@@ -214,11 +211,11 @@ def test_dummy_row_and_gathered_decode_agree_around_a_hole(runner):
         tokens, positions = [s.tokens[-1] for s in live], [s.cached for s in live]
         width = max(positions) + 1
         with torch.inference_mode():
-            gathered = runner._decode_forward(runner._decode_inputs(tokens, positions), width, [RowLoRA(0, 1.0)] * 2,
+            gathered = runner._decode_forward(runner._decode_inputs(tokens, positions), width, [RowLoRA.one(0, 1.0)] * 2,
                                               torch.tensor([s.slot for s in live]))
             in_place = runner._decode_forward(
                 runner._decode_inputs([tokens[0], runner.pad_token_id, tokens[1]], [positions[0], 0, positions[1]]),
-                width, [RowLoRA(0, 1.0), RowLoRA(), RowLoRA(0, 1.0)])
+                width, [RowLoRA.one(0, 1.0), RowLoRA(), RowLoRA.one(0, 1.0)])
         torch.testing.assert_close(in_place[[0, 2]], gathered, atol=2e-4, rtol=1e-4)
     finally:
         for s in (seqs[0], seqs[2]):

@@ -15,7 +15,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from backends.llm.chat import apply_chat_template
-from backends.lora.registry import AdapterEntry, LoRARegistry
+from backends.lora.store.entries import AdapterEntry
+from backends.lora.store.registry import LoRARegistry
 from backends.settings import adapters_dir, default_llm_model_path
 from scripts.make_adapters import ALL_PROJECTIONS, load_smollm2, make_random_adapter, tiny_llama
 from scripts.train_demo_adapters import SIGNATURE

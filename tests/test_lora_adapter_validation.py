@@ -11,8 +11,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from backends.errors import InvalidArgument, NotFound
-from backends.lora.adapter import AdapterError, AdapterNotFoundError, load_adapter
-from backends.lora.patch import patch_model
+from backends.lora.adapters.files import AdapterError, AdapterNotFoundError
+from backends.lora.adapters.peft import load_adapter
+from backends.lora.layers.linear import patch_model
 from scripts.make_adapters import ALL_PROJECTIONS, make_random_adapter, tiny_llama
 
 WEIGHTS = "adapter_model.safetensors"

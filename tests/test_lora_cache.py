@@ -10,10 +10,12 @@ import pytest
 import torch
 
 from backends.errors import InvalidArgument
-from backends.lora.adapter import AdapterError, load_adapter
-from backends.lora.cache import AdapterRef, LoRACache, NoFreeSlot
-from backends.lora.ids import stable_lora_int_id
-from backends.lora.patch import patch_model
+from backends.lora.adapters.files import AdapterError
+from backends.lora.adapters.peft import load_adapter
+from backends.lora.manager.cache import LoRACache, NoFreeSlot
+from backends.lora.manager.request import AdapterRef
+from backends.lora.store.ids import stable_lora_int_id
+from backends.lora.layers.linear import patch_model
 from scripts.make_adapters import ALL_PROJECTIONS, make_random_adapter, tiny_llama
 
 

@@ -9,8 +9,9 @@ import torch
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 from safetensors.torch import save_file
 
-from backends.lora.adapter import load_adapter
-from backends.lora.patch import patch_model
+from backends.lora.adapters.peft import load_adapter
+from backends.lora.layers.linear import patch_model
+from backends.lora.ops.batch import LoRABatch
 
 TARGETS = r"transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|add_q_proj|add_k_proj|add_v_proj|to_out\.0|to_add_out)" \
           r"|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2)|norm1\.linear)"
@@ -61,7 +62,7 @@ def test_sd3_transformer_mixed_batch_matches_peft(tmp_path):
     ctx = patch_model(ours, max_loras=2, max_rank=8, targets=TARGETS)
     for slot, folder in enumerate(folders):
         ctx.load_slot(slot, load_adapter(folder, ctx.spec, max_rank=8))
-    with torch.no_grad(), ctx.use([1, -1, 0, 1], [1.0, 1.0, 1.0, 0.0]):
+    with torch.no_grad(), ctx.use(LoRABatch.build([1, -1, 0, 1], [1.0, 1.0, 1.0, 0.0])):
         got = ours(**inputs).sample
 
     with torch.no_grad():

@@ -8,9 +8,10 @@ import shutil
 import pytest
 import torch
 
-from backends.lora.adapter import load_adapter
-from backends.lora.ops import LoRABatch, lora_apply, lora_apply_rows
-from backends.lora.patch import patch_model
+from backends.lora.adapters.peft import load_adapter
+from backends.lora.ops.batch import LoRABatch
+from backends.lora.ops.torch_ops import lora_apply, lora_apply_rows, plan
+from backends.lora.layers.linear import patch_model
 from scripts.make_adapters import ALL_PROJECTIONS, load_smollm2, make_random_adapter, tiny_llama
 
 ADAPTERS = {
@@ -60,7 +61,7 @@ def test_mixed_batch_matches_peft_per_row(factory, tokens, tmp_path):
         ctx.load_slot(slot, load_adapter(folders[name], ctx.spec, max_rank=16))
     row_slots = [slots["a"], slots["b"], -1, slots["a"], slots["c"], slots["a"]]
     row_scales = [1.0, 1.0, 1.0, 0.5, 1.0, 1.0]
-    with torch.no_grad(), ctx.use(row_slots, row_scales):
+    with torch.no_grad(), ctx.use(LoRABatch.build(row_slots, row_scales)):
         got = ours(input_ids=ids).logits
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
     assert not torch.allclose(got[0], got[2], atol=1e-3), "adapter a had no effect"
@@ -76,11 +77,11 @@ def test_no_adapter_and_scale_zero_are_bit_identical_to_base(tmp_path):
     ctx.load_slot(0, load_adapter(folder, ctx.spec, max_rank=8))
     with torch.no_grad():
         unset = model(input_ids=ids).logits
-        with ctx.use([-1, -1, -1], [1.0, 1.0, 1.0]):
+        with ctx.use(LoRABatch.build([-1, -1, -1], [1.0, 1.0, 1.0])):
             none = model(input_ids=ids).logits
-        with ctx.use([0, 0, 0], [0.0, 0.0, 0.0]):
+        with ctx.use(LoRABatch.build([0, 0, 0], [0.0, 0.0, 0.0])):
             zero = model(input_ids=ids).logits
-        with ctx.use([0, -1, 0], [0.0, 1.0, 1.0]):
+        with ctx.use(LoRABatch.build([0, -1, 0], [0.0, 1.0, 1.0])):
             mixed = model(input_ids=ids).logits
     assert torch.equal(unset, base) and torch.equal(none, base) and torch.equal(zero, base)
     assert torch.equal(mixed[:2], base[:2]) and not torch.equal(mixed[2], base[2])
@@ -114,7 +115,7 @@ def test_every_path_matches_a_float64_reference(dtype, tol, rows, tokens, mode):
     y0 = torch.randn(n, n_out, generator=gen).to(dtype)
     expected = _dense_reference(y0, x, slots, scales, A, Bt, tokens)
 
-    batch = LoRABatch.build(slots, scales, max_rank=R, dtype=dtype)
+    batch = plan(LoRABatch.build(slots, scales), max_rank=R, dtype=dtype)
     assert (batch.row_mode if tokens == 1 else "segments") == mode
     got = lora_apply(y0.clone(), x, batch, A, Bt)
     torch.testing.assert_close(got.double(), expected, atol=tol * 10, rtol=tol)
@@ -132,7 +133,7 @@ def test_one_adapter_with_other_rows_off_uses_no_gather_and_stays_exact():
     A, Bt = torch.randn(3, 4, 8, generator=gen), torch.randn(3, 4, 6, generator=gen)
     x, y0 = torch.randn(3 * 5, 8, generator=gen), torch.randn(3 * 5, 6, generator=gen)
     slots, scales = [1, -1, 1], [1.0, 1.0, 0.25]
-    got = lora_apply(y0.clone(), x, LoRABatch.build(slots, scales, max_rank=4), A, Bt)
+    got = lora_apply(y0.clone(), x, plan(LoRABatch.build(slots, scales), max_rank=4), A, Bt)
     torch.testing.assert_close(got.double(), _dense_reference(y0, x, slots, scales, A, Bt, 5), atol=1e-5, rtol=1e-5)
     assert torch.equal(got[5:10], y0[5:10])
 

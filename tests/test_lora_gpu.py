@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backends.lora.adapter import load_adapter
-from backends.lora.cuda_graphs import GraphedLoRAForward
-from backends.lora.patch import patch_model
+from backends.lora.adapters.peft import load_adapter
+from backends.llm.cuda_graphs import GraphedLoRAForward
+from backends.lora.layers.linear import patch_model
+from backends.lora.ops.batch import LoRABatch
 from scripts.make_adapters import ALL_PROJECTIONS, make_random_adapter, tiny_llama
 
 pytestmark = pytest.mark.gpu
@@ -32,8 +33,8 @@ def test_cuda_graph_replay_matches_eager_for_any_adapter_mix(tmp_path, dtype, to
     for slots, scales in [([0, 1, -1, 2, 0], [1, 1, 1, 0.5, 0]), ([2, 2, 2], [1, 1, 1]), ([-1, 1], [1, 2]),
                           ([-1, 0, -1], [0, 0, 1])]:  # the last one replays the base-only graph
         ids = torch.randint(0, 256, (len(slots), 1), generator=gen).cuda()
-        replayed = graphed({"input_ids": ids}, slots, scales).clone()
-        with torch.inference_mode(), ctx.use(slots, scales):
+        replayed = graphed({"input_ids": ids}, LoRABatch.build(slots, scales)).clone()
+        with torch.inference_mode(), ctx.use(LoRABatch.build(slots, scales)):
             eager = forward({"input_ids": ids})
         torch.testing.assert_close(replayed.float(), eager.float(), atol=tol, rtol=tol)
 
@@ -41,7 +42,8 @@ def test_cuda_graph_replay_matches_eager_for_any_adapter_mix(tmp_path, dtype, to
 def test_cuda_graph_of_patched_linears_matches_eager():
     from torch import nn
 
-    from backends.lora.adapter import LoRAAdapter, LoRAConfig, ModuleLoRA
+    from backends.lora.adapters.config import LoRAConfig
+    from backends.lora.adapters.peft import LoRAAdapter, ModuleLoRA
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 48), nn.GELU(), nn.Linear(48, 16)).cuda()
@@ -55,7 +57,7 @@ def test_cuda_graph_of_patched_linears_matches_eager():
                                  lambda n: {"x": torch.zeros(n, 32, device="cuda")}, buckets=(2, 8))
     x = torch.randn(5, 32, device="cuda")
     slots, scales = [2, -1, 0, 1, 2], [1.0, 1.0, 0.5, 1.0, 0.0]
-    replayed = graphed({"x": x}, slots, scales).clone()
-    with torch.inference_mode(), ctx.use(slots, scales):
+    replayed = graphed({"x": x}, LoRABatch.build(slots, scales)).clone()
+    with torch.inference_mode(), ctx.use(LoRABatch.build(slots, scales)):
         eager = model(x)
     torch.testing.assert_close(replayed, eager, atol=1e-4, rtol=1e-4)

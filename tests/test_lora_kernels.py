@@ -15,17 +15,17 @@ import torch
 
 pytest.importorskip("triton")
 
-from backends.lora import triton_ops as compiled  # noqa: E402  (after the importorskip)
+from backends.lora.ops import triton_ops as compiled  # noqa: E402  (after the importorskip)
 
 
 def _interpreted_copy():
-    """A private copy of `backends.lora.triton_ops` whose kernels run under Triton's interpreter.
+    """A private copy of `backends.lora.ops.triton_ops` whose kernels run under Triton's interpreter.
 
     Triton reads TRITON_INTERPRET when @triton.jit decorates a kernel, i.e. while the module executes. Setting it
     only around that keeps it out of other test modules, of child processes (tritonserver) and of the shared
     module, whose kernels stay compiled for the gpu tests.
     """
-    name = "backends.lora._triton_ops_interpreted"
+    name = "backends.lora.ops._triton_ops_interpreted"
     spec = importlib.util.spec_from_file_location(name, compiled.__file__)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses look the defining module up
@@ -187,7 +187,7 @@ def test_rank_limit_and_bad_inputs_are_rejected():
 def test_module_imports_without_triton(monkeypatch):
     monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` raises ImportError
     monkeypatch.setitem(sys.modules, "triton.language", None)
-    name = "backends.lora._triton_ops_without_triton"
+    name = "backends.lora.ops._triton_ops_without_triton"
     spec = importlib.util.spec_from_file_location(name, compiled.__file__)
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, name, module)

@@ -10,8 +10,10 @@ import threading
 import pytest
 
 from backends.errors import InvalidArgument, NotFound, Unavailable
-from backends.lora.ids import IdBook, stable_lora_int_id
-from backends.lora.registry import AdapterEntry, LoRARegistry, RegistryFile, parse_lora_modules
+from backends.lora.store.ids import IdBook, stable_lora_int_id
+from backends.lora.store.entries import AdapterEntry, parse_lora_modules
+from backends.lora.store.registry import LoRARegistry
+from backends.lora.store.registry_file import RegistryFile
 
 
 def fake_adapter(folder):

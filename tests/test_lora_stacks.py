@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from backends.lora.conv import conv_lora_apply
-from backends.lora.ops import DENSE_MAX_ROW_SLOTS, LoRABatch, lora_apply
+from backends.lora.ops.batch import LoRABatch
+from backends.lora.ops.torch_ops import DENSE_MAX_ROW_SLOTS, conv_lora_apply, lora_apply, plan
 from tests.test_llm_lora_serving import CAPITAL, GREEDY, PROMPTS, _ok, _random, concurrently
 
 # Per sequence: a stack of (slot, scale); [] = base. Mixed depths, shared and distinct adapters, a zero scale.
@@ -41,9 +41,10 @@ def test_a_stack_applies_the_sum_of_its_adapters_on_every_path(rows, tokens, mod
     stacks = [STACKS[i % len(STACKS)] for i in range(rows)]
     x = torch.randn(rows * tokens, n_in, generator=gen)
     y0 = torch.randn(rows * tokens, n_out, generator=gen)
-    batch = LoRABatch.build(*_padded(stacks), max_rank=R)
+    lora = LoRABatch.build(*_padded(stacks))
+    batch = plan(lora, max_rank=R)
     assert (batch.row_mode if tokens == 1 else "segments") == mode
-    assert batch.live_slots == {0, 1, 2, 3}
+    assert lora.live_slots == {0, 1, 2, 3}
     got = lora_apply(y0.clone(), x, batch, A, Bt)
     torch.testing.assert_close(got.double(), _reference(y0, x, stacks, A, Bt, tokens), atol=1e-4, rtol=1e-5)
     base_rows = [i for i in range(rows * tokens) if not stacks[i // tokens]]
@@ -54,14 +55,14 @@ def test_all_scales_zero_is_the_base_bit_for_bit_and_one_column_equals_the_singl
     gen = torch.Generator().manual_seed(0)
     A, Bt = torch.randn(3, 4, 8, generator=gen), torch.randn(3, 4, 6, generator=gen)
     x, y0 = torch.randn(12, 8, generator=gen), torch.randn(12, 6, generator=gen)
-    zero = LoRABatch.build([[0, 1], [2, -1]], [[0.0, 0.0], [0.0, 0.0]], max_rank=4)
+    zero = plan(LoRABatch.build([[0, 1], [2, -1]], [[0.0, 0.0], [0.0, 0.0]]), max_rank=4)
     assert zero.empty and torch.equal(lora_apply(y0.clone(), x, zero, A, Bt), y0)
     for tokens in (1, 6):
         n = 12 // tokens
         slots, scales = [i % 3 - 1 for i in range(n)], [0.5 + i for i in range(n)]
-        flat = lora_apply(y0.clone(), x, LoRABatch.build(slots, scales, max_rank=4), A, Bt)
-        column = lora_apply(y0.clone(), x, LoRABatch.build([[s] for s in slots], [[c] for c in scales],
-                                                           max_rank=4), A, Bt)
+        flat = lora_apply(y0.clone(), x, plan(LoRABatch.build(slots, scales), max_rank=4), A, Bt)
+        column = lora_apply(y0.clone(), x, plan(LoRABatch.build([[s] for s in slots], [[c] for c in scales]),
+                                                max_rank=4), A, Bt)
         assert torch.equal(flat, column)
 
 
@@ -81,7 +82,7 @@ def test_conv_stack_sums_each_adapters_locon_delta():
     x = torch.randn(3, 3, 8, 8, generator=gen)
     with torch.no_grad():
         y0 = conv(x)
-        got = conv_lora_apply(y0.clone(), x, LoRABatch.build(*_padded(stacks), max_rank=R), A, Bt, conv, 0, 3)
+        got = conv_lora_apply(y0.clone(), x, plan(LoRABatch.build(*_padded(stacks)), max_rank=R), A, Bt, conv, 0, 3)
         expected = y0.clone()
         for row, stack in enumerate(stacks):
             for slot, scale in stack:
@@ -99,8 +100,10 @@ def test_llm_stack_equals_peft_with_both_adapters_active(tmp_path):
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
 
-    from backends.llm.runner import LoRASettings, ModelRunner, RowLoRA, RunnerSettings
-    from backends.lora.adapter import load_adapter
+    from backends.llm.runner import ModelRunner, RunnerSettings
+    from backends.lora.manager.config import LoRAServingConfig
+    from backends.lora.ops.batch import RowLoRA
+    from backends.lora.adapters.peft import load_adapter
     from scripts.llm_families import make_family
     from scripts.make_adapters import make_random_adapter
     from tests.test_llm_families import PROMPTS, Rows, _generate, _last_logits, _load
@@ -111,7 +114,7 @@ def test_llm_stack_equals_peft_with_both_adapters_active(tmp_path):
                                          target_modules="all-linear"),
                 "b": make_random_adapter(factory, tmp_path / "b", seed=2, std=0.1, r=4, lora_alpha=4,
                                          target_modules=["q_proj", "v_proj", "down_proj"])}
-    runner = ModelRunner(folder, lora=LoRASettings(max_loras=2, max_rank=8),
+    runner = ModelRunner(folder, lora=LoRAServingConfig(max_loras=2, max_lora_rank=8),
                          settings=RunnerSettings(max_model_len=96, max_num_seqs=4))
     for slot, name in enumerate(adapters):
         runner.lora.load_slot(slot, load_adapter(adapters[name], runner.lora.spec, 8))
@@ -147,8 +150,8 @@ def test_diffusion_stack_equals_diffusers_set_adapters_with_both():
     adapter_weights=[...])` (fp32, 1e-5); all-zero scales equal the base bit for bit."""
     from backends.diffusion.generate import ImageLimits, build_request
     from backends.diffusion.pipeline import load_pipeline
-    from backends.lora.cache import AdapterRef
-    from backends.lora.resolver import LoRASelection
+    from backends.lora.manager.request import AdapterRef
+    from backends.lora.manager.request import LoRASelection
     from scripts.make_fixtures import fixtures_dir
     from tests.test_diffusion_families import A, FAMILIES, SIZE, STEPS, _served, _weight_name
 
@@ -163,9 +166,9 @@ def test_diffusion_stack_equals_diffusers_set_adapters_with_both():
     kwargs = {**generator.pipeline_kwargs(batch), "output_type": "latent"}
     slot_of = dict(zip(refs, cache.acquire(list(refs.values()))))
     depth = max(len(s) for s in stacks)
-    with torch.inference_mode(), lora.rows(
+    with torch.inference_mode(), lora.use(LoRABatch.build(
             [[slot_of[n] for n in s] + [-1] * (depth - len(s)) for s in stacks],
-            [list(s.values()) + [0.0] * (depth - len(s)) for s in stacks]):
+            [list(s.values()) + [0.0] * (depth - len(s)) for s in stacks])):
         got = loaded.pipe(**kwargs).images
 
     reference = load_pipeline(str(fixtures_dir() / family.pipeline)).pipe
@@ -311,8 +314,8 @@ def test_verify_lora_stack_mode(triton_server, tmp_path):
 
 def test_diffusion_planner_counts_every_adapter_of_a_stack_against_the_slots():
     from backends.diffusion.generate import ImageLimits, build_request
-    from backends.lora.cache import AdapterRef
-    from backends.lora.resolver import LoRASelection
+    from backends.lora.manager.request import AdapterRef
+    from backends.lora.manager.request import LoRASelection
     from tests.test_diffusion_families import A, FAMILIES, SIZE, _served
 
     family = FAMILIES["sdxl"]

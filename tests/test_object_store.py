@@ -13,9 +13,12 @@ from pathlib import Path
 import pytest
 
 from backends.errors import InvalidArgument, NotFound, Unavailable
-from backends.lora.object_store import AdapterDownloads, S3Uri, s3_client, split_locations, version_of
-from backends.lora.registry import AdapterEntry, PathPolicy
-from backends.lora.registry_s3 import S3RegistryObject
+from backends.lora.store.downloads import AdapterDownloads, version_of
+from backends.lora.store.locations import S3Uri, split_locations
+from backends.lora.store.s3 import s3_client
+from backends.lora.store.entries import AdapterEntry
+from backends.lora.store.roots import PathPolicy
+from backends.lora.store.registry_s3 import S3RegistryObject
 from tests.s3_server import S3Server
 
 BUCKET = "adapters"
@@ -170,7 +173,7 @@ def test_the_registry_object_is_shared_and_a_write_conflict_loses_nothing(s3, ca
     assert set(two.read()[1]) == {"first"}  # the other replica sees it
 
     # `two` computes its change while `one` writes: its conditional write fails, it re-reads and reapplies.
-    with caplog.at_level(logging.INFO, logger="backends.lora.registry_s3"):
+    with caplog.at_level(logging.INFO, logger="backends.lora.store.registry_s3"):
         version = _add(two, "second", during=lambda: _add(one, "third") if "third" not in one.read()[1] else None)
     assert "changed under us" in caplog.text
     assert version == 3 and set(one.read()[1]) == {"first", "second", "third"}
@@ -190,7 +193,7 @@ def test_a_corrupt_registry_object_keeps_the_last_good_one_and_the_next_write_re
     _add(writer, "kept")
     assert set(reader.read()[1]) == {"kept"}
     s3.client().put_object(Bucket=BUCKET, Key="registries/corrupt.json", Body=b'{"version": 2, "adapt')
-    with caplog.at_level(logging.ERROR, logger="backends.lora.registry_s3"):
+    with caplog.at_level(logging.ERROR, logger="backends.lora.store.registry_s3"):
         version, entries = reader.read()
     assert (version, set(entries)) == (1, {"kept"})
     assert "s3://adapters/registries/corrupt.json is not valid" in caplog.text
@@ -218,10 +221,11 @@ def test_s3_uri_rejects_what_is_not_an_object_location():
 
 
 def test_a_resolver_dir_in_a_bucket_offers_its_adapter_folders_by_name(s3, adapter, tmp_path, monkeypatch):
-    from backends.lora import object_store
-    from backends.lora.registry import RESOLVER, LoRARegistry
+    from backends.lora.store import downloads as store_downloads
+    from backends.lora.store.entries import RESOLVER
+    from backends.lora.store.registry import LoRARegistry
 
-    monkeypatch.setattr(object_store, "_downloads", AdapterDownloads(tmp_path / "cache"))
+    monkeypatch.setattr(store_downloads, "_downloads", AdapterDownloads(tmp_path / "cache"))
     s3.upload(adapter, BUCKET, "resolver/alpha")
     s3.client().put_object(Bucket=BUCKET, Key="resolver/not-an-adapter/notes.txt", Body=b"x")
     registry = LoRARegistry(resolver_dirs=[f"s3://{BUCKET}/resolver"])
@@ -259,9 +263,10 @@ def test_the_resolver_keeps_an_s3_adapter_loaded_across_checks_and_serves_it_fro
         tmp_path, monkeypatch):
     """Each check against the store touches the download; that must not look like new files (a reload every few
     seconds). With the store down and the download evicted, the weights in memory still serve."""
-    from backends.lora import object_store
-    from backends.lora.registry import LoRARegistry
-    from backends.lora.resolver import AdapterResolver, LoRAFields
+    from backends.lora.store import downloads as store_downloads
+    from backends.lora.store.registry import LoRARegistry
+    from backends.lora.manager.request import LoRAFields
+    from backends.lora.manager.selector import AdapterSelector
     from scripts.make_adapters import make_random_adapter
     from tests.test_lora_cache import ALL_PROJECTIONS, make_cache, tiny_llama
 
@@ -270,10 +275,10 @@ def test_the_resolver_keeps_an_s3_adapter_loaded_across_checks_and_serves_it_fro
     server = S3Server(tmp_path / "moto.log").start()
     server.client().create_bucket(Bucket=BUCKET)
     uri = server.upload(folder, BUCKET, "mem/a")
-    monkeypatch.setattr(object_store, "_downloads", AdapterDownloads(
+    monkeypatch.setattr(store_downloads, "_downloads", AdapterDownloads(
         tmp_path / "cache", check_ttl_s=0, client_factory=lambda: S3Server.client(server)))
     cache, loader = make_cache()
-    resolver = AdapterResolver(LoRARegistry(allowed_roots=[f"s3://{BUCKET}"]), cache)
+    resolver = AdapterSelector(LoRARegistry(allowed_roots=[f"s3://{BUCKET}"]), cache)
     first = resolver.select(LoRAFields(path=uri)).ref
     assert [resolver.select(LoRAFields(path=uri)).ref.key for _ in range(3)] == [first.key] * 3
     assert len(loader.calls) == 1

@@ -17,7 +17,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from backends.llm.chat import apply_chat_template
-from backends.lora.registry import AdapterEntry, LoRARegistry
+from backends.lora.store.entries import AdapterEntry
+from backends.lora.store.registry import LoRARegistry
 from scripts.make_adapters import ALL_PROJECTIONS, load_smollm2, make_random_adapters
 from tests.conftest import PINNED_MODEL
 from tests.frontend_process import API_KEY

@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from backends.lora.object_store import S3_CACHE_DIR_ENV
+from backends.lora.store.downloads import S3_CACHE_DIR_ENV
 from backends.settings import ALLOWED_LORA_ROOTS_ENV, LORA_REGISTRY_ENV
 from scripts.frontend_launcher import FrontendProcess
 from scripts.triton_launcher import TritonServer, copy_model, free_port

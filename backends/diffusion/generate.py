@@ -21,8 +21,9 @@ import torch
 from backends.diffusion.lora import PipelineLoRA
 from backends.diffusion.pipeline import LoadedPipeline
 from backends.errors import InvalidArgument
-from backends.lora.cache import LoRACache
-from backends.lora.resolver import LoRASelection
+from backends.lora.manager.cache import LoRACache
+from backends.lora.manager.request import LoRASelection
+from backends.lora.ops.batch import LoRABatch, RowLoRA
 
 log = logging.getLogger(__name__)
 
@@ -175,10 +176,9 @@ class DiffusionGenerator:
         if refs:
             slot_of = dict(zip((r.key for r in refs), self.cache.acquire(refs)))
             try:
-                depth = max(len(req.lora) for req in batch)
-                slots = [[slot_of[s.ref.key] for s in req.lora] + [-1] * (depth - len(req.lora)) for req, _ in rows]
-                scales = [[s.scale for s in req.lora] + [0.0] * (depth - len(req.lora)) for req, _ in rows]
-                with self.lora.rows(slots, scales):
+                lora = LoRABatch.from_rows([RowLoRA.stack([(slot_of[s.ref.key], s.scale) for s in req.lora])
+                                            for req, _ in rows])
+                with self.lora.use(lora):
                     images = self.loaded.pipe(**kwargs).images
             finally:
                 self.cache.release(refs)

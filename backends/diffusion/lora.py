@@ -17,17 +17,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import torch
 from torch import nn
 
-from backends.diffusion.adapter_formats import load_diffusion_adapter
 from backends.diffusion.pipeline import LoadedPipeline
-from backends.lora.adapter import LoRAAdapter
-from backends.lora.conv import LoRAConv2d, patch_convs
-from backends.lora.ops import LoRABatch
-from backends.lora.patch import LoRAContext, patch_model
+from backends.lora.adapters.diffusers import load_diffusion_adapter
+from backends.lora.adapters.peft import LoRAAdapter
+from backends.lora.layers.context import LoRAContext
+from backends.lora.layers.conv import LoRAConv2d, patch_convs
+from backends.lora.layers.linear import patch_model
+from backends.lora.ops.batch import LoRABatch
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +63,8 @@ class PipelineLoRA:
         log.info("LoRA on %s: %d linear and %d conv layers of %s, %d slots x rank %d = %.1f MB of slot buffers",
                  loaded.name, len(self.context.layers) - convs, convs,
                  ", ".join(names), max_loras, max_rank, slot_bytes / 2**20)
-        self._rows: tuple[list, list] | None = None
-        self._batches: dict[int, LoRABatch] = {}
+        self._batch: LoRABatch | None = None  # the generation's rows
+        self._batches: dict[int, LoRABatch] = {}  # those rows as each component's batch size sees them
         for n in names:
             getattr(loaded.pipe, n).register_forward_pre_hook(self._before_forward, with_kwargs=True)
 
@@ -74,27 +75,25 @@ class PipelineLoRA:
                                       state_dict_kwargs=self._state_dict_kwargs)
 
     def _before_forward(self, _module, args, kwargs):
-        if self._rows is None:
+        if self._batch is None:
             return None
         n = _batch_size(args, kwargs)
         batch = self._batches.get(n)
         if batch is None:
-            slots, scales = self._rows
-            if n % len(slots):
-                raise ValueError(f"LoRA rows: a component got a batch of {n} for {len(slots)} rows")
-            reps = n // len(slots)
-            batch = self._batches[n] = LoRABatch.build(slots * reps, scales * reps, self.context.max_rank,
-                                                       self.context.device, self.context.dtype)
-        self.context.batch = batch
+            rows = self._batch.num_seqs
+            if n % rows:
+                raise ValueError(f"LoRA rows: a component got a batch of {n} for {rows} rows")
+            batch = self._batches[n] = self._batch.repeat(n // rows)
+        self.context.ops.set_batch(batch)
         return None
 
     @contextlib.contextmanager
-    def rows(self, slots: Sequence, scales: Sequence) -> Iterator[None]:
-        """Within the block, pipeline calls run row i (of the prompt list) with slot[i] (-1: none) and scale[i], or
-        with the stack slot[i][j], scale[i][j] (padded with -1) whose deltas add up."""
-        self._rows, self._batches = (list(slots), list(scales)), {}
+    def use(self, batch: LoRABatch) -> Iterator[None]:
+        """Within the block, pipeline calls run row i of the prompt list with row i of `batch` (its adapters'
+        deltas add up)."""
+        self._batch, self._batches = batch, {}
         try:
             yield
         finally:
-            self._rows, self._batches = None, {}
-            self.context.clear()
+            self._batch, self._batches = None, {}
+            self.context.ops.clear()

@@ -18,12 +18,12 @@ from backends import triton_io as tio
 from backends.diffusion.generate import ImageRequest, build_request
 from backends.settings import DIFFUSION_MODEL_PATH_ENV, default_diffusion_model_path
 from backends.diffusion.service import start_diffusion
+from backends.model_params import model_parameters, param_str
 from backends.errors import BackendError
-from backends.lora.metrics import TritonLoRAMetrics
-from backends.lora.resolver import select_lora
+from backends.diffusion.metrics import TritonDiffusionMetrics
+from backends.lora.manager.selector import select_lora
 
 log = logging.getLogger(__name__)
-
 
 
 def _refs(stacks) -> list:
@@ -31,50 +31,30 @@ def _refs(stacks) -> list:
     return [selection.ref for stack in stacks for selection in stack]
 
 
-class _Metrics:
-    def __init__(self, model_name: str):
-        labels = {"model": model_name}
-        kinds = pb_utils.MetricFamily
-        self._families = [
-            pb_utils.MetricFamily(name=n, description=d, kind=kinds.COUNTER) for n, d in (
-                ("multilora_diffusion_images_total", "Images generated"),
-                ("multilora_diffusion_batches_total", "Denoising batches run (each mixes any adapters)"),
-                ("multilora_diffusion_batch_seconds_total", "Time spent denoising and encoding batches"),
-            )
-        ]
-        self.images, self.batches, self.seconds = (f.Metric(labels=labels) for f in self._families)
-        self.lora = TritonLoRAMetrics(model_name)
-
-    def close(self) -> None:
-        """Delete this model's series (see `TritonLoRAMetrics.close`)."""
-        self.lora.close()
-        self._families.clear()
-
-
 class TritonDiffusionModel:
     def initialize(self, args: dict) -> None:
         logging.basicConfig(level=os.environ.get("MULTILORA_LOG_LEVEL", "INFO"),
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         model_config = json.loads(args["model_config"])
-        params = tio.model_parameters(model_config)
+        params = model_parameters(model_config)
         device = "cpu"
         if args.get("model_instance_kind") == "GPU":
             device = f"cuda:{args['model_instance_device_id']}"
         log.info("model '%s' serving %s on %s (set parameter model_path or %s to change)", args["model_name"],
-                 (params.get("model_path") or "").strip() or default_diffusion_model_path(), device,
+                 param_str(params, "model_path", None) or default_diffusion_model_path(), device,
                  DIFFUSION_MODEL_PATH_ENV)
         try:
             service = start_diffusion(params, device)
         except ValueError as exc:  # a bad parameter or pipeline: Triton shows the message
             raise pb_utils.TritonModelException(str(exc)) from exc
         self.loaded, self.limits, self.generator = service.loaded, service.limits, service.generator
-        self.resolver = service.resolver
-        self.metrics = _Metrics(args["model_name"])
-        if self.resolver is not None:
-            self.metrics.lora.start(self.resolver.registry.static, self.resolver.cache)
+        self.selector = service.selector
+        self.metrics = TritonDiffusionMetrics(args["model_name"])
+        if self.selector is not None:
+            self.metrics.lora.start(self.selector.registry.static, self.selector.cache)
 
     def _parse(self, request) -> ImageRequest:
-        lora = select_lora(self.resolver, tio.get_lora_stack(request))
+        lora = select_lora(self.selector, tio.get_lora_stack(request))
         self.metrics.lora.note(selection.ref for selection in lora)
         return build_request(
             self.loaded, self.limits,
@@ -139,10 +119,10 @@ class TritonDiffusionModel:
     def _report_lora(self, running=(), waiting=()) -> None:
         """Requests per adapter as Triton hands them over: the batch being denoised runs, the later batches of
         the same call wait (requests still in Triton's own queue are not visible to the model)."""
-        if self.resolver is None:
+        if self.selector is None:
             return
         try:
-            self.metrics.lora.report(self.resolver.cache, running, waiting)
+            self.metrics.lora.report(self.selector.cache, running, waiting)
         except Exception:  # metrics never cost the requests their answers
             log.exception("reporting LoRA metrics failed")
 

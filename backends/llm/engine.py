@@ -28,10 +28,12 @@ from backends.errors import InternalError, InvalidArgument, Unavailable
 from backends.llm.detokenizer import IncrementalDetokenizer
 from backends.llm.logprobs import TokenLogprob, prompt_logprobs, token_logprobs
 from backends.llm.params import GenerationRequest, SamplingParams, check_context_length
-from backends.llm.runner import ModelRunner, RowLoRA
+from backends.llm.runner import ModelRunner
 from backends.llm.sampling import make_generator, sample_next_tokens
 from backends.llm.scheduler import Scheduler, SchedulerLimits
-from backends.lora.cache import AdapterRef, LoRACache, NoFreeSlot
+from backends.lora.manager.cache import LoRACache, NoFreeSlot
+from backends.lora.manager.request import AdapterRef
+from backends.lora.ops.batch import RowLoRA
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -457,7 +459,7 @@ class LLMEngine:
         if seq.kv_slot >= 0:
             self.runner.kv.free(seq.kv_slot, scrub=failed)
             seq.kv_slot = -1
-        if seq.row_lora.slot >= 0:
+        if seq.row_lora:
             self.lora_cache.release([selection.ref for selection in seq.request.lora])
             seq.row_lora = RowLoRA()
 

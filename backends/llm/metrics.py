@@ -5,9 +5,10 @@ from __future__ import annotations
 import triton_python_backend_utils as pb_utils
 
 from backends.llm.kv_cache import SlotKVCache
-from backends.lora.cache import AdapterRef, LoRACache
-from backends.lora.metrics import TritonLoRAMetrics
-from backends.lora.resolver import AdapterResolver
+from backends.lora.manager.cache import LoRACache
+from backends.lora.manager.metrics import TritonLoRAMetrics
+from backends.lora.manager.request import AdapterRef
+from backends.lora.manager.selector import AdapterSelector
 
 
 _FINISHED = "multilora_llm_requests_finished_total"
@@ -82,12 +83,12 @@ class TritonEngineMetrics:
     def on_lora(self, cache: LoRACache, running: list[AdapterRef], waiting: list[AdapterRef]) -> None:
         self._lora.report(cache, running, waiting)
 
-    def on_started(self, kv: SlotKVCache, resolver: AdapterResolver | None) -> None:
+    def on_started(self, kv: SlotKVCache, selector: AdapterSelector | None) -> None:
         """What a router reads before any traffic: the KV cache's shape and the static (pinned) adapters."""
         self._kv_slots.set(kv.num_slots)
         self._kv_slot_tokens.set(kv.max_model_len)
-        if resolver is not None:
-            self._lora.start(resolver.registry.static, resolver.cache)
+        if selector is not None:
+            self._lora.start(selector.registry.static, selector.cache)
 
     def note_adapters(self, refs: list[AdapterRef]) -> None:
         self._lora.note(refs)

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 
 from backends.errors import InvalidArgument
-from backends.lora.resolver import LoRASelection
+from backends.lora.manager.request import LoRASelection
 
 MAX_STOP_STRINGS = 16
 MAX_LOGPROBS = 20  # OpenAI's limit for top logprobs per position

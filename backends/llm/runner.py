@@ -1,9 +1,10 @@
 """The model side of generation: load the causal LM, size its KV cache, run prefill and decode forwards.
 
 Each sequence owns a slot of the `SlotKVCache`; prefill writes new prompts into their slots, decode appends one
-token per slot. Each row carries its own LoRA slot and scale through the shared `LoRAContext` of the patched model
-(rows without an adapter run the exact base computation). On CUDA the decode step replays CUDA graphs captured at
-load per batch-size bucket (`DecodeGraphs`); elsewhere, or with `enforce_eager`, it runs eagerly.
+token per slot. Each row carries its own adapters (`RowLoRA`); the rows of a forward become one `LoRABatch` that
+the patched model's `LoRAContext` runs (rows without an adapter run the exact base computation). On CUDA the
+decode step replays CUDA graphs captured at load per batch-size bucket (`GraphedLoRAForward`); elsewhere, or with
+`enforce_eager`, it runs eagerly.
 """
 
 from __future__ import annotations
@@ -19,11 +20,14 @@ from typing import Callable, Sequence
 
 import torch
 
+from backends.llm.cuda_graphs import GraphedLoRAForward
 from backends.llm.kv_cache import MiB, KVShape, SlotKVCache, decode_mask_into, plan_num_slots, prefill_mask
-from backends.lora.cuda_graphs import GraphedLoRAForward
-from backends.lora.patch import LoRAContext, patch_model
-from backends.lora.targets import llm_targets, packed_parts, parse_target_modules
-from backends.model_params import param_bool, param_float, param_int
+from backends.lora.adapters.targets import llm_targets, packed_parts, parse_target_modules
+from backends.lora.layers.context import LoRAContext
+from backends.lora.layers.linear import patch_model
+from backends.lora.manager.config import LoRAServingConfig
+from backends.lora.ops.batch import LoRABatch, RowLoRA
+from backends.model_params import param_bool, param_float, param_int, param_str
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +35,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # On CPU, without an explicit budget: at most this, and at most half the memory available at load.
 CPU_KV_CACHE_BYTES = 4 << 30
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
-
-
-@dataclass(frozen=True)
-class LoRASettings:
-    max_loras: int = 16  # device slots = distinct adapters in one step
-    max_rank: int = 16
-    target_modules: str | None = None  # `lora_target_modules`: None = every linear of the decoder blocks
 
 
 @dataclass(frozen=True)
@@ -56,7 +53,7 @@ class RunnerSettings:
         """Model parameters of the same names (empty = default)."""
         d = cls()
         settings = cls(
-            dtype=(params.get("dtype") or "").strip() or d.dtype,
+            dtype=param_str(params, "dtype", d.dtype),
             max_model_len=param_int(params, "max_model_len", d.max_model_len),
             max_num_seqs=param_int(params, "max_num_seqs", d.max_num_seqs),
             kv_cache_memory_bytes=param_int(params, "kv_cache_memory_bytes", d.kv_cache_memory_bytes),
@@ -114,33 +111,6 @@ class AttentionLayout:
         return masks if self.per_layer_type else next(iter(masks.values()))
 
 
-@dataclass(frozen=True)
-class RowLoRA:
-    """The adapters of one batch row: slot -1 = none; a LoRA stack adds its further (slot, scale) pairs in `rest`
-    and the row gets the sum of their deltas."""
-
-    slot: int = -1
-    scale: float = 0.0
-    rest: tuple[tuple[int, float], ...] = ()
-
-    @classmethod
-    def stack(cls, pairs: Sequence[tuple[int, float]]) -> "RowLoRA":
-        return cls(*pairs[0], tuple(pairs[1:])) if pairs else cls()
-
-    @property
-    def pairs(self) -> tuple[tuple[int, float], ...]:
-        return ((self.slot, self.scale), *self.rest) if self.slot >= 0 else ()
-
-
-def _lora_columns(rows: Sequence[RowLoRA]) -> tuple[list, list]:
-    """Slot ids and scales for `LoRAContext.use`: one per row, or [rows, depth] (padded with -1) for stacks."""
-    depth = max(len(r.pairs) for r in rows)
-    if depth <= 1:
-        return [r.slot for r in rows], [r.scale for r in rows]
-    padded = [r.pairs + ((-1, 0.0),) * (depth - len(r.pairs)) for r in rows]
-    return [[s for s, _ in p] for p in padded], [[c for _, c in p] for p in padded]
-
-
 def cache_kwarg(model) -> str:
     """The forward's KV-cache argument: `cache` in transformers >= 5.2x, `past_key_values` before (the GPU check
     machine's 5.17)."""
@@ -165,8 +135,9 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 class ModelRunner:
-    def __init__(self, model_path: str | Path, device: str = "cpu", lora: LoRASettings | None = LoRASettings(),
-                 settings: RunnerSettings = RunnerSettings()):
+    def __init__(self, model_path: str | Path, device: str = "cpu",
+                 lora: LoRAServingConfig | None = LoRAServingConfig(), settings: RunnerSettings = RunnerSettings()):
+        """`lora`: its slots, rank and target modules patch the model (None: no LoRA)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         path = Path(model_path)
@@ -210,10 +181,10 @@ class ModelRunner:
             path, self.device, str(self.dtype).removeprefix("torch."), loaded, self.max_model_len,
             self.kv.num_slots, self.kv.nbytes / MiB,
             f"CUDA graphs for batches {self.graphs.buckets}" if self.graphs else "eager",
-            sorted(self.eos_token_ids), lora,
+            sorted(self.eos_token_ids), f"{lora.max_loras} slots x rank {lora.max_lora_rank}" if lora else "off",
         )
 
-    def _patch(self, lora: LoRASettings) -> LoRAContext:
+    def _patch(self, lora: LoRAServingConfig) -> LoRAContext:
         targets = llm_targets(self.model, parse_target_modules(lora.target_modules))
         if not any(targets(n, m) for n, m in self.model.named_modules()):
             linears = [n for n, m in self.model.named_modules() if isinstance(m, torch.nn.Linear)]
@@ -223,7 +194,7 @@ class ModelRunner:
                                  f"blocks to put LoRA on (its layers are {', '.join(kinds)})")
             raise ValueError(f"{self.model_path}: lora_target_modules {lora.target_modules!r} match no linear layer of "
                              f"{type(self.model).__name__} (its linears look like {linears[:3]})")
-        context = patch_model(self.model, lora.max_loras, lora.max_rank, targets, model_name=str(self.model_path))
+        context = patch_model(self.model, lora.max_loras, lora.max_lora_rank, targets, model_name=str(self.model_path))
         context.packed = packed_parts(self.model, context.layers)
         return context
 
@@ -273,10 +244,10 @@ class ModelRunner:
         return self.vocab_size * torch.empty((), dtype=self.dtype).element_size()
 
     def _forward(self, rows_lora: Sequence[RowLoRA], all_positions: bool = False, **kwargs) -> torch.Tensor:
-        if self.lora is None or all(r.slot < 0 for r in rows_lora):
+        if self.lora is None or not any(rows_lora):
             logits = self.model(**kwargs).logits
         else:
-            with self.lora.use(*_lora_columns(rows_lora)):
+            with self.lora.use(LoRABatch.from_rows(rows_lora)):
                 logits = self.model(**kwargs).logits
         return logits if all_positions else logits[:, -1, :]
 
@@ -311,7 +282,8 @@ class ModelRunner:
     def _decode(self, slots, token_ids, positions, rows_lora) -> torch.Tensor:
         rows = max(slots) + 1  # the slot prefix: row r = slot r; free slots inside it are dummy rows
         # Captured graphs hold one adapter per row: a step with a LoRA stack runs eagerly.
-        graphed = self.graphs is not None and rows <= self.graphs.buckets[-1] and not any(r.rest for r in rows_lora)
+        graphed = (self.graphs is not None and rows <= self.graphs.buckets[-1]
+                   and all(len(r.pairs) <= 1 for r in rows_lora))
         if not graphed and rows - len(slots) > len(slots) // 8:  # sparse: run the live rows, gather their K/V
             inputs = self._decode_inputs(token_ids, positions)
             return self._decode_forward(inputs, max(positions) + 1, rows_lora,
@@ -322,8 +294,7 @@ class ModelRunner:
         for slot, token, p, row_lora in zip(slots, token_ids, positions, rows_lora):
             ids[slot], pos[slot], lora[slot] = token, p, row_lora
         if graphed:
-            logits = self.graphs(self._decode_inputs(ids, pos, "cpu"), [r.slot for r in lora],
-                                 [r.scale for r in lora])
+            logits = self.graphs(self._decode_inputs(ids, pos, "cpu"), LoRABatch.from_rows(lora))
         else:  # attention reads only the columns some row has filled
             logits = self._decode_forward(self._decode_inputs(ids, pos), max(pos) + 1, lora)
         return logits.index_select(0, torch.tensor(list(slots), device=logits.device))

@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Callable
 
 from backends.llm.engine import EngineObserver, LLMEngine
-from backends.llm.runner import LoRASettings, ModelRunner, RunnerSettings
+from backends.llm.runner import ModelRunner, RunnerSettings
 from backends.llm.scheduler import SchedulerLimits
-from backends.lora.resolver import AdapterResolver
-from backends.lora.serving import LoRAServingConfig, build_resolver
-from backends.model_params import param_int
+from backends.lora.manager.config import LoRAServingConfig
+from backends.lora.manager.selector import AdapterSelector
+from backends.model_params import param_int, param_str
 from backends.settings import default_llm_model_path
 
 log = logging.getLogger(__name__)
@@ -23,24 +23,23 @@ log = logging.getLogger(__name__)
 class LLMService:
     model_path: Path
     engine: LLMEngine = field(init=False)
-    resolver: AdapterResolver | None = None  # None: LoRA disabled (max_loras 0)
+    selector: AdapterSelector | None = None  # None: LoRA disabled (max_loras 0)
 
 
 def start_llm(params: dict[str, str], device: str = "cpu", observer: EngineObserver | None = None,
               on_dead: Callable[[BaseException], None] | None = None) -> LLMService:
     """Load the model on the engine's thread and return once it serves (load errors are raised here)."""
-    service = LLMService(Path(params.get("model_path") or default_llm_model_path()).expanduser())
+    service = LLMService(Path(param_str(params, "model_path", None) or default_llm_model_path()).expanduser())
     lora = LoRAServingConfig.from_parameters(params)
-    lora_settings = LoRASettings(lora.max_loras, lora.max_lora_rank, params.get("lora_target_modules") or None)
     settings = RunnerSettings.from_parameters(params)
 
     def setup(engine: LLMEngine):  # on the engine thread, which does all torch work
-        runner = ModelRunner(service.model_path, device=device, lora=lora_settings if lora.enabled else None,
+        runner = ModelRunner(service.model_path, device=device, lora=lora if lora.enabled else None,
                              settings=settings)
         if not lora.enabled:
             return runner, None
-        service.resolver = build_resolver(runner.lora, lora, run=engine.call)
-        return runner, service.resolver.cache
+        service.selector = AdapterSelector.build(runner.lora, lora, run=engine.call)
+        return runner, service.selector.cache
 
     defaults = SchedulerLimits()
     service.engine = LLMEngine(

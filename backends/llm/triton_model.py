@@ -14,12 +14,13 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from backends import triton_io as tio
+from backends.model_params import model_parameters, param_str
 from backends.errors import BackendError, InvalidArgument, Unavailable
 from backends.llm.engine import GenerationChunk
 from backends.llm.metrics import TritonEngineMetrics
 from backends.llm.params import GenerationRequest, build_sampling_params
 from backends.llm.service import start_llm
-from backends.lora.resolver import select_lora
+from backends.lora.manager.selector import select_lora
 from backends.settings import LLM_MODEL_PATH_ENV, default_llm_model_path
 
 log = logging.getLogger(__name__)
@@ -80,12 +81,12 @@ class TritonLLMModel:
             raise pb_utils.TritonModelException(
                 f"model '{args['model_name']}' must set model_transaction_policy {{ decoupled: true }}"
             )
-        params = tio.model_parameters(model_config)
+        params = model_parameters(model_config)
         device = "cpu"
         if args.get("model_instance_kind") == "GPU":
             device = f"cuda:{args['model_instance_device_id']}"
         log.info("model '%s' serving %s on %s (set parameter model_path or %s to change)", args["model_name"],
-                 params.get("model_path") or default_llm_model_path(), device, LLM_MODEL_PATH_ENV)
+                 param_str(params, "model_path", None) or default_llm_model_path(), device, LLM_MODEL_PATH_ENV)
         self.metrics = TritonEngineMetrics(args["model_name"])
         self.service = start_llm(
             params, device, observer=self.metrics,
@@ -95,7 +96,7 @@ class TritonLLMModel:
                                              "it (the frontend's supervisor does)", args["model_name"], exc),
         )
         self.engine = self.service.engine
-        self.metrics.on_started(self.engine.runner.kv, self.service.resolver)
+        self.metrics.on_started(self.engine.runner.kv, self.service.selector)
 
     def _parse(self, request) -> GenerationRequest:
         prompt = tio.get_string(request, "text_input")
@@ -118,7 +119,7 @@ class TritonLLMModel:
             prompt_logprobs=tio.get_int(request, "prompt_logprobs"),
         )
         stream = tio.get_bool(request, "stream")
-        lora = select_lora(self.service.resolver, tio.get_lora_stack(request))
+        lora = select_lora(self.service.selector, tio.get_lora_stack(request))
         self.metrics.note_adapters([selection.ref for selection in lora])
         return GenerationRequest(request.request_id() or "", prompt or "", sampling, stream=bool(stream),
                                  prompt_token_ids=ids or [], lora=lora)

@@ -10,7 +10,7 @@ from typing import Sequence, Union
 
 from backends.errors import InvalidArgument
 
-from backends.lora.resolver import LoRAFields
+from backends.lora.manager.request import LoRAFields
 from backends.settings import REPO_ROOT
 
 
@@ -32,7 +32,7 @@ class LoRA:
 LoRASpec = Union[LoRA, Sequence[LoRA], None]
 
 
-def lora_stack(lora: LoRASpec) -> list[LoRAFields]:
+def stack_fields(lora: LoRASpec) -> list[LoRAFields]:
     if lora is None:
         return []
     if isinstance(lora, LoRA):

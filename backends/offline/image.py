@@ -16,8 +16,8 @@ from tqdm import tqdm
 
 from backends.diffusion.generate import ImageRequest, build_request
 from backends.diffusion.service import start_diffusion
-from backends.lora.resolver import select_lora
-from backends.offline.common import LoRA, LoRASpec, lora_stack, per_prompt, service_params
+from backends.lora.manager.selector import select_lora
+from backends.offline.common import LoRASpec, stack_fields, per_prompt, service_params
 
 
 class ImageGenerator:
@@ -37,7 +37,7 @@ class ImageGenerator:
                 guidance_scale: float | None = None, seed: int | None = None,
                 num_images: int | None = None) -> ImageRequest:
         """Validate one request as the server does (InvalidArgument / AdapterError / NotFound on a bad one)."""
-        selection = select_lora(self.service.resolver, lora_stack(lora))
+        selection = select_lora(self.service.selector, stack_fields(lora))
         return build_request(self.service.loaded, self.service.limits, prompt=prompt,
                              negative_prompt=negative_prompt, height=height, width=width, steps=num_inference_steps,
                              guidance_scale=guidance_scale, seed=seed, num_images=num_images, lora=selection)

@@ -21,8 +21,8 @@ from backends.llm.chat import apply_chat_template, load_tokenizer
 from backends.llm.engine import GenerationChunk
 from backends.llm.params import GenerationRequest, build_sampling_params
 from backends.llm.service import start_llm
-from backends.lora.resolver import select_lora
-from backends.offline.common import LoRA, LoRASpec, lora_stack, per_prompt, service_params
+from backends.lora.manager.selector import select_lora
+from backends.offline.common import LoRASpec, stack_fields, per_prompt, service_params
 
 Prompt = str | Sequence[dict]  # text as is, or chat messages (the model's chat template is applied)
 
@@ -101,7 +101,7 @@ class TextGenerator:
             top_p=sampling.get("top_p"), top_k=sampling.get("top_k"), seed=sampling.get("seed"),
             stop=sampling.get("stop"), default_max_tokens=self.engine.default_max_tokens,
         )
-        selection = select_lora(self.service.resolver, lora_stack(lora))
+        selection = select_lora(self.service.selector, stack_fields(lora))
         return self.engine.prepare(GenerationRequest(uuid.uuid4().hex, text, params, lora=selection))
 
     def run(self, requests: Sequence[GenerationRequest], progress: bool = True) -> list[TextOutput | Exception]:

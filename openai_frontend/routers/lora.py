@@ -16,9 +16,10 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import PlainTextResponse
 
 from backends.errors import BackendError
-from backends.lora.adapter import CONFIG_FILE
-from backends.lora.object_store import downloads, is_s3
-from backends.lora.registry import AdapterEntry
+from backends.lora.adapters.files import CONFIG_FILE
+from backends.lora.store.downloads import downloads
+from backends.lora.store.locations import is_s3
+from backends.lora.store.entries import AdapterEntry
 from openai_frontend.auth import require_admin_key
 from openai_frontend.catalog import DIFFUSION, LLM, Adapter, Target
 from openai_frontend.errors import OpenAIError, error_responses, status_of

@@ -1,19 +1,21 @@
 """Triton kernels for batched mixed-adapter LoRA (the Punica/SGMV idea): y[i] += c_i * (x[i] A_s^T) Bt_s.
 
-Rows are grouped by slot once per forward (`SegmentMeta`, fixed-shape torch ops only, so it can be built inside
-a CUDA-graph capture). Then two launches per layer over the same slot buffers as `ops` (`A` [max_loras, max_rank,
-in], `Bt` [max_loras, max_rank, out], contiguous, ranks zero-padded):
+Rows are grouped by slot once per forward and stack position (`SegmentMeta`, fixed-shape torch ops only, so it
+can be built inside a CUDA-graph capture). Then two launches per layer over the same slot buffers as the torch ops
+(`A` [max_loras, max_rank, in], `Bt` [max_loras, max_rank, out], contiguous, ranks zero-padded):
 
 - `lora_shrink`: h [N, max_rank] fp32 = c_i * x[i] A_s^T, the scale fused in.
 - `lora_expand`: y[i] += h[i] Bt_s in place, fp32 accumulation, one rounding to y's dtype.
 
 Each program owns one tile of one slot's rows, so an adapter's weights are read once per row tile, not once per
 row. Grids depend only on N, the layer's shapes and max_loras (worst case: every row in one slot); programs past
-their segment's end exit at once. Rows without an adapter (slot -1 or scale 0) are in no segment and never
-written, so their outputs stay bit-identical to the base layer's.
+their segment's end exit at once. Rows without an adapter (slot NO_ADAPTER or scale 0) are in no segment and
+never written, so their outputs stay bit-identical to the base layer's.
 
 x, y and h must be contiguous 2D tensors. On CPU the kernels run only under Triton's interpreter
 (TRITON_INTERPRET=1 set before this module is imported).
+
+`TritonLoRAOps` is the ops backend over them (LoCon convolutions stay on the torch path).
 """
 
 from __future__ import annotations
@@ -21,6 +23,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from backends.lora.ops.batch import LoRABatch
+from backends.lora.ops.base import SlotWeights
+from backends.lora.ops.torch_ops import TorchLoRAOps
 
 try:
     import triton
@@ -45,7 +51,7 @@ class SegmentMeta:
     """Rows of one forward grouped by slot; every tensor has a fixed size, on the rows' device.
 
     `order` lists row indices sorted by slot (stable); slot k's rows are order[seg_start[k] : seg_start[k] +
-    seg_len[k]]. Rows with slot -1, a slot >= max_loras or scale 0 sort into a sentinel bucket after the last slot
+    seg_len[k]]. Rows with slot NO_ADAPTER (-1), a slot >= max_loras or scale 0 sort into a sentinel bucket after the last slot
     that no program reads.
     """
 
@@ -64,7 +70,7 @@ class SegmentMeta:
 
     @classmethod
     def build(cls, slots: torch.Tensor, scales: torch.Tensor, max_loras: int) -> "SegmentMeta":
-        """slots [N] (-1 = no LoRA) and scales [N] on the same device. No host sync, no data-dependent shape."""
+        """slots [N] (NO_ADAPTER = no LoRA) and scales [N] on the same device. No host sync, no data-dependent shape."""
         slots = slots.reshape(-1).to(torch.int64)
         # A copy: the metadata is a snapshot, later writes to the caller's scales do not leak into it.
         scales = scales.reshape(-1).to(device=slots.device, dtype=torch.float32, copy=True)
@@ -93,7 +99,16 @@ class SegmentMeta:
 if triton is not None:
     # Kernels use tl builtins only, no @jit helpers of triton.language (tl.cdiv, tl.zeros, ...): whether those
     # are interpreted was fixed when triton was first imported, which breaks a copy of this module decorated later
-    # under TRITON_INTERPRET=1 (the tests' CPU runs).
+    # under TRITON_INTERPRET=1 (the tests' CPU runs). Our own helpers are decorated with the module, so they are.
+
+    @triton.jit
+    def _tile_rows(order_ptr, seg_start_ptr, slot, seg_len, pid_m, BLOCK_M: tl.constexpr):
+        """Both kernels' prologue: the row indices (into x, h and y) of row tile `pid_m` of `slot`'s segment, and
+        which of the tile's BLOCK_M positions lie inside the segment."""
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        in_seg = offs_m < seg_len
+        rows = tl.load(order_ptr + tl.load(seg_start_ptr + slot) + offs_m, mask=in_seg, other=0).to(tl.int64)
+        return rows, in_seg
 
     @triton.jit
     def _shrink_kernel(x_ptr, a_ptr, h_ptr, order_ptr, seg_start_ptr, seg_len_ptr, scale_ptr,
@@ -104,9 +119,7 @@ if triton is not None:
         seg_len = tl.load(seg_len_ptr + slot)
         if pid_m * BLOCK_M >= seg_len:
             return
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        in_seg = offs_m < seg_len
-        rows = tl.load(order_ptr + tl.load(seg_start_ptr + slot) + offs_m, mask=in_seg, other=0).to(tl.int64)
+        rows, in_seg = _tile_rows(order_ptr, seg_start_ptr, slot, seg_len, pid_m, BLOCK_M)
         offs_r = tl.arange(0, BLOCK_R)
         offs_k = tl.arange(0, BLOCK_K)
         rank_ok = offs_r < R
@@ -142,9 +155,7 @@ if triton is not None:
         seg_len = tl.load(seg_len_ptr + slot)
         if pid_m * BLOCK_M >= seg_len:
             return
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        in_seg = offs_m < seg_len
-        rows = tl.load(order_ptr + tl.load(seg_start_ptr + slot) + offs_m, mask=in_seg, other=0).to(tl.int64)
+        rows, in_seg = _tile_rows(order_ptr, seg_start_ptr, slot, seg_len, pid_m, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N_OUT
         offs_r = tl.arange(0, BLOCK_R)
@@ -212,7 +223,7 @@ def _check_launch(x: torch.Tensor, weights: torch.Tensor, meta: SegmentMeta, wha
         raise RuntimeError("the Triton LoRA kernels need the `triton` package, which is not installed")
     if x.device.type != "cuda" and not _interpreted():
         raise RuntimeError(f"the Triton LoRA kernels run on CUDA tensors (got {x.device}); on CPU only under "
-                           "Triton's interpreter (TRITON_INTERPRET=1 before importing backends.lora.triton_ops)")
+                           "Triton's interpreter (TRITON_INTERPRET=1 before importing backends.lora.ops.triton_ops)")
     if x.dim() != 2 or not x.is_contiguous():
         raise ValueError(f"{what} must be a contiguous 2D tensor, got shape {tuple(x.shape)} strides {x.stride()}")
     if weights.dim() != 3 or not weights.is_contiguous():
@@ -263,3 +274,46 @@ def lora_apply_triton(y: torch.Tensor, x: torch.Tensor, meta: SegmentMeta, A: to
                       Bt: torch.Tensor) -> torch.Tensor:
     """In place on y [N, out] for x [N, in]; A [K, R, in], Bt [K, R, out]. Returns y."""
     return lora_expand(y, lora_shrink(x, A, meta), Bt, meta)
+
+
+class TritonLoRAOps(TorchLoRAOps):
+    """CUDA with Triton: the kernels for every linear; convolutions (LoCon) keep the torch path."""
+
+    def __init__(self, max_loras: int, max_rank: int, device: torch.device, dtype: torch.dtype):
+        check_rank(max_rank)
+        super().__init__(max_loras, max_rank, device, dtype)
+
+    def _prepare(self, batch: LoRABatch) -> None:
+        if not batch.fixed:
+            return
+        # Inside a captured graph: the segments follow whatever slots and scales a replay wrote.
+        meta = batch.memo.get("segments")
+        if meta is None:
+            batch.memo["segments"] = SegmentMeta.build(batch.slots[:, 0], batch.scales[:, 0], self.max_loras)
+        else:
+            meta.build_into(batch.slots[:, 0], batch.scales[:, 0])
+
+    def _segments(self, rows: int) -> list[SegmentMeta]:
+        """Kernel metadata for a layer input of `rows` = S sequences x T tokens, built once per forward: one per
+        stack position that any sequence uses."""
+        batch = self.batch
+        if batch.fixed:
+            return [batch.memo["segments"]]
+        metas = batch.memo.get(("segments", rows))
+        if metas is None:
+            plan = self._plan()  # the sequences' slots and scales on the device, in the model's dtype
+            per_seq = rows // batch.num_seqs
+            used = (plan.seq_scales != 0).any(0).nonzero().view(-1).tolist()
+            metas = batch.memo[("segments", rows)] = [
+                SegmentMeta.build(plan.seq_slots[:, j].repeat_interleave(per_seq),
+                                  plan.seq_scales[:, j].repeat_interleave(per_seq), self.max_loras)
+                for j in used]
+        return metas
+
+    def add_linear(self, y: torch.Tensor, x: torch.Tensor, layer: SlotWeights) -> torch.Tensor:
+        if not self._live(layer):
+            return y
+        y2, x2 = y.view(-1, layer.out_features), x.reshape(-1, layer.in_features).contiguous()
+        for meta in self._segments(x2.shape[0]):  # one kernel pass per stack position
+            lora_apply_triton(y2, x2, meta, layer.lora_A, layer.lora_B)
+        return y

@@ -19,30 +19,12 @@ from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from typing import Callable, Iterator, Sequence
 
-
 from backends.errors import InvalidArgument, Unavailable
-from backends.lora.adapter import LoRAAdapter
-from backends.lora.patch import LoRAContext
+from backends.lora.adapters.peft import LoRAAdapter
+from backends.lora.layers.context import LoRAContext
+from backends.lora.manager.request import AdapterRef
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class AdapterRef:
-    """What a request names: a stable id plus where the adapter lives (and a name for messages)."""
-
-    int_id: int
-    name: str
-    path: str
-    version: int = 0  # the files' signature for adapters that may change on disk; 0 = fixed (static)
-
-    @property
-    def key(self) -> int:
-        """The cache key: the id alone, or id + files version, so a rewritten adapter is a new cache entry while
-        batches still running on the old weights keep their slot."""
-        if not self.version:
-            return self.int_id
-        return (hash((self.int_id, self.version)) & ((1 << 63) - 1)) or 1  # ints hash the same in every process
 
 
 @dataclass

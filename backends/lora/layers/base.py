@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from backends.lora.patch import LoRAContext
+from backends.lora.layers.context import LoRAContext
+from backends.lora.ops.base import LoRAOps
 
 
 class SlotLayer(nn.Module):
@@ -17,7 +17,7 @@ class SlotLayer(nn.Module):
     slot's adapter (B transposed, so a run of slots is one contiguous [slots * rank, out] matrix). A conv layer
     passes its flattened kernel size as `in_features`."""
 
-    def __init__(self, base: nn.Module, context: "LoRAContext", name: str, in_features: int, out_features: int):
+    def __init__(self, base: nn.Module, context: LoRAContext, name: str, in_features: int, out_features: int):
         super().__init__()
         self.base = base
         self.name = name
@@ -34,6 +34,10 @@ class SlotLayer(nn.Module):
         self.loaded_slots: set[int] = set()
 
     @property
+    def ops(self) -> LoRAOps:
+        return self._context[0].ops
+
+    @property
     def weight(self) -> torch.Tensor:
         return self.base.weight
 
@@ -45,9 +49,9 @@ class SlotLayer(nn.Module):
         return f"{self.name}, slots={self.lora_A.shape[0]}, max_rank={self.lora_A.shape[1]}"
 
 
-def wrap_matching(model: nn.Module, context: "LoRAContext", kind: Callable[[nn.Module], bool],
+def wrap_matching(model: nn.Module, context: LoRAContext, kind: Callable[[nn.Module], bool],
                   targets: str | Callable[[str, nn.Module], bool],
-                  wrapper: Callable[[nn.Module, "LoRAContext", str], SlotLayer]) -> list[str]:
+                  wrapper: Callable[[nn.Module, LoRAContext, str], SlotLayer]) -> list[str]:
     """Replace in place every module of `model` of the right `kind` whose name matches `targets` (regex, full
     match, or predicate) with `wrapper(module, context, name)`, registered in `context.layers`; returns the names."""
     match = targets if callable(targets) else (lambda name, _m, rx=re.compile(targets): rx.fullmatch(name))

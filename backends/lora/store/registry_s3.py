@@ -11,8 +11,9 @@ from dataclasses import replace
 from typing import Callable
 
 from backends.errors import Unavailable
-from backends.lora.object_store import S3Uri, error_code, s3_client, unreachable
-from backends.lora.registry import DYNAMIC, AdapterEntry, parse_registry_document, registry_document
+from backends.lora.store.entries import DYNAMIC, AdapterEntry, parse_registry_document, registry_document
+from backends.lora.store.locations import S3Uri
+from backends.lora.store.s3 import error_code, s3_client, unreachable
 
 log = logging.getLogger(__name__)
 

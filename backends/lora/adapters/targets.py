@@ -1,4 +1,5 @@
-"""Which layers of a causal LM take LoRA, and how adapters trained on separate projections map onto fused ones.
+"""Which layers of a model take LoRA (`TargetSpec`: what a served model offers adapters), which layers of a
+causal LM are patched, and how adapters trained on separate projections map onto fused ones.
 
 The default is derived from the architecture rather than from layer names: every `nn.Linear` inside the decoder
 blocks (the model's `ModuleList` of `num_hidden_layers` blocks). That covers Llama/Mistral/Qwen/Gemma
@@ -16,8 +17,8 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
 
 from torch import nn
 
@@ -36,6 +37,23 @@ class PackedPart:
     name: str  # full module name of the part, e.g. model.layers.0.self_attn.q_proj
     offset: int  # first output row of the part in the fused layer
     size: int
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """What a served model can take: its LoRA-enabled layers, name -> (in_features, out_features)."""
+
+    modules: Mapping[str, tuple[int, int]]
+    model_name: str | None = None  # compared with the adapter's base_model_name_or_path
+    # Fused layer -> its parts, so adapters trained on the parts (q/k/v_proj) load onto the fused layer (qkv_proj).
+    packed: Mapping[str, tuple[PackedPart, ...]] = field(default_factory=dict)
+    # Convolutions (LoCon) -> (in_channels, kh, kw); their `modules` entry is (in_channels * kh * kw, out).
+    kernels: Mapping[str, tuple[int, int, int]] = field(default_factory=dict)
+
+    def with_parts(self) -> dict[str, tuple[int, int]]:
+        """Every module an adapter may name: the layers and the parts of fused layers."""
+        parts = {p.name: (self.modules[f][0], p.size) for f, ps in self.packed.items() for p in ps}
+        return {**self.modules, **parts}
 
 
 def parse_target_modules(value: str | None) -> str | tuple[str, ...] | None:

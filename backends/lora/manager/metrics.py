@@ -14,7 +14,8 @@ from typing import Iterable
 
 import triton_python_backend_utils as pb_utils
 
-from backends.lora.cache import AdapterRef, CacheStats, LoRACache
+from backends.lora.manager.cache import CacheStats, LoRACache
+from backends.lora.manager.request import AdapterRef
 
 # CacheStats field -> (counter name, help). Counters advance by the change since the last report.
 _LORA_COUNTERS = {

@@ -1,11 +1,12 @@
-"""CUDA-graph capture and replay of a (LoRA-patched) forward, per batch-size bucket, with and without adapters.
+"""CUDA-graph capture and replay of the decode step's (LoRA-patched) forward, per batch-size bucket, with and
+without adapters.
 
-For every bucket two graphs are captured over the same static inputs: one with the LoRA layers reading the
-context's fixed-size per-row buffers (slot, scale, and the kernels' segment metadata, rebuilt inside the graph),
-and one where the LoRA layers do nothing, so base-only batches pay nothing for LoRA (vLLM specialises its graphs
-the same way). A replay only overwrites the static inputs and the row buffers in place, so one graph serves any
-mix of adapters and scales at that batch size. Batches are padded up to their bucket; padding rows are zeroed
-inputs with scale 0.
+For every bucket two graphs are captured over the same static inputs: one running a fixed `LoRABatch` (the ops
+backend's per-row slot and scale buffers, and the kernels' segment metadata, refreshed inside the graph), and one
+where the LoRA layers do nothing, so base-only batches pay nothing for LoRA (vLLM specialises its graphs the same
+way). A replay only overwrites the static inputs and the fixed batch in place, so one graph serves any mix of
+adapters and scales at that batch size. Batches are padded up to their bucket; padding rows are zeroed inputs
+with scale 0.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from backends.lora.ops import NO_LORA
-from backends.lora.patch import LoRAContext, RowSlots
+from backends.lora.layers.context import LoRAContext
+from backends.lora.ops.batch import LoRABatch
 
 
 @dataclass
@@ -42,26 +43,22 @@ class GraphedLoRAForward:
         self.context, self.forward = context, forward
         self.buckets = sorted(set(buckets))
         self._inputs: dict[int, dict[str, torch.Tensor]] = {}
-        self._rows: dict[int, RowSlots] = {}
+        self._rows: dict[int, LoRABatch] = {}  # the fixed batch of each bucket
         self._graphs: dict[tuple[int, bool], _Captured] = {}
         pool = torch.cuda.graph_pool_handle()  # all graphs share one memory pool: they never run at once
         for size in reversed(self.buckets):  # largest first, so smaller graphs reuse its pool blocks
             self._inputs[size] = make_inputs(size)
             if context is not None:
-                self._rows[size] = RowSlots.allocate(size, context)
+                self._rows[size] = context.ops.fixed_batch(size)
                 self._graphs[size, True] = self._capture(size, True, warmup, pool)
             self._graphs[size, False] = self._capture(size, False, warmup, pool)
 
     def _run(self, size: int, lora: bool) -> torch.Tensor:
         if not lora:
             return self.forward(self._inputs[size])
-        rows = self._rows[size]
-        self.context.rows = rows
-        try:
-            rows.refresh()  # inside the graph: the kernels' metadata follows whatever slots a replay wrote
+        # Inside the graph: the backend's metadata follows whatever slots a replay wrote into the fixed batch.
+        with self.context.use(self._rows[size]):
             return self.forward(self._inputs[size])
-        finally:
-            self.context.rows = None
 
     @torch.inference_mode()
     def _capture(self, size: int, lora: bool, warmup: int, pool) -> _Captured:
@@ -83,19 +80,18 @@ class GraphedLoRAForward:
         return self.buckets[i]
 
     @torch.inference_mode()
-    def __call__(self, inputs: dict[str, torch.Tensor], slot_ids: Sequence[int], scales: Sequence[float]) -> torch.Tensor:
-        """Replay for len(slot_ids) rows (slot -1 = no LoRA); returns a view of the static output: use or copy it
-        before the next call."""
-        rows = len(slot_ids)
+    def __call__(self, inputs: dict[str, torch.Tensor], batch: LoRABatch) -> torch.Tensor:
+        """Replay for `batch`'s rows (one adapter at most per row); returns a view of the static output: use or copy
+        it before the next call."""
+        rows = batch.num_seqs
         size = self.bucket_for(rows)
         for name, value in inputs.items():
             static = self._inputs[size][name]
             static[:rows].copy_(value, non_blocking=True)
             static[rows:].zero_()
-        live = [(max(s, 0), float(c) if s != NO_LORA else 0.0) for s, c in zip(slot_ids, scales)]
-        lora = self.context is not None and any(c != 0.0 for _, c in live)
+        lora = self.context is not None and not batch.empty
         if lora:
-            self._rows[size].write(live)
+            self._rows[size].write(batch)
         captured = self._graphs[size, lora]
         captured.graph.replay()
         return captured.output[:rows]

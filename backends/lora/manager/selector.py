@@ -1,4 +1,4 @@
-"""A request's LoRA fields -> the adapter to run (validated, in host memory) and its scale.
+"""`AdapterSelector`: a request's LoRA fields -> the adapters to run (validated, in host memory) and their scales.
 
 Shared by every model that serves adapters. Names resolve through the registry (static, dynamic file, resolver
 dirs); explicit paths must lie under an allowed root. The adapter is loaded (or found in the cache) here, on the
@@ -16,34 +16,18 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from backends.errors import BackendError, InvalidArgument, Unavailable, same_kind
-from backends.lora.cache import AdapterRef, LoRACache
-from backends.lora.ids import IdBook
-from backends.lora.object_store import downloads, is_s3, version_of
-from backends.lora.registry import SAFE_NAME, STATIC, LoRARegistry
+from backends.lora.adapters.peft import LoRAAdapter, load_adapter
+from backends.lora.layers.context import LoRAContext
+from backends.lora.manager.cache import LoRACache
+from backends.lora.manager.config import LoRAServingConfig
+from backends.lora.manager.request import DEFAULT_MAX_LORAS_PER_REQUEST, AdapterRef, LoRAFields, LoRASelection
+from backends.lora.store.downloads import downloads, version_of
+from backends.lora.store.entries import STATIC, check_name
+from backends.lora.store.ids import IdBook
+from backends.lora.store.locations import is_s3
+from backends.lora.store.registry import LoRARegistry
 
 log = logging.getLogger(__name__)
-
-DEFAULT_MAX_LORAS_PER_REQUEST = 4
-
-
-@dataclass(frozen=True)
-class LoRAFields:
-    """The LoRA part of a request, as sent (None = not given)."""
-
-    name: str | None = None
-    path: str | None = None
-    scale: float | None = None
-    int_id: int | None = None
-
-    @property
-    def empty(self) -> bool:
-        return self.name is None and self.path is None and self.int_id is None
-
-
-@dataclass(frozen=True)
-class LoRASelection:
-    ref: AdapterRef
-    scale: float
 
 
 def files_version(path: str) -> int:
@@ -76,7 +60,7 @@ class _Loaded:
     by_name: bool  # resolved through the dynamic registry or a resolver dir (not an explicit path)
 
 
-class AdapterResolver:
+class AdapterSelector:
     def __init__(self, registry: LoRARegistry, cache: LoRACache, ids: IdBook | None = None,
                  run: Callable[[Callable], object] = lambda fn: fn(),
                  max_per_request: int = DEFAULT_MAX_LORAS_PER_REQUEST):
@@ -90,6 +74,25 @@ class AdapterResolver:
         self._loaded: dict[int, tuple[AdapterRef, _Loaded]] = {}  # cache key -> what was loaded under it
         self._stale: set[int] = set()  # cache keys to drop once no running batch uses them
         self._static: list[AdapterRef] = []
+
+    @classmethod
+    def build(cls, context: LoRAContext, config: LoRAServingConfig,
+              run: Callable[[Callable], object] = lambda fn: fn(),
+              load: Callable[[str], LoRAAdapter] | None = None) -> "AdapterSelector":
+        """Registry + cache + selector over a patched model's context; static adapters are loaded and pinned.
+
+        `run` executes adapter loads: models that keep all torch work on one thread pass its hand-over. `load`
+        reads one adapter (path -> validated adapter); default: a PEFT folder for `context`."""
+        spec = context.spec
+        load = load or (lambda path: load_adapter(path, spec, config.max_lora_rank, dtype=context.dtype))
+        registry = LoRARegistry(config.static, config.registry_file, config.resolver_dirs, config.allowed_roots)
+        cache = LoRACache(context, lambda ref: load(ref.path), config.max_cpu_loras, config.max_cpu_lora_bytes)
+        selector = cls(registry, cache, run=run, max_per_request=config.max_loras_per_request)
+        selector.pin_static()
+        log.info("LoRA: %d slots, max rank %d, host cache %d adapters; registry %s; allowed roots %s",
+                 config.max_loras, config.max_lora_rank, config.max_cpu_loras, config.registry_file,
+                 registry.paths.roots)
+        return selector
 
     def _resident_ids(self) -> set[int]:
         with self._lock:
@@ -120,10 +123,8 @@ class AdapterResolver:
         self.sync()
         if fields.path:
             where = self.registry.paths.check(fields.path)
-            # The name labels metrics a router reads (comma-separated adapter lists): the registry's rules.
-            if fields.name is not None and not SAFE_NAME.match(fields.name):
-                raise InvalidArgument(f"invalid LoRA adapter name {fields.name!r}: use letters, digits, '.', '_', "
-                                      f"'-' (at most 128)")
+            if fields.name is not None:  # the registry's rules: names label metrics a router reads
+                check_name(fields.name)
             name = fields.name or Path(where).name
             int_id, by_name, static = fields.int_id, False, False
         elif fields.name:
@@ -228,10 +229,10 @@ class AdapterResolver:
                          ref.int_id)
 
 
-def select_lora(resolver: AdapterResolver | None, stack: Sequence[LoRAFields]) -> tuple[LoRASelection, ...]:
+def select_lora(selector: AdapterSelector | None, stack: Sequence[LoRAFields]) -> tuple[LoRASelection, ...]:
     """A request's LoRA stack -> selections (() = base model); a model without LoRA (max_loras 0) refuses any."""
-    if resolver is not None:
-        return resolver.select_stack(stack)
+    if selector is not None:
+        return selector.select_stack(stack)
     if any(not fields.empty for fields in stack):
         raise InvalidArgument("this model serves no LoRA adapters (max_loras is 0)")
     return ()

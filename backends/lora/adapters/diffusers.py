@@ -3,14 +3,17 @@
 
 Accepted, in the forms people download or train:
 - a PEFT folder (`adapter_config.json` + `adapter_model.safetensors`) trained on the denoiser (transformer/UNet):
-  validated by the same code as LLM adapters;
+  read by `peft.load_adapter`;
 - diffusers LoRA files (`pytorch_lora_weights.safetensors`, PEFT-style or the older `lora.down/up` keys, with
   alphas, alpha_pattern and rank_pattern from the file's `lora_adapter_metadata`) and kohya/A1111 files
-  (`lora_unet_*`, `lora_te*_*` keys with `.alpha`), given as the file or its folder. Non-PEFT keys are converted
-  by diffusers' own utilities: the pipeline class's `lora_state_dict`, then diffusers' key mappings to PEFT names.
-  These may carry LoCon weights for a UNet's convolutions (down [r, in, kh, kw] with the layer's kernel, up
-  [out, r, 1, 1]), which are flattened to the [r, in*kh*kw] / [out, r] layout of the slot buffers.
-Everything wrong is collected into one `AdapterError` naming the file.
+  (`lora_unet_*`, `lora_te*_*` keys with `.alpha`), given as the file or its folder. These may carry LoCon weights
+  for a UNet's convolutions (down [r, in, kh, kw] with the layer's kernel, up [out, r, 1, 1]), which are flattened
+  to the [r, in*kh*kw] / [out, r] layout of the slot buffers.
+
+A folder with `adapter_config.json` is PEFT's; a single file's format is sniffed once (`file_format`); a pure converter per source turns the file's state dict into PEFT names
+under our component names (`_convert_diffusers_to_peft`: the pipeline class's own `lora_state_dict`, then
+diffusers' key mappings), and `peft.validate_pairs` validates every format the same way. Everything wrong is
+collected into one `AdapterError` naming the file.
 """
 
 from __future__ import annotations
@@ -22,15 +25,17 @@ from pathlib import Path
 
 import torch
 
-from backends.lora.adapter import (
-    CONFIG_FILE, AdapterError, AdapterNotFoundError, LoRAAdapter, LoRAConfig, ModuleLoRA, TargetSpec,
-    _listed, _pattern_value, _read_safetensors, checked_pair, finalize_modules, load_adapter,
+from backends.lora.adapters.config import LoRAConfig, pattern_value
+from backends.lora.adapters.files import (
+    CONFIG_FILE, DIFFUSERS_WEIGHT_FILE, AdapterError, AdapterNotFoundError, listed,
 )
+from backends.lora.adapters.peft import LoRAAdapter, PairRules, load_adapter, read_safetensors, validate_pairs
+from backends.lora.adapters.targets import TargetSpec
 
-DIFFUSERS_WEIGHT_FILE = "pytorch_lora_weights.safetensors"
 _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[A-Za-z0-9_-]+)?\.weight$")
 _ALPHA = re.compile(r"^(?P<module>.+?)(?:\.lora_A(?:\.[A-Za-z0-9_-]+)?\.weight)?\.alpha$")
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+PEFT_NAMES, DIFFUSERS = "peft-names", "diffusers"  # the single-file formats
 
 
 def weights_file(path: Path) -> Path | None:
@@ -44,11 +49,28 @@ def weights_file(path: Path) -> Path | None:
     return files[0] if len(files) == 1 else None
 
 
-def _to_peft_names(state: dict, alphas: dict, denoiser: str) -> tuple[dict, dict]:
-    """diffusers/kohya-converted keys -> `<component>.<module>.lora_A/B.weight` with diffusers' mappings."""
+def file_format(state: dict, denoiser: str) -> str:
+    """A single file's keys: already PEFT names under our component names, or anything diffusers converts
+    (kohya/A1111, diffusers' older `lora.down/up` keys, PEFT names under diffusers' component names)."""
+    components = (denoiser, *TEXT_ENCODERS)
+    if all(k.endswith(".alpha") or (_KEY.match(k) and k.split(".", 1)[0] in components) for k in state):
+        return PEFT_NAMES
+    return DIFFUSERS
+
+
+def _convert_diffusers_to_peft(state: dict, pipeline_cls, denoiser: str, state_dict_kwargs: dict,
+                               file: Path) -> tuple[dict, dict]:
+    """(state dict, alphas) with PEFT names under our component names, by diffusers' own converters."""
     from diffusers.utils.state_dict_utils import (
         DIFFUSERS_OLD_TO_PEFT, convert_state_dict, convert_unet_state_dict_to_peft,
     )
+
+    try:
+        converted = pipeline_cls.lora_state_dict(dict(state), **state_dict_kwargs)
+    except (ValueError, KeyError) as exc:  # diffusers' converters reject keys they cannot rename
+        raise AdapterError(file, [f"not a LoRA file diffusers can read for {pipeline_cls.__name__}: "
+                                  f"{exc}"]) from None
+    state, alphas = (converted[0], converted[1] or {}) if isinstance(converted, tuple) else (converted, {})
 
     def convert(d: dict) -> dict:
         te = {k: v for k, v in d.items() if k.split(".", 1)[0] in TEXT_ENCODERS}
@@ -92,22 +114,15 @@ def _served_name(module: str, spec: TargetSpec) -> str:
 def _load_single_file(file: Path, spec: TargetSpec, denoiser: str, pipeline_cls, max_rank: int,
                       dtype: torch.dtype, state_dict_kwargs: dict) -> LoRAAdapter:
     problems: list[str] = []
-    raw = _read_safetensors(file, problems)
+    raw = read_safetensors(file, problems)
     if raw is None:
         raise AdapterError(file, problems)
     if any("dora_scale" in k or "lora_magnitude_vector" in k for k in raw):
         raise AdapterError(file, ["DoRA weights (dora_scale) are not supported"])
-    components = (denoiser, *TEXT_ENCODERS)
-    if all(k.endswith(".alpha") or (_KEY.match(k) and k.split(".", 1)[0] in components) for k in raw):
-        state, alphas = raw, {}  # already PEFT names under our component names: nothing to convert
+    if file_format(raw, denoiser) == PEFT_NAMES:
+        state, alphas = raw, {}
     else:
-        try:
-            converted = pipeline_cls.lora_state_dict(dict(raw), **state_dict_kwargs)
-        except (ValueError, KeyError) as exc:  # diffusers' converters reject keys they cannot rename
-            raise AdapterError(file, [f"not a LoRA file diffusers can read for {pipeline_cls.__name__}: "
-                                      f"{exc}"]) from None
-        state, alphas = (converted[0], converted[1] or {}) if isinstance(converted, tuple) else (converted, {})
-        state, alphas = _to_peft_names(state, alphas, denoiser)
+        state, alphas = _convert_diffusers_to_peft(raw, pipeline_cls, denoiser, state_dict_kwargs, file)
     # Alphas left as tensors in a PEFT-style file ("<module>.alpha") count as alphas too.
     alphas = {**{k: v for k, v in state.items() if k.endswith(".alpha")}, **alphas}
     state = {k: v for k, v in state.items() if not k.endswith(".alpha")}
@@ -124,7 +139,7 @@ def _load_single_file(file: Path, spec: TargetSpec, denoiser: str, pipeline_cls,
             file_name[served] = match["module"]
             found.setdefault(served, {})[match["ab"]] = tensor
     if unexpected:
-        problems.append(f"unexpected tensors (not LoRA down/up weights): {_listed(unexpected)}")
+        problems.append(f"unexpected tensors (not LoRA down/up weights): {listed(unexpected)}")
     alpha_of = {}
     for key, value in alphas.items():
         match = _ALPHA.match(key)
@@ -140,42 +155,33 @@ def _load_single_file(file: Path, spec: TargetSpec, denoiser: str, pipeline_cls,
                 f"family?)") if foreign else ""
         problems.append(f"weights for modules this pipeline does not have or does not LoRA-enable (only linear "
                         f"layers of the denoiser and text encoders, and a UNet's convolutions, are): "
-                        f"{_listed(unknown)}{hint}")
+                        f"{listed(unknown)}{hint}")
     incomplete = {m for m, ab in found.items() if set(ab) != {"A", "B"}}
     if incomplete:
         problems.append(f"down/up (lora_A/lora_B) pair incomplete for {len(incomplete)} modules: "
-                        f"{_listed(incomplete)}")
+                        f"{listed(incomplete)}")
     if not found:
         problems.append("no LoRA weights found")
-    modules: dict[str, ModuleLoRA] = {}
-    scaling: dict[str, float] = {}
-    bad_shape, too_big = [], []
-    for name in sorted(set(found) - unknown - incomplete):
-        pair = checked_pair(name, found[name]["A"], found[name]["B"], *spec.modules[name], spec.kernels.get(name))
-        if isinstance(pair, str):
-            bad_shape.append(pair)
-            continue
-        a, b = pair
-        r = a.shape[0]
+
+    def metadata(name: str) -> tuple[dict, str]:
+        """The component's metadata and the module's name within it (PEFT's patterns match its end)."""
         component, _, local = file_name[name].partition(".")
-        cfg = meta.get(component, {})
-        # PEFT's rank_pattern/alpha_pattern: keys matched against the end of the name within the component.
-        want_r = _pattern_value(cfg.get("rank_pattern") or {}, local, cfg.get("r", r))
-        if want_r != r:
-            bad_shape.append(f"{name}: rank {r}, but the file's metadata says r/rank_pattern {want_r}")
-            continue
-        if r > max_rank:
-            too_big.append(f"{name} (rank {r})")
-        alpha = alpha_of.get(name, _pattern_value(cfg.get("alpha_pattern") or {}, local, cfg.get("lora_alpha", r)))
-        scaling[name] = float(alpha) / (math.sqrt(r) if cfg.get("use_rslora") else r)
-        modules[name] = ModuleLoRA(A=a, Bt=b)
-    if bad_shape:
-        problems.append(f"shape mismatch with the served pipeline at {len(bad_shape)} modules, e.g. {bad_shape[0]}")
-    if too_big:
-        problems.append(f"rank exceeds max_lora_rank {max_rank}: {_listed(too_big)}")
-    not_finite = finalize_modules(modules, scaling.__getitem__, dtype)
-    if not_finite:
-        problems.append(f"NaN or Inf values in the weights of {len(not_finite)} modules: {_listed(not_finite)}")
+        return meta.get(component, {}), local
+
+    def metadata_rank(name: str, r: int) -> str | None:
+        cfg, local = metadata(name)
+        want_r = pattern_value(cfg.get("rank_pattern") or {}, local, cfg.get("r", r))
+        return None if want_r == r else f"{name}: rank {r}, but the file's metadata says r/rank_pattern {want_r}"
+
+    def scaling(name: str, r: int) -> float:
+        cfg, local = metadata(name)
+        alpha = alpha_of.get(name, pattern_value(cfg.get("alpha_pattern") or {}, local, cfg.get("lora_alpha", r)))
+        return float(alpha) / (math.sqrt(r) if cfg.get("use_rslora") else r)
+
+    rules = PairRules("pipeline", rank=lambda _name: None, scaling=scaling, extra_check=metadata_rank)
+    modules, pair_problems = validate_pairs({m: found[m] for m in set(found) - unknown - incomplete}, spec.modules,
+                                            spec.kernels, max_rank, dtype, rules)
+    problems += pair_problems
     if problems:
         raise AdapterError(file, problems)
     rank = max(m.A.shape[0] for m in modules.values())
@@ -186,9 +192,9 @@ def _load_single_file(file: Path, spec: TargetSpec, denoiser: str, pipeline_cls,
 def load_diffusion_adapter(path: str | Path, spec: TargetSpec, denoiser: str, pipeline_cls, max_rank: int,
                            dtype: torch.dtype = torch.float32, state_dict_kwargs: dict | None = None) -> LoRAAdapter:
     """A PEFT folder (denoiser), or a diffusers/kohya single file (or its folder), for the pipeline `spec`
-    (LoRA-enabled convolutions in `spec.kernels`). `state_dict_kwargs` go to
-    the pipeline class's `lora_state_dict` (diffusers passes SDXL's `unet_config`, which maps kohya's SGM block
-    names onto the diffusers UNet)."""
+    (LoRA-enabled convolutions in `spec.kernels`). `state_dict_kwargs` go to the pipeline class's
+    `lora_state_dict` (diffusers passes SDXL's `unet_config`, which maps kohya's SGM block names onto the
+    diffusers UNet)."""
     path = Path(path)
     if not path.exists():
         raise AdapterNotFoundError(path, "no such file or folder")

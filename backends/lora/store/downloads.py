@@ -1,11 +1,11 @@
-"""Adapters and the dynamic registry in S3-compatible object storage (`s3://bucket/prefix/name`).
+"""Adapters in S3-compatible object storage (`s3://bucket/prefix/name`), downloaded into a local disk cache.
 
 Every replica of a deployment reads the same bucket, so an adapter uploaded once is served everywhere. boto3 takes
 the endpoint, region and credentials from the standard AWS environment and config files (`AWS_ENDPOINT_URL` points
 it at MinIO or any other S3-compatible store).
 
 Adapters are downloaded into a local disk cache, one folder per object version (the objects' ETags), so a changed
-object is a new version and the resolver's file fingerprint sees new files. Downloads land in a temporary folder
+object is a new version and the selector's file fingerprint sees new files. Downloads land in a temporary folder
 renamed into place (readers never see half an adapter); a lock file per adapter makes concurrent requests, threads
 and processes alike, download it once. When the store cannot be reached, the newest local copy keeps serving.
 """
@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 import threading
@@ -29,91 +28,17 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from backends.errors import BackendError, InvalidArgument, NotFound, Unavailable
+from backends.lora.adapters.files import CONFIG_FILE
+from backends.lora.store.locations import S3Uri
+from backends.lora.store.s3 import error_code, missing, s3_client, unreachable
+from backends.settings import cache_dir
 
 log = logging.getLogger(__name__)
 
-S3_SCHEME = "s3://"
-CONFIG_FILE = "adapter_config.json"  # PEFT's (backends.lora.adapter imports torch; this module must stay light)
 S3_CACHE_DIR_ENV = "MULTILORA_S3_CACHE_DIR"
 S3_CACHE_MAX_BYTES_ENV = "MULTILORA_S3_CACHE_MAX_BYTES"
 DEFAULT_S3_CACHE_MAX_BYTES = 10 << 30
-# S3's bucket naming rules (3-63 lower-case letters, digits, dots, hyphens); keys: no empty, "." or ".." segments.
-_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _COMPLETE = ".complete"  # marks a finished download; its mtime is the version's last use (for the LRU)
-
-
-def is_s3(location: str | os.PathLike | None) -> bool:
-    return isinstance(location, str) and location.startswith(S3_SCHEME)
-
-
-@dataclass(frozen=True)
-class S3Uri:
-    bucket: str
-    key: str  # no leading or trailing "/"; "" for a whole bucket (allowed roots only)
-
-    @classmethod
-    def parse(cls, uri: str, allow_bucket: bool = False) -> "S3Uri":
-        bucket, _, key = uri[len(S3_SCHEME):].partition("/")
-        key = key.strip("/")
-        segments = key.split("/") if key else []
-        if not _BUCKET.match(bucket) or "\x00" in key or any(s in ("", ".", "..") for s in segments):
-            raise InvalidArgument(f"'{uri}' is not a valid s3:// location (s3://bucket/key, no empty, '.' or '..' "
-                                  f"parts)")
-        if not key and not allow_bucket:
-            raise InvalidArgument(f"'{uri}' names a bucket, not an adapter (s3://bucket/prefix/name)")
-        return cls(bucket, key)
-
-    @property
-    def uri(self) -> str:
-        return f"{S3_SCHEME}{self.bucket}/{self.key}" if self.key else f"{S3_SCHEME}{self.bucket}"
-
-    def is_under(self, root: "S3Uri") -> bool:
-        return self.bucket == root.bucket and (not root.key or self.key == root.key
-                                               or self.key.startswith(root.key + "/"))
-
-
-def location(value: str | Path) -> str | Path:
-    """A configured place for adapters or the registry: an s3:// URI (checked, normalised) or a local path."""
-    return S3Uri.parse(value, allow_bucket=True).uri if is_s3(value) else Path(value).expanduser()
-
-
-def split_locations(value: str, sep: str = os.pathsep) -> list[str | Path]:
-    """A list of folders and s3:// locations: `sep` separates them, except the ':' of "s3://"."""
-    return [location(p.strip()) for p in re.split(re.escape(sep) + r"(?!//)", value) if p.strip()]
-
-
-def s3_client():
-    import boto3  # only deployments with s3:// locations need boto3 loaded
-    from botocore.config import Config
-
-    # Short timeouts and few retries: a request waits on this call, and a store that is down must fail fast
-    # into "serve the cached copy" or a clear 503, not hang the client.
-    return boto3.session.Session().client("s3", config=Config(
-        connect_timeout=2, read_timeout=20, retries={"max_attempts": 2, "mode": "standard"}))
-
-
-def error_code(exc: Exception) -> str:
-    response = getattr(exc, "response", None) or {}
-    return str(response.get("Error", {}).get("Code", "")) or str(
-        response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
-
-
-# Answers that say the store will not serve us now (throttling, expired or wrong credentials), as opposed to an
-# answer about the object: the cached copy keeps serving and the client gets 503, not 400/404.
-_RETRY_LATER = {"SlowDown", "RequestTimeout", "ServiceUnavailable", "AccessDenied", "ExpiredToken",
-                "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "403"}
-_MISSING = {"404", "NoSuchKey", "NotFound"}
-
-
-def unreachable(exc: Exception) -> bool:
-    """The store is down or refuses us (retry later), as opposed to an answer about the object."""
-    from botocore.exceptions import BotoCoreError, ClientError
-    from s3transfer.exceptions import RetriesExceededError
-
-    if isinstance(exc, ClientError):
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        return status >= 500 or error_code(exc) in _RETRY_LATER
-    return isinstance(exc, (BotoCoreError, RetriesExceededError))
 
 
 @dataclass(frozen=True)
@@ -195,7 +120,7 @@ class AdapterDownloads:
         except BackendError:
             raise
         except Exception as exc:
-            if error_code(exc) in _MISSING:  # deleted between the listing and the download
+            if missing(exc):  # deleted between the listing and the download
                 raise NotFound(f"LoRA adapter '{uri.uri}' not found (an object of it is gone)") from None
             if not unreachable(exc):
                 raise InvalidArgument(f"object store refused LoRA adapter '{uri.uri}': {exc}") from None
@@ -220,7 +145,7 @@ class AdapterDownloads:
         except Exception as exc:
             if unreachable(exc):
                 return self._newest_local(uri) is not None
-            if error_code(exc) not in _MISSING:
+            if not missing(exc):
                 raise
             found = False
         self._exists[uri.uri] = (time.monotonic(), found)
@@ -269,7 +194,7 @@ class AdapterDownloads:
         try:
             head = client.head_object(Bucket=uri.bucket, Key=uri.key)
         except ClientError as exc:
-            if error_code(exc) in _MISSING:
+            if missing(exc):
                 raise NotFound(f"LoRA adapter '{uri.uri}' not found (no object or folder there)") from None
             raise
         return [_Object(uri.key.rsplit("/", 1)[-1], uri.key, head["ETag"].strip('"'), int(head["ContentLength"]))]
@@ -368,8 +293,6 @@ def downloads() -> AdapterDownloads:
     global _downloads
     with _downloads_lock:
         if _downloads is None:
-            from backends.settings import cache_dir
-
             root = os.environ.get(S3_CACHE_DIR_ENV) or cache_dir() / "s3-adapters"
             max_bytes = int(os.environ.get(S3_CACHE_MAX_BYTES_ENV) or DEFAULT_S3_CACHE_MAX_BYTES)
             _downloads = AdapterDownloads(Path(root).expanduser(), max_bytes)

@@ -1,0 +1,69 @@
+"""The seam between LoRA layers and LoRA math (vLLM's punica wrapper, SGLang's LoRA backend): a few verbs that every
+implementation provides, so a layer's forward is its base output plus one call.
+
+Notation: a LoRA layer holds stacked, zero-padded slot buffers `A` [max_loras, max_rank, in] and `Bt`
+[max_loras, max_rank, out] (B transposed, alpha/r folded in). The current batch gives row i of a layer input the
+pairs (s_ij, c_ij) of its stack (`LoRABatch`).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from backends.lora.ops.batch import LoRABatch
+
+
+class SlotWeights(Protocol):
+    """What the ops read from a LoRA layer (`backends.lora.layers.base.SlotLayer`)."""
+
+    lora_A: torch.Tensor  # [max_loras, max_rank, in]
+    lora_B: torch.Tensor  # [max_loras, max_rank, out] (Bt)
+    loaded_slots: set[int]  # slots holding weights for this layer; the others are all zeros
+    in_features: int
+    out_features: int
+
+
+class LoRAOps(ABC):
+    """One model's LoRA math; the batch it holds is shared by all of that model's layers."""
+
+    def __init__(self, max_loras: int, max_rank: int, device: torch.device, dtype: torch.dtype):
+        self.max_loras, self.max_rank, self.device, self.dtype = max_loras, max_rank, device, dtype
+        self.batch: LoRABatch | None = None
+
+    def set_batch(self, batch: LoRABatch) -> None:
+        """Semantics: until `clear`, every layer input row i gets sum_j c_ij * (x_i A[s_ij]^T) Bt[s_ij].
+        Once per forward (plans are built on first use and memoised on the batch); a fixed batch refreshes its
+        metadata in place, so a CUDA graph captured around this call follows whatever a replay wrote into it."""
+        self.batch = batch
+        self._prepare(batch)
+
+    def clear(self) -> None:
+        """Semantics: layers add nothing (base-only forward)."""
+        self.batch = None
+
+    def fixed_batch(self, rows: int) -> LoRABatch:
+        """A fixed batch of `rows` rows (one adapter each) for CUDA-graph capture; refill it with `write`."""
+        return LoRABatch.fixed_size(rows, self.device)
+
+    def _live(self, layer: SlotWeights) -> bool:
+        """Whether `layer` adds anything in this forward (a fixed batch: always, its slots change between
+        replays)."""
+        batch = self.batch
+        return batch is not None and (batch.fixed or not layer.loaded_slots.isdisjoint(batch.live_slots))
+
+    def _prepare(self, batch: LoRABatch) -> None:
+        """Refresh a backend's metadata that must follow a fixed batch in place (eager plans are built lazily)."""
+
+    @abstractmethod
+    def add_linear(self, y: torch.Tensor, x: torch.Tensor, layer: SlotWeights) -> torch.Tensor:
+        """Semantics: y[i] += sum_j c_ij * (x[i] @ A[s_ij].T) @ Bt[s_ij], in place, for x [..., in] and y
+        [..., out] whose leading dims are the batch's S rows or S x T tokens; returns y."""
+
+    @abstractmethod
+    def add_conv(self, y: torch.Tensor, x: torch.Tensor, layer: SlotWeights, base: nn.Conv2d) -> torch.Tensor:
+        """Semantics: y[i] += sum_j c_ij * conv1x1(conv2d(x[i], A[s_ij] as [R, in, kh, kw], base's stride, padding
+        and dilation), Bt[s_ij]), in place, for x [S, in, H, W]; returns y."""
