@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import logging
+import sys
 
-import uvicorn
+# The frontend is a torch-free process: it needs transformers only for tokenizers and chat templates, and
+# transformers imports torch whenever it can find it (hundreds of MB and seconds of start-up for nothing). Hidden
+# here, before anything is imported, transformers runs tokenizer-only and any stray torch import fails loudly.
+sys.modules.setdefault("torch", None)
 
-from openai_frontend.app import create_app
-from openai_frontend.config import from_args, parser
+import uvicorn  # noqa: E402
+
+from openai_frontend.app import create_app  # noqa: E402
+from openai_frontend.config import from_args, parser  # noqa: E402
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 
 from backends.settings import LLM_MODEL_PATH_ENV, REPO_ROOT
-from openai_frontend.triton import ADMIN_HEADER
+from openai_frontend.engine.gateway import ADMIN_HEADER
 from scripts.triton_launcher import TritonServer, die_with_parent
 
 log = logging.getLogger("serve")

@@ -136,7 +136,7 @@ async def _raw_grpc(soak: Soak) -> None:
     import tritonclient.grpc.aio as grpcaio
     from tritonclient.grpc import InferInput
 
-    from openai_frontend.triton import to_openai_error
+    from openai_frontend.engine.gateway import to_openai_error
 
     started = time.monotonic()
     client = grpcaio.InferenceServerClient(soak.grpc_url)

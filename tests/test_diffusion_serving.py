@@ -210,6 +210,7 @@ BAD = {
     "corrupt file": (dict(lora_path="{corrupt}"), "400", "is not valid safetensors"),
     "path outside roots": (dict(lora_path="{outside}"), "400", "outside the allowed adapter roots"),
     "negative scale": (dict(lora_name="tiny-sd3-a", lora_scale=-1.0), "400", "lora_scale must be a finite number"),
+    "huge scale": (dict(lora_name="tiny-sd3-a", lora_scale=1e30), "400", "lora_scale must be at most 100"),
 }
 
 

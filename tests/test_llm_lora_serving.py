@@ -168,6 +168,8 @@ BAD = {
                        r"lora_scale must be a finite number >= 0, got -1.0"),
     "NaN scale": (lambda a: dict(lora_name="uppercase", lora_scale=math.nan),
                   r"lora_scale must be a finite number >= 0, got nan"),
+    "huge scale": (lambda a: dict(lora_name="uppercase", lora_scale=1.9e24),  # was a 500 (NaN logits)
+                   r"lora_scale must be at most 100, got 1.9e\+24"),
     "scale without adapter": (lambda a: dict(lora_scale=0.5), r"lora_scale was given without lora_name"),
     "int id clash": (lambda a: dict(lora_path=str(a["rand_d"]), lora_int_id=424242),
                      r"lora_int_id 424242 is already bound to another adapter; use another id"),

@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from backends.settings import adapters_dir
-from openai_frontend.catalog import Adapter, BaseModel, Target
+from openai_frontend.engine.catalog import Adapter, BaseModel, Target
 from scripts.make_fixtures import diffusion_adapters_dir
 from tests.frontend_process import API_KEY
 
@@ -46,7 +46,7 @@ def test_chat_stack_both_forms_model_plus_list_and_zero_scales(client):
     assert len({base, upper, sig, stack}) == 4, (base, upper, sig, stack)
     assert _chat(client, "uppercase", lora=[SIG]) == stack  # the list adds to the adapter `model` names
     assert _chat(client, "uppercase", lora=SIG) == stack  # so does the object form
-    # An int_id on one entry: the frontend fills in the others' ids (the id list has no gaps).
+    # An int_id on one entry: the others go as null, and the backend derives their ids (the list has no gaps).
     assert _chat(client, "uppercase", lora=[{**SIG, "int_id": 914_142}]) == stack
     zeros = [{**UPPER, "scale": 0.0}, {"lora_name": "signature", "local_path": SIG["path"], "lora_scale": 0.0}]
     assert _chat(client, lora=zeros) == base  # all scales 0 = the base model exactly (aliases work in a list too)

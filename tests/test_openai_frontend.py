@@ -153,6 +153,8 @@ BAD = {
     "unknown model": ("/v1/chat/completions", {"model": "nope", "messages": CAPITAL}, 404,
                       "The model 'nope' does not exist."),
     "missing messages": ("/v1/chat/completions", {"model": "llm"}, 400, "messages: Field required"),
+    "huge lora_scale": ("/v1/chat/completions", {"model": "uppercase", "messages": CAPITAL, "lora_scale": 1.9e24},
+                        400, "lora_scale must be at most 100"),  # was a 500: NaN logits (found by test_openapi)
     "n above the limit": ("/v1/chat/completions", {"model": "llm", "messages": CAPITAL, "n": 17}, 400,
                           "n must be <= 16, got 17"),
     "n > 1 with stream": ("/v1/completions", {"model": "llm", "prompt": "x", "n": 2, "stream": True}, 400,

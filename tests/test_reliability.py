@@ -288,7 +288,7 @@ def test_a_model_error_does_not_cancel_other_streams(triton_server):
     import asyncio
 
     from openai_frontend.errors import OpenAIError
-    from openai_frontend.triton import TritonGateway
+    from openai_frontend.engine.gateway import TritonGateway
 
     async def scenario():
         gateway = TritonGateway(triton_server.grpc_url)

@@ -29,6 +29,10 @@ from backends.lora.store.registry import LoRARegistry
 
 log = logging.getLogger(__name__)
 
+# Far above any useful strength (1 is the trained one; image users sweep up to 2 or 3), far below what turns an
+# fp32 forward into inf/NaN logits (a scale of 1e24 did, found by the OpenAPI fuzz test).
+MAX_LORA_SCALE = 100.0
+
 
 def files_version(path: str) -> int:
     """A cheap fingerprint of an adapter's files (names, sizes, mtimes, inodes of a folder's files, or of a
@@ -120,6 +124,9 @@ class AdapterSelector:
         scale = 1.0 if fields.scale is None else float(fields.scale)
         if not math.isfinite(scale) or scale < 0:
             raise InvalidArgument(f"lora_scale must be a finite number >= 0, got {fields.scale}")
+        if scale > MAX_LORA_SCALE:
+            raise InvalidArgument(f"lora_scale must be at most {MAX_LORA_SCALE:g}, got {fields.scale:g} (a delta scaled "
+                                  f"that much overflows the model's activations)")
         self.sync()
         if fields.path:
             where = self.registry.paths.check(fields.path)

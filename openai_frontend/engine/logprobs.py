@@ -3,7 +3,7 @@ completions API's legacy object."""
 
 from __future__ import annotations
 
-from openai_frontend.triton import Logprobs
+from openai_frontend.engine.gateway import Logprobs
 
 
 def _token_texts(tokenizer, entries: Logprobs) -> dict[int, str]:

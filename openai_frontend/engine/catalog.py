@@ -6,17 +6,17 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from backends.errors import BackendError
-from backends.lora.store.ids import stable_lora_int_id
+from backends.lora.manager.config import LoRAServingConfig
 from backends.lora.store.entries import AdapterEntry
 from backends.lora.store.registry import LoRARegistry
-from backends.lora.manager.config import LoRAServingConfig
+from backends.model_params import model_parameters
 from backends.settings import default_diffusion_model_path, default_llm_model_path
+from openai_frontend.engine.gateway import TritonGateway
 from openai_frontend.errors import OpenAIError, model_not_found
 from openai_frontend.schemas import LoRAField, LoRARequest
-from openai_frontend.triton import TritonGateway
 
 LLM, DIFFUSION = "llm", "diffusion"
 
@@ -60,7 +60,7 @@ class Target:
     def lora_parameters(self) -> dict:
         """One adapter: plain values, exactly as before stacks. A stack: each field a JSON array (the backends'
         list form), sent when some adapter has it; a list has no gaps, so the others get what the backend would
-        use for them anyway (empty path = resolve by name, scale 1.0; ids are filled in by `Catalog`)."""
+        use for them anyway (empty path = resolve by name, scale 1.0, id null = derived by the backend)."""
         if len(self.adapters) == 1:
             (a,) = self.adapters
             fields = {"lora_name": a.name, "lora_path": a.path, "lora_scale": a.scale, "lora_int_id": a.int_id}
@@ -111,7 +111,7 @@ class Catalog:
                     kind = _kind(config)
                     if kind is None:
                         continue
-                    params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+                    params = model_parameters(config)
                     root = params.get("model_path") or (str(default_llm_model_path()) if kind == LLM else
                                                         default_diffusion_model_path())
                     try:
@@ -151,32 +151,31 @@ class Catalog:
     def default_base(bases: dict[str, BaseModel], kind: str) -> str | None:
         return next((b.name for b in bases.values() if b.kind == kind), None)
 
-    async def resolve(self, model: str, lora: LoRAField | None = None, scale: float | None = None) -> Target:
+    async def target(self, model: str, lora: LoRAField | None = None, scale: float | None = None) -> Target:
         """`model` = base name or adapter name (vLLM/lmdeploy style); `lora` (an object or a list of them) adds
         adapters to it, after the one `model` names. 503 while the base model is restarting."""
         requested = [lora] if isinstance(lora, LoRARequest) else list(lora or [])
-        target = await self._resolve(model, requested, scale, "lora" if isinstance(lora, LoRARequest) else None)
+        target = await self._find(model, requested, scale, "lora" if isinstance(lora, LoRARequest) else None)
         if self.supervisor is not None and (error := self.supervisor.unavailable(target.base.name)):
             raise error
         return target
 
-    async def _resolve(self, model: str, lora: list[LoRARequest], scale: float | None, single: str | None) -> Target:
+    async def _find(self, model: str, lora: list[LoRARequest], scale: float | None, single: str | None) -> Target:
         bases = await self.bases()
         if model in bases:
             if not lora and scale is not None:
                 raise OpenAIError(400, "lora_scale was given without an adapter", "lora_scale")
             # With a base model, lora_scale is the default scale of the `lora` adapters (as before stacks).
-            return self._target(bases[model], None, self._checked(lora, scale, single))
+            return Target(bases[model], tuple(self._checked(lora, scale, single)))
         adapters = await self.adapters()
         if self.separator and self.separator in model and model not in adapters:
             base, _, adapter = model.partition(self.separator)
             if base in bases and adapters.get(adapter, (None, None))[1] == base:
-                return await self._resolve(adapter, lora, scale, single)
+                return await self._find(adapter, lora, scale, single)
             raise model_not_found(model)
         if model in adapters:
             entry, base = adapters[model]
-            return self._target(bases[base], entry, [Adapter(entry.name, scale=scale),
-                                                     *self._checked(lora, None, single)])
+            return Target(bases[base], (Adapter(entry.name, scale=scale), *self._checked(lora, None, single)))
         raise model_not_found(model)
 
     def _checked(self, lora: list[LoRARequest], scale: float | None, single: str | None) -> list[Adapter]:
@@ -189,20 +188,3 @@ class Catalog:
             out.append(Adapter(request.name, path, request.scale if request.scale is not None else scale,
                                request.int_id))
         return out
-
-    def _target(self, base: BaseModel, entry: AdapterEntry | None, stack: list[Adapter]) -> Target:
-        """Where only some adapters of a stack give an int_id, the others get the id the backend would take for
-        them (the registry's, else derived from the path): the id list cannot leave one out."""
-        if len(stack) > 1 and any(a.int_id is not None for a in stack):
-            def backend_id(a: Adapter) -> int:
-                if a.path is not None:
-                    return stable_lora_int_id(a.path)
-                assert entry is not None  # only the `model`-named adapter has no path
-                if entry.int_id is not None:
-                    return entry.int_id
-                try:  # the backend derives it from the resolved path, as the registry checks it
-                    return stable_lora_int_id(str(self.registry.paths.check(entry.path)))
-                except BackendError:  # a static path outside the frontend's roots: another id only costs the
-                    return stable_lora_int_id(entry.path)  # backend a second cache entry for that adapter
-            stack = [a if a.int_id is not None else replace(a, int_id=backend_id(a)) for a in stack]
-        return Target(base, tuple(stack))

@@ -1,5 +1,7 @@
-"""Triton over `tritonclient.grpc.aio`: streamed text generation, image inference, repository index and model
-control. Transport failures become 503 (Triton down or the model not ready); model errors keep their status."""
+"""`TritonGateway`: Triton over `tritonclient.grpc.aio`: streamed text generation, image inference, repository
+index and model control. `classify` decides what every error means: transport failures become 503 (Triton down
+or the model not ready) and a fresh channel, a dead model is reported to the supervisor, model errors keep their
+status."""
 
 from __future__ import annotations
 
@@ -37,7 +39,16 @@ _TRANSPORT = ("failed to connect", "Socket closed", "Connection refused", "Conne
               "backends failing", "GOAWAY", "Broken pipe")
 
 
-def _http_status(exc: InferenceServerException) -> int:
+@dataclass(frozen=True)
+class Failure:
+    """What an error on the way to Triton means, decided in one place (`classify`)."""
+
+    status: int  # the client's HTTP status
+    transport: bool = False  # the channel itself broke: the next call needs a fresh one
+    dead: bool = False  # the model's process died or its engine stopped: the supervisor reloads it
+
+
+def _status(exc: InferenceServerException) -> int:
     status = str(exc.status() or "")
     message = exc.message() or ""
     if message.startswith(UNAVAILABLE_PREFIX) or any(s in message for s in _RETRYABLE):
@@ -51,28 +62,32 @@ def _http_status(exc: InferenceServerException) -> int:
     return 400  # a stream error without status: the backends' remaining errors are the request's fault
 
 
-def is_transport_failure(exc: Exception) -> bool:
+def classify(exc: Exception) -> Failure | None:
+    """A Triton or transport error's meaning; None for anything else (a bug of ours, raised as is).
+
+    Stream errors carry only a message, so the backends' prefixes (`backends.protocol`) and Triton's own texts
+    are read here, and only here."""
     if isinstance(exc, InferenceServerException):
-        return any(s in (exc.message() or "") for s in _TRANSPORT)
-    return isinstance(exc, (grpc.RpcError, ConnectionError, OSError))
-
-
-def is_dead_model_error(exc: Exception) -> bool:
-    return isinstance(exc, InferenceServerException) and any(s in (exc.message() or "") for s in _DEAD)
+        message = exc.message() or ""
+        return Failure(_status(exc), transport=any(s in message for s in _TRANSPORT),
+                       dead=any(s in message for s in _DEAD))
+    if isinstance(exc, (grpc.RpcError, ConnectionError, OSError)):
+        return Failure(503, transport=True)
+    return None
 
 
 def to_openai_error(exc: Exception, model: str | None = None) -> OpenAIError:
-    if isinstance(exc, InferenceServerException):
-        status = _http_status(exc)
-        message = exc.message() or str(exc)
-        if status == 503:
-            message = f"model '{model}' is not available: {message}" if model else f"Triton is unavailable: {message}"
-        elif status == 500:
-            message = f"model '{model}' failed: {message}" if model else message
-        return OpenAIError(status, message, headers={"Retry-After": "1"} if status == 503 else None)
-    if isinstance(exc, (grpc.RpcError, ConnectionError, OSError)):
+    failure = classify(exc)
+    if failure is None:
+        raise exc
+    if not isinstance(exc, InferenceServerException):
         return OpenAIError(503, f"Triton is unavailable: {exc}", headers={"Retry-After": "1"})
-    raise exc
+    message = exc.message() or str(exc)
+    if failure.status == 503:
+        message = f"model '{model}' is not available: {message}" if model else f"Triton is unavailable: {message}"
+    elif failure.status == 500:
+        message = f"model '{model}' failed: {message}" if model else message
+    return OpenAIError(failure.status, message, headers={"Retry-After": "1"} if failure.status == 503 else None)
 
 
 def _ints(name: str, values: list[int], dtype) -> np.ndarray:
@@ -244,9 +259,10 @@ class TritonGateway:
     async def _failed(self, exc: Exception, channel: _Channel, model: str | None = None) -> OpenAIError:
         """Map the error; after a transport failure (only) start a fresh channel next time, so that a restarted
         Triton is used at once instead of after gRPC's reconnect backoff. A dead model is reported."""
-        if is_transport_failure(exc):
+        failure = classify(exc)
+        if failure is not None and failure.transport:
             await self._retire(channel)
-        if model and self.on_model_dead is not None and is_dead_model_error(exc):
+        if model and self.on_model_dead is not None and failure is not None and failure.dead:
             self.on_model_dead(model, exc.message())
         return to_openai_error(exc, model)
 
@@ -256,7 +272,8 @@ class TritonGateway:
                 return bool(await channel.client.is_server_ready(client_timeout=2))
             except Exception as exc:  # any failure means "not ready", which is the answer
                 log.info("Triton at %s is not ready: %s", self.url, exc)
-                if is_transport_failure(exc):
+                failure = classify(exc)
+                if failure is not None and failure.transport:
                     await self._retire(channel)
                 return False
 

@@ -20,7 +20,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from backends.protocol import PROBE_PARAMETER
-from openai_frontend.catalog import LLM
+from openai_frontend.engine.catalog import LLM
 from openai_frontend.errors import OpenAIError
 
 log = logging.getLogger(__name__)
