@@ -29,14 +29,15 @@ RUN python3 -m pip install --extra-index-url "${TORCH_INDEX_URL}" -r requirement
 COPY backends/ backends/
 COPY openai_frontend/ openai_frontend/
 COPY scripts/ scripts/
+COPY tools/ tools/
 COPY model_repository/ model_repository/
 COPY README.md pyproject.toml ./
 
 # Convert the bundled SmolLM2 GGUF, build the tiny diffusion pipelines and train the demo adapters once at build
 # time; mount or point MULTILORA_LLM_MODEL_PATH / MULTILORA_DIFFUSION_MODEL_PATH at other models.
-RUN python3 -m backends.llm.convert \
- && python3 -m scripts.make_fixtures \
- && python3 -m scripts.train_demo_adapters \
+RUN python3 -m tools.fixtures.smollm2 \
+ && python3 -m tools.fixtures.pipelines \
+ && python3 -m tools.fixtures.demo_adapters \
  && sed -i "s/kind: KIND_CPU/kind: ${INSTANCE_KIND}/" model_repository/*/config.pbtxt
 
 # Only the OpenAI frontend listens beyond the container; tritonserver binds to 127.0.0.1 unless

@@ -12,8 +12,8 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from backends.errors import BackendError, InvalidArgument, NotFound, Unavailable
-from backends.protocol import INTERNAL_PREFIX, PROBE_PARAMETER, UNAVAILABLE_PREFIX
 from backends.lora.manager.request import LoRAFields, fields_from_lists, parameter_list
+from backends.protocol import INTERNAL_PREFIX, PROBE_PARAMETER, UNAVAILABLE_PREFIX
 
 
 def _array(request, name: str) -> np.ndarray | None:

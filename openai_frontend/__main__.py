@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 # The frontend is a torch-free process: it needs transformers only for tokenizers and chat templates, and
 # transformers imports torch whenever it can find it (hundreds of MB and seconds of start-up for nothing). Hidden
 # here, before anything is imported, transformers runs tokenizer-only and any stray torch import fails loudly.
 sys.modules.setdefault("torch", None)
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # "PyTorch was not found": on purpose
 
 import uvicorn  # noqa: E402
 

@@ -15,6 +15,7 @@ from openai_frontend.engine.engine import Engine
 from openai_frontend.errors import error_responses, install_handlers, install_openapi
 from openai_frontend.routers import health, images, lora, models, text, tokenize
 
+
 class PrometheusText(Response):
     media_type = "text/plain; version=0.0.4"
 

@@ -40,7 +40,7 @@ class FrontendConfig:
     max_images: int = 4
     max_image_size: int = 1024
     catalog_ttl_s: float = 2.0
-    supervise: bool = True  # probe the models and reload those whose process died (openai_frontend/supervisor.py)
+    supervise: bool = True  # probe the models and reload those whose process died (engine/supervisor.py)
     probe_interval_s: float = 2.0
     max_model_restarts: int = 3
     restart_window_s: float = 600.0

@@ -2,14 +2,14 @@
 
     scripts/gpu_check OUT_DIR [--cpu] [--model DIR] [--budget-s 450]
 
-1. the gpu-marked tests (tests/test_gpu_path.py, test_lora_kernels.py, test_lora_gpu.py): served greedy tokens vs
-   transformers `generate`, mixed-adapter logits vs PEFT `adapter_names` per dtype, graphs vs eager through the
-   engine, seeded sampling, the compiled kernels vs a float64 reference and replayed from CUDA graphs;
+1. the gpu-marked tests (tests/llm/test_gpu_path.py, tests/lora/test_kernels.py, tests/lora/test_gpu.py): served
+   greedy tokens vs transformers `generate`, mixed-adapter logits vs PEFT `adapter_names` per dtype, graphs vs eager
+   through the engine, seeded sampling, the compiled kernels vs a float64 reference and replayed from CUDA graphs;
 2. the LoRA-ops benchmark: one decode step (batches 1..64) and a prefill for the base model, ours with k = 1..16
    distinct r=16 adapters (CUDA graphs and eager) and PEFT `adapter_names`, side by side;
 3. the engine serving benchmark: continuous batching at concurrency 1/16/64 with the base model, 8 and 64
    adapters (16 device slots), graphs on and off;
-4. the tritonserver serving benchmark (scripts/bench_serving) when tritonserver and tritonclient are installed.
+4. the tritonserver serving benchmark (benchmarks/serving.py) when tritonserver and tritonclient are installed.
 
 Writes OUT_DIR/report.md and report.json. Without weights on the machine the model is a random-weight Llama with
 SmolLM2-135M's shape (needs SmolLM2's tokenizer files: --tokenizer, default the converted model's folder).
@@ -44,13 +44,14 @@ except ImportError:  # the GPU machine's image may lack rich: plain text tables
 
 from backends.settings import REPO_ROOT, default_llm_model_path
 
+
 class _Plain:
     def print(self, item) -> None:
         print(item)
 
 
 console = Console(width=150) if Console else _Plain()
-GPU_TESTS = ["tests/test_gpu_path.py", "tests/test_lora_kernels.py", "tests/test_lora_gpu.py"]
+GPU_TESTS = ["tests/llm/test_gpu_path.py", "tests/lora/test_kernels.py", "tests/lora/test_gpu.py"]
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "List three fruits.",
            "Explain gravity in one sentence.", "Tell me a story about a dragon and a knight."]
 
@@ -176,9 +177,9 @@ def bench_ops(report: Report, model: Path, adapters: list[Path], device: torch.d
     from transformers import AutoModelForCausalLM
 
     from backends.llm.runner import ModelRunner, RunnerSettings, cache_kwarg
+    from backends.lora.adapters.peft import load_adapter
     from backends.lora.manager.config import LoRAServingConfig
     from backends.lora.ops.batch import RowLoRA
-    from backends.lora.adapters.peft import load_adapter
 
     kmax = max(sizes.ks)
     runner = ModelRunner(model, device=str(device), lora=LoRAServingConfig(max_loras=kmax, max_lora_rank=16),
@@ -281,10 +282,9 @@ def bench_engine(report: Report, model: Path, adapters: list[Path], device: torc
     from backends.llm.params import GenerationRequest, SamplingParams
     from backends.llm.runner import ModelRunner, RunnerSettings
     from backends.lora.manager.config import LoRAServingConfig
-    from backends.lora.manager.request import AdapterRef
-    from backends.lora.manager.request import LoRASelection
+    from backends.lora.manager.request import AdapterRef, LoRASelection
     from backends.lora.manager.selector import AdapterSelector
-    from tests.engine_helpers import Collect
+    from tools.clients.engine import Collect
 
     rows = []
     for graphs in sizes.graphs:
@@ -337,12 +337,12 @@ def bench_engine(report: Report, model: Path, adapters: list[Path], device: torc
 def bench_tritonserver(report: Report, out: Path, cpu: bool) -> None:
     missing = [m for m in ("tritonclient", "pytriton") if shutil.which("tritonserver") is None and not _importable(m)]
     if cpu or missing:
-        why = "--cpu (tests/ and scripts/bench_serving cover the server on CPU)" if cpu else \
+        why = "--cpu (tests/ and benchmarks/serving.py cover the server on CPU)" if cpu else \
             f"not installed here: {', '.join(missing)}"
         report.note(f"tritonserver serving benchmark: skipped ({why}).")
         report.sections["tritonserver"] = {"skipped": why}
         return
-    proc = subprocess.run([sys.executable, "-m", "scripts.bench_serving", "--concurrency", "1", "16", "64",
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.serving", "--concurrency", "1", "16", "64",
                            "--adapters", "8", "64", "--skip-peft", "--out", str(out / "bench_serving")],
                           cwd=REPO_ROOT, capture_output=True, text=True)
     (out / "bench_serving.log").write_text(proc.stdout + proc.stderr)
@@ -379,7 +379,7 @@ def main() -> None:
                         "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()), ""]
     work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
     try:
-        from scripts.make_adapters import ALL_PROJECTIONS, make_random_adapters, random_smollm2
+        from tools.fixtures.adapters import ALL_PROJECTIONS, make_random_adapters, random_smollm2
 
         model = args.model or (default_llm_model_path() if (default_llm_model_path() / "model.safetensors").is_file()
                                else random_smollm2(work / "smollm2-random", tokenizer_dir=args.tokenizer))

@@ -23,7 +23,7 @@ import httpx
 
 from backends.settings import LLM_MODEL_PATH_ENV, REPO_ROOT
 from openai_frontend.engine.gateway import ADMIN_HEADER
-from scripts.triton_launcher import TritonServer, die_with_parent
+from tools.launchers.triton import TritonServer, die_with_parent
 
 log = logging.getLogger("serve")
 

@@ -32,7 +32,7 @@ from rich.console import Console
 from rich.table import Table
 from tritonclient.utils import InferenceServerException
 
-from scripts.diffusion_client import generate, pixels
+from tools.clients.diffusion import generate, pixels
 
 # PSNR at or above this between scale 1 and scale 0 means the adapter changed (almost) nothing.
 INEFFECTIVE_PSNR_DB = 50.0

@@ -10,13 +10,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 
 from backends.settings import ALLOWED_LORA_ROOTS_ENV, LORA_REGISTRY_ENV, cache_dir, default_llm_model_path
-from scripts.llm_families import make_family
-from scripts.make_fixtures import TINY_SD15, TINY_SD3
-from scripts.triton_launcher import TritonServer, copy_model, free_port
-
-
-# scripts/gpu_check --cpu sets this: GPU tests marked `cpu_dry_run` then run on CPU (small), so they cannot rot.
-CHECK_DEVICE_ENV = "MULTILORA_CHECK_DEVICE"
+from tools.fixtures.llm_families import make_family
+from tools.fixtures.pipelines import TINY_SD3, TINY_SD15
+from tools.launchers.triton import TritonServer, copy_model, free_port
+from tools.session import BATCHED_MODEL, CHECK_DEVICE_ENV, PHI3_MODEL, PINNED_MODEL, SD15_MODEL, TIGHT_MODEL
 
 
 def pytest_collection_modifyitems(config, items):
@@ -35,13 +32,6 @@ def pytest_collection_modifyitems(config, items):
 def lora_root(tmp_path_factory) -> Path:
     """Adapters the tests make live here; the session's server allows this root and keeps its registry here."""
     return tmp_path_factory.mktemp("lora_root")
-
-
-TIGHT_MODEL = "llm_tight"  # the llm model with 2 LoRA slots and no static adapters, loaded by the tests needing it
-PINNED_MODEL = "llm_pinned"  # the llm model whose only LoRA slot holds a pinned adapter, loaded by the tests needing it
-SD15_MODEL = "diffusion_sd15"  # the diffusion model serving the tiny SD1.5-style pipeline
-BATCHED_MODEL = "diffusion_batched"  # the diffusion model whose batcher waits for 4 requests (mixed-batch proof)
-PHI3_MODEL = "llm_phi3"  # the llm model serving the tiny random Phi-3 (fused projections), loaded by its test
 
 
 def _extra_repository(root: Path) -> Path:
@@ -107,7 +97,8 @@ def grpc_client(triton_server):
 @pytest.fixture(scope="session")
 def frontend(triton_server, lora_root, tmp_path_factory):
     """The OpenAI frontend as a real process over the session's tritonserver (keys, runtime LoRA updating on)."""
-    from tests.frontend_process import ADMIN_KEY, API_KEY, FrontendProcess
+    from tools.launchers.frontend import FrontendProcess
+    from tools.session import ADMIN_KEY, API_KEY
 
     proc = FrontendProcess(
         triton_server.grpc_url, triton_server.metrics_url, tmp_path_factory.mktemp("frontend") / "frontend.log",

@@ -16,12 +16,12 @@ import triton_python_backend_utils as pb_utils
 
 from backends import triton_io as tio
 from backends.diffusion.generate import ImageRequest, build_request
-from backends.settings import DIFFUSION_MODEL_PATH_ENV, default_diffusion_model_path
-from backends.diffusion.service import start_diffusion
-from backends.model_params import model_parameters, param_str
-from backends.errors import BackendError
 from backends.diffusion.metrics import TritonDiffusionMetrics
+from backends.diffusion.service import start_diffusion
+from backends.errors import BackendError
 from backends.lora.manager.selector import select_lora
+from backends.model_params import model_parameters, param_str
+from backends.settings import DIFFUSION_MODEL_PATH_ENV, default_diffusion_model_path
 
 log = logging.getLogger(__name__)
 

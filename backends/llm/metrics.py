@@ -10,7 +10,6 @@ from backends.lora.manager.metrics import TritonLoRAMetrics
 from backends.lora.manager.request import AdapterRef
 from backends.lora.manager.selector import AdapterSelector
 
-
 _FINISHED = "multilora_llm_requests_finished_total"
 
 

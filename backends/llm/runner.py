@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 import torch
 
 from backends.llm.cuda_graphs import GraphedLoRAForward
-from backends.llm.kv_cache import MiB, KVShape, SlotKVCache, decode_mask_into, plan_num_slots, prefill_mask
+from backends.llm.kv_cache import KVShape, MiB, SlotKVCache, decode_mask_into, plan_num_slots, prefill_mask
 from backends.lora.adapters.targets import llm_targets, packed_parts, parse_target_modules
 from backends.lora.layers.context import LoRAContext
 from backends.lora.layers.linear import patch_model

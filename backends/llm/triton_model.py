@@ -14,13 +14,13 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from backends import triton_io as tio
-from backends.model_params import model_parameters, param_str
 from backends.errors import BackendError, InvalidArgument, Unavailable
 from backends.llm.engine import GenerationChunk
 from backends.llm.metrics import TritonEngineMetrics
 from backends.llm.params import GenerationRequest, build_sampling_params
 from backends.llm.service import start_llm
 from backends.lora.manager.selector import select_lora
+from backends.model_params import model_parameters, param_str
 from backends.settings import LLM_MODEL_PATH_ENV, default_llm_model_path
 
 log = logging.getLogger(__name__)

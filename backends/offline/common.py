@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Sequence, Union
 
 from backends.errors import InvalidArgument
-
 from backends.lora.manager.request import LoRAFields
 from backends.settings import REPO_ROOT
 

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from backends.diffusion.generate import ImageRequest, build_request
 from backends.diffusion.service import start_diffusion
 from backends.lora.manager.selector import select_lora
-from backends.offline.common import LoRASpec, stack_fields, per_prompt, service_params
+from backends.offline.common import LoRASpec, per_prompt, service_params, stack_fields
 
 
 class ImageGenerator:

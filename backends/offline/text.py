@@ -22,7 +22,7 @@ from backends.llm.engine import GenerationChunk
 from backends.llm.params import GenerationRequest, build_sampling_params
 from backends.llm.service import start_llm
 from backends.lora.manager.selector import select_lora
-from backends.offline.common import LoRASpec, stack_fields, per_prompt, service_params
+from backends.offline.common import LoRASpec, per_prompt, service_params, stack_fields
 
 Prompt = str | Sequence[dict]  # text as is, or chat messages (the model's chat template is applied)
 

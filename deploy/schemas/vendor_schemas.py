@@ -11,8 +11,8 @@ that offline validation is as strict as `kubectl apply` (field validation "Stric
   gets `additionalProperties: false`;
 - `nullable: true` adds "null" to the type, `x-kubernetes-int-or-string` becomes integer-or-string;
 - the root pins `apiVersion` and `kind` and gives `metadata` an ObjectMeta subset (name required).
-CEL rules (`x-kubernetes-validations`) are kept for reference but not evaluated: tests/test_deploy_manifests.py checks
-the few that matter to our manifests by hand. The EndpointPickerConfig schema is not generated: it has no CRD (the
+CEL rules (`x-kubernetes-validations`) are kept for reference but not evaluated:
+tests/repo/test_deploy_manifests.py checks the few that matter to our manifests by hand. The EndpointPickerConfig schema is not generated: it has no CRD (the
 EPP reads it from a file), so endpointpickerconfig-llm-d.ai-v1alpha1.json is written by hand from the Go types.
 """
 

@@ -13,8 +13,8 @@ from openai_frontend.config import FrontendConfig
 from openai_frontend.engine.catalog import DIFFUSION, LLM, Catalog, Target
 from openai_frontend.engine.gateway import Logprobs, TextChunk, TritonGateway
 from openai_frontend.engine.images import ImageService
-from openai_frontend.engine.responses import response_base
 from openai_frontend.engine.logprobs import chat_logprobs, legacy_logprobs
+from openai_frontend.engine.responses import response_base
 from openai_frontend.engine.tokenizers import cached_tokenizer, chat_messages
 from openai_frontend.errors import OpenAIError, bad_request
 from openai_frontend.metrics import FrontendMetrics

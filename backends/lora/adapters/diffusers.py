@@ -10,10 +10,11 @@ Accepted, in the forms people download or train:
   for a UNet's convolutions (down [r, in, kh, kw] with the layer's kernel, up [out, r, 1, 1]), which are flattened
   to the [r, in*kh*kw] / [out, r] layout of the slot buffers.
 
-A folder with `adapter_config.json` is PEFT's; a single file's format is sniffed once (`file_format`); a pure converter per source turns the file's state dict into PEFT names
-under our component names (`_convert_diffusers_to_peft`: the pipeline class's own `lora_state_dict`, then
-diffusers' key mappings), and `peft.validate_pairs` validates every format the same way. Everything wrong is
-collected into one `AdapterError` naming the file.
+A folder with `adapter_config.json` is PEFT's; a single file's format is sniffed once (`file_format`); a pure
+converter per source turns the file's state dict into PEFT names under our component names
+(`_convert_diffusers_to_peft`: the pipeline class's own `lora_state_dict`, then diffusers' key mappings), and
+`peft.validate_pairs` validates every format the same way. Everything wrong is collected into one `AdapterError`
+naming the file.
 """
 
 from __future__ import annotations
@@ -27,7 +28,11 @@ import torch
 
 from backends.lora.adapters.config import LoRAConfig, pattern_value
 from backends.lora.adapters.files import (
-    CONFIG_FILE, DIFFUSERS_WEIGHT_FILE, AdapterError, AdapterNotFoundError, listed,
+    CONFIG_FILE,
+    DIFFUSERS_WEIGHT_FILE,
+    AdapterError,
+    AdapterNotFoundError,
+    listed,
 )
 from backends.lora.adapters.peft import LoRAAdapter, PairRules, load_adapter, read_safetensors, validate_pairs
 from backends.lora.adapters.targets import TargetSpec
@@ -62,7 +67,9 @@ def _convert_diffusers_to_peft(state: dict, pipeline_cls, denoiser: str, state_d
                                file: Path) -> tuple[dict, dict]:
     """(state dict, alphas) with PEFT names under our component names, by diffusers' own converters."""
     from diffusers.utils.state_dict_utils import (
-        DIFFUSERS_OLD_TO_PEFT, convert_state_dict, convert_unet_state_dict_to_peft,
+        DIFFUSERS_OLD_TO_PEFT,
+        convert_state_dict,
+        convert_unet_state_dict_to_peft,
     )
 
     try:
@@ -144,7 +151,8 @@ def _load_single_file(file: Path, spec: TargetSpec, denoiser: str, pipeline_cls,
     for key, value in alphas.items():
         match = _ALPHA.match(key)
         if match:
-            alpha_of[_served_name(match["module"], spec)] = float(value.item() if isinstance(value, torch.Tensor) else value)
+            number = value.item() if isinstance(value, torch.Tensor) else value
+            alpha_of[_served_name(match["module"], spec)] = float(number)
     meta = _metadata_alphas(file)
 
     unknown = set(found) - set(spec.modules)

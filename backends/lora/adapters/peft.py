@@ -22,7 +22,11 @@ import torch
 
 from backends.lora.adapters.config import LoRAConfig, read_config, same_model
 from backends.lora.adapters.files import (
-    BIN_FILE, SAFETENSORS_FILE, AdapterError, AdapterNotFoundError, listed,
+    BIN_FILE,
+    SAFETENSORS_FILE,
+    AdapterError,
+    AdapterNotFoundError,
+    listed,
 )
 from backends.lora.adapters.targets import TargetSpec
 
@@ -129,7 +133,8 @@ def _finalize(modules: dict[str, ModuleLoRA], scaling: Callable[[str], float], d
 
 
 def checked_pair(name: str, a: torch.Tensor, b: torch.Tensor, fan_in: int, fan_out: int,
-                 kernel: tuple[int, int, int] | None, rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor] | str:
+                 kernel: tuple[int, int, int] | None,
+                 rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor] | str:
     """(A [r, fan_in], B [fan_out, r]) in the slot layout, or what is wrong with the pair's shapes. A conv layer
     (`kernel` = (in, kh, kw)) takes LoCon's down [r, in, kh, kw] and up [out, r, 1, 1], flattened. `rank`: the
     rank the format promises (None: whatever A has)."""

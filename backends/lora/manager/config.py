@@ -16,7 +16,12 @@ from backends.lora.store.entries import AdapterEntry, parse_lora_modules
 from backends.lora.store.locations import is_s3, location, split_locations
 from backends.model_params import param_int, param_str
 from backends.settings import (
-    ALLOWED_LORA_ROOTS_ENV, LORA_RESOLVER_DIRS_ENV, adapters_dir, cache_dir, env_locations, lora_registry_file,
+    ALLOWED_LORA_ROOTS_ENV,
+    LORA_RESOLVER_DIRS_ENV,
+    adapters_dir,
+    cache_dir,
+    env_locations,
+    lora_registry_file,
 )
 
 

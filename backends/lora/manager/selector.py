@@ -125,8 +125,8 @@ class AdapterSelector:
         if not math.isfinite(scale) or scale < 0:
             raise InvalidArgument(f"lora_scale must be a finite number >= 0, got {fields.scale}")
         if scale > MAX_LORA_SCALE:
-            raise InvalidArgument(f"lora_scale must be at most {MAX_LORA_SCALE:g}, got {fields.scale:g} (a delta scaled "
-                                  f"that much overflows the model's activations)")
+            raise InvalidArgument(f"lora_scale must be at most {MAX_LORA_SCALE:g}, got {fields.scale:g} "
+                                  f"(a delta scaled that much overflows the model's activations)")
         self.sync()
         if fields.path:
             where = self.registry.paths.check(fields.path)

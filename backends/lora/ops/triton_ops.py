@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from backends.lora.ops.batch import LoRABatch
 from backends.lora.ops.base import SlotWeights
+from backends.lora.ops.batch import LoRABatch
 from backends.lora.ops.torch_ops import TorchLoRAOps
 
 try:
@@ -51,8 +51,8 @@ class SegmentMeta:
     """Rows of one forward grouped by slot; every tensor has a fixed size, on the rows' device.
 
     `order` lists row indices sorted by slot (stable); slot k's rows are order[seg_start[k] : seg_start[k] +
-    seg_len[k]]. Rows with slot NO_ADAPTER (-1), a slot >= max_loras or scale 0 sort into a sentinel bucket after the last slot
-    that no program reads.
+    seg_len[k]]. Rows with slot NO_ADAPTER (-1), a slot >= max_loras or scale 0 sort into a sentinel bucket after
+    the last slot that no program reads.
     """
 
     order: torch.Tensor  # [N] int64
