@@ -8,7 +8,8 @@ side with the base model and with two PEFT servers a user would write by hand (s
 Rows: base only; 1 adapter; n adapters (random, rank 16, generated once and cached) with popularity following a
 power law (request share of adapter i ~ 1 / (i + 1) ** alpha, S-LoRA's trace); and on the largest adapter set the
 PEFT baselines: serial per-request (`benchmarks/baselines/peft_serial.py`) and batched
-(`benchmarks/baselines/peft_batched.py`: Triton's dynamic batcher, batches of up to `--max-num-seqs` like our engine, one mixed-adapter `generate` each).
+(`benchmarks/baselines/peft_batched.py`: Triton's dynamic batcher, batches of up to `--max-num-seqs` like our
+engine, one mixed-adapter `generate` each).
 Every run is `perf_analyzer --async --streaming -i grpc` with a fixed request count; its profile export gives
 TTFT and inter-token latency per request and each response's `num_output_tokens` (tokens are counted from it, not
 from responses). One tritonserver serves all models from a temporary repository; every case is warmed up first
@@ -291,16 +292,23 @@ def demo_trace(entries: int, max_tokens: int, seed: int = 0) -> dict:
 
 def sdk_records(url: str, concurrency: int, requests: int, max_tokens: int, seed: int = 0) -> list[dict]:
     """The frontend driven by a light client: the openai SDK streaming chat with `concurrency` requests in flight,
-    the prompts and model draws of `demo_trace`. Records in perf_analyzer's export format, so `summarise` treats
-    both paths alike. aiperf measures the same route, but its own processes need about a core: on a 2-core machine
-    that competes with the model, so this client is what isolates the frontend's overhead."""
+    the prompts and model draws of `demo_trace`. aiperf measures the same route, but its own processes need about a
+    core: on a 2-core machine that competes with the model, so this client is what isolates the frontend's
+    overhead."""
+    rng = random.Random(seed)
+    return stream_chat(url, [(story(i), rng.choice(DEMO_MODELS)) for i in range(requests)], concurrency, max_tokens)
+
+
+def stream_chat(url: str, jobs: list[tuple[str, str]], concurrency: int, max_tokens: int,
+                api_key: str = "unused") -> list[dict]:
+    """Streaming chat completions of (prompt, model) jobs, `concurrency` in flight, against any OpenAI-compatible
+    server. Records in perf_analyzer's export format, so `summarise` treats every path alike."""
     import asyncio
     import time
 
     from openai import AsyncOpenAI
 
-    rng = random.Random(seed)
-    jobs = iter([(story(i), rng.choice(DEMO_MODELS)) for i in range(requests)])
+    todo = iter(jobs)
 
     async def one(client: AsyncOpenAI, prompt: str, model: str) -> dict:
         start, stamps, usage = time.time_ns(), [], 0
@@ -320,12 +328,12 @@ def sdk_records(url: str, concurrency: int, requests: int, max_tokens: int, seed
 
     async def run() -> list[dict]:
         records: list[dict] = []
-        async with AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0) as client:
-            async def stream_requests() -> None:
-                for prompt, model in jobs:
+        async with AsyncOpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0, timeout=600) as client:
+            async def worker() -> None:
+                for prompt, model in todo:
                     records.append(await one(client, prompt, model))
 
-            await asyncio.gather(*(stream_requests() for _ in range(concurrency)))
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
         return records
 
     return asyncio.run(run())

@@ -1,10 +1,12 @@
 """Client tools in their own virtual environments, made once and remade when their requirements file changes:
-lm-eval (`.cache/lm-eval-venv` from requirements-eval.txt, about a minute) and aiperf (`.cache/aiperf-venv` from
-requirements-bench.txt). Separate from .venv because their dependencies need numpy 2 and the Triton Python stub
+lm-eval (`.cache/lm-eval-venv` from requirements-eval.txt, about a minute), aiperf (`.cache/aiperf-venv` from
+requirements-bench.txt) and vLLM for CPU (`.cache/vllm-venv` from requirements-vllm.txt, the peer of
+benchmarks/peer_vllm.py). Separate from .venv because their dependencies need numpy 2 and the Triton Python stub
 needs numpy 1.26.
 
     python -m tools.client_envs          # prints the path of the lm_eval executable
     python -m tools.client_envs aiperf   # prints the path of the aiperf executable
+    python -m tools.client_envs vllm     # prints the path of vLLM's python
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class ToolEnv:
     folder: str  # under the cache dir
     requirements: Path
     executable: str  # in the environment's bin/
+    remove: tuple[str, ...] = ()  # packages its requirements pull in that must not be there (see the file)
 
     def path(self) -> Path:
         return cache_dir() / self.folder
@@ -44,15 +47,19 @@ class ToolEnv:
             return executable
         log.info("installing %s into %s from %s (once)", self.executable, env, self.requirements.name)
         venv.EnvBuilder(clear=True, with_pip=True).create(env)
-        subprocess.run([str(env / "bin" / "python"), "-m", "pip", "install", "--progress-bar", "on", "-r",
-                        str(self.requirements)], check=True)
+        pip = [str(env / "bin" / "python"), "-m", "pip"]
+        subprocess.run([*pip, "install", "--progress-bar", "on", "-r", str(self.requirements)], check=True)
+        if self.remove:
+            subprocess.run([*pip, "uninstall", "-y", *self.remove], check=True)
         stamp.write_text(digest)
         return executable
 
 
 LM_EVAL = ToolEnv("lm-eval-venv", REPO_ROOT / "requirements-eval.txt", "lm_eval")
 AIPERF = ToolEnv("aiperf-venv", REPO_ROOT / "requirements-bench.txt", "aiperf")
-TOOLS = {"lm_eval": LM_EVAL, "aiperf": AIPERF}
+VLLM = ToolEnv("vllm-venv", REPO_ROOT / "requirements-vllm.txt", "python",
+               remove=("torchvision", "torchaudio", "torchcodec"))
+TOOLS = {"lm_eval": LM_EVAL, "aiperf": AIPERF, "vllm": VLLM}
 
 
 def ensure_lm_eval() -> Path:
