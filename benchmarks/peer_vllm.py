@@ -228,7 +228,7 @@ def main() -> None:
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--vllm-kv-gib", type=int, default=2)
     p.add_argument("--warm-adapters", type=int, default=64, help="adapters loaded before a case is measured")
-    p.add_argument("--rounds", type=int, default=2, help="2: ours, vLLM, vLLM, ours")
+    p.add_argument("--rounds", type=int, default=2, help="rounds of both systems (2: ours, vLLM, vLLM, ours)")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "bench_out" / "peer_vllm")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -249,8 +249,8 @@ def main() -> None:
 
     workdir = Path(tempfile.mkdtemp(prefix="peer-vllm-"))
     systems = {"ours": Ours(workdir, adapters, args), "vLLM CPU": VLLMServer(workdir, adapters, args)}
-    order = ["ours", "vLLM CPU", "vLLM CPU", "ours"][: 2 * args.rounds] if args.rounds <= 2 else \
-        ["ours", "vLLM CPU"] * args.rounds
+    # A B, B A, A B, ...: neither system always runs first on a machine that drifts.
+    order = [name for r in range(args.rounds) for name in (["ours", "vLLM CPU"][:: 1 if r % 2 == 0 else -1])]
     best: dict[tuple[str, str], Result] = {}
     memory: dict[str, float] = {}
     texts: dict[str, dict] = {}
