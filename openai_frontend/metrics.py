@@ -13,11 +13,18 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import httpx
-from prometheus_client import CollectorRegistry, Counter as PromCounter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
+from prometheus_client import Counter as PromCounter
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 
-# The KV cache's shape per text model: slots, tokens per slot.
-_KV_SHAPE = {"multilora_llm_kv_cache_slots": 0, "multilora_llm_kv_cache_slot_tokens": 1}
+# The KV cache's shape per text model: blocks, tokens per block, prefix caching on (1) or off (0).
+_KV_SHAPE = {"multilora_llm_kv_cache_blocks": 0, "multilora_llm_kv_cache_block_size": 1,
+             "multilora_llm_prefix_caching_enabled": 2}
+# Backend counters summed over the text models, re-exported under vLLM's counter names.
+_COUNTERS = {"multilora_llm_prefix_cache_queries_total": "prefix_cache_queries",
+             "multilora_llm_prefix_cache_hits_total": "prefix_cache_hits",
+             "multilora_llm_num_preemptions_total": "num_preemptions"}
 # Our residency tiers under the names vLLM's proposed residency metrics use (vllm-project/vllm#54830).
 _LEVELS = {"device": "gpu", "host": "cpu"}
 
@@ -30,7 +37,8 @@ class BackendState:
     running: float = 0.0
     kv_usage: float = 0.0  # the fullest text model's
     max_lora: int = 0  # the most LoRA slots any model has
-    kv_shapes: dict[str, list[int]] = field(default_factory=dict)  # model -> [slots, tokens per slot]
+    kv_shapes: dict[str, list[int]] = field(default_factory=dict)  # model -> [blocks, block size, prefix caching]
+    counters: Counter[str] = field(default_factory=Counter)  # vLLM counter name (no prefix) -> value
     requests: dict[str, Counter[str]] = field(  # state -> adapter -> requests, over every model
         default_factory=lambda: {"running": Counter(), "waiting": Counter()})
     resident: Counter[str] = field(default_factory=Counter)  # tier -> adapters, over every model
@@ -54,7 +62,9 @@ class BackendState:
         elif name == "multilora_lora_max_loras":
             self.max_lora = max(self.max_lora, int(value))
         elif name in _KV_SHAPE:
-            self.kv_shapes.setdefault(labels["model"], [0, 0])[_KV_SHAPE[name]] = int(value)
+            self.kv_shapes.setdefault(labels["model"], [0, 0, 0])[_KV_SHAPE[name]] = int(value)
+        elif name in _COUNTERS:
+            self.counters[_COUNTERS[name]] += value
         elif name == "multilora_lora_adapter_requests" and value > 0:
             self.requests[labels["state"]][labels["adapter"]] += int(value)
         elif name == "multilora_lora_adapters_resident":
@@ -62,13 +72,30 @@ class BackendState:
         elif name == "multilora_lora_adapter_resident_info" and value > 0:
             self.resident_adapters.append(labels)
 
-    def kv_cache(self) -> tuple[int, int] | None:
-        """(slots, tokens per slot) of the text model with the largest KV cache; None without text models."""
+    def kv_cache(self) -> tuple[int, int, bool] | None:
+        """(blocks, tokens per block, prefix caching) of the text model with the largest KV cache; None without
+        text models."""
         shape = max(self.kv_shapes.values(), key=lambda shape: shape[0] * shape[1], default=None)
-        return None if shape is None else (shape[0], shape[1])
+        return None if shape is None else (shape[0], shape[1], bool(shape[2]))
 
     def adapters(self, state: str) -> str:
         return ",".join(sorted(self.requests[state]))
+
+
+class _ScrapedCounters:
+    """vLLM's counters (vllm:prefix_cache_queries, vllm:prefix_cache_hits, vllm:num_preemptions) with the values
+    of the latest scrape: a prometheus_client Counter only counts up from this process's own increments."""
+
+    HELP = {"prefix_cache_queries": "Prompt tokens looked up in the prefix cache (text models)",
+            "prefix_cache_hits": "Prompt tokens found in the prefix cache (text models)",
+            "num_preemptions": "Sequences preempted because the KV cache was full (text models)"}
+
+    def __init__(self):
+        self.values: dict[str, float] = {}
+
+    def collect(self):
+        for name, help_ in self.HELP.items():
+            yield CounterMetricFamily(f"vllm:{name}", help_, value=self.values.get(name, 0.0))
 
 
 class FrontendMetrics:
@@ -99,9 +126,10 @@ class FrontendMetrics:
         self.kv_usage = gauge("vllm:kv_cache_usage_perc", "KV-cache usage, 1 = full (the fullest text model)")
         self.gpu_cache_usage = gauge("vllm:gpu_cache_usage_perc", "vllm:kv_cache_usage_perc under its older name "
                                      "(older endpoint pickers read it)")
-        self.cache_config = gauge("vllm:cache_config_info", "KV-cache configuration (value 1): a block is one "
-                                  "sequence's slot of max_model_len tokens; no prefix caching",
-                                  ("block_size", "num_gpu_blocks", "enable_prefix_caching"))
+        self.cache_config = gauge("vllm:cache_config_info", "KV-cache configuration (value 1) of the text model "
+                                  "with the largest cache", ("block_size", "num_gpu_blocks", "enable_prefix_caching"))
+        self.counters = _ScrapedCounters()
+        self.registry.register(self.counters)
         self.lora_info = gauge("vllm:lora_requests_info", "Running and waiting LoRA adapters (value: update time)",
                                ("max_lora", "running_lora_adapters", "waiting_lora_adapters"))
         self.adapter_loaded = gauge("vllm:lora_adapter_loaded", "1 per resident LoRA adapter; level: gpu = in a "
@@ -132,8 +160,9 @@ class FrontendMetrics:
         self.cache_config.clear()
         kv_cache = backend.kv_cache()
         if kv_cache is not None:
-            slots, tokens = kv_cache
-            self.cache_config.labels(str(tokens), str(slots), "False").set(1)  # a slot's prefix is never shared
+            blocks, block_size, prefix_caching = kv_cache
+            self.cache_config.labels(str(block_size), str(blocks), str(prefix_caching)).set(1)
+        self.counters.values = dict(backend.counters)
         self.lora_info.clear()
         self.lora_info.labels(str(backend.max_lora), backend.adapters("running"),
                               backend.adapters("waiting")).set(time.time())

@@ -50,6 +50,7 @@ class _Sampling(_Body):
     top_k: int | None = Field(None, ge=-1)
     seed: int | None = None
     stop: str | list[str] | None = None
+    ignore_eos: bool = False  # vLLM's extra parameter
     n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -5,8 +5,8 @@ For every bucket two graphs are captured over the same static inputs: one runnin
 backend's per-row slot and scale buffers, and the kernels' segment metadata, refreshed inside the graph), and one
 where the LoRA layers do nothing, so base-only batches pay nothing for LoRA (vLLM specialises its graphs the same
 way). A replay only overwrites the static inputs and the fixed batch in place, so one graph serves any mix of
-adapters and scales at that batch size. Batches are padded up to their bucket; padding rows are zeroed inputs
-with scale 0.
+adapters and scales at that batch size. Batches are padded up to their bucket; padding rows hold each input's pad value
+(0 unless given) with scale 0.
 """
 
 from __future__ import annotations
@@ -36,11 +36,14 @@ class GraphedLoRAForward:
         make_inputs: Callable[[int], dict[str, torch.Tensor]],
         buckets: Sequence[int] = (1, 2, 4, 8, 16, 32),
         warmup: int = 2,
+        pad_values: dict[str, int] | None = None,
     ):
+        """`pad_values`: what the rows past a batch's end hold per input (default 0)."""
         self.device = torch.device(device)
         if self.device.type != "cuda":
             raise RuntimeError(f"CUDA graphs need a CUDA device, the model is on {self.device}")
         self.context, self.forward = context, forward
+        self.pad_values = pad_values or {}
         self.buckets = sorted(set(buckets))
         self._inputs: dict[int, dict[str, torch.Tensor]] = {}
         self._rows: dict[int, LoRABatch] = {}  # the fixed batch of each bucket
@@ -88,7 +91,7 @@ class GraphedLoRAForward:
         for name, value in inputs.items():
             static = self._inputs[size][name]
             static[:rows].copy_(value, non_blocking=True)
-            static[rows:].zero_()
+            static[rows:].fill_(self.pad_values.get(name, 0))
         lora = self.context is not None and not batch.empty
         if lora:
             self._rows[size].write(batch)

@@ -1,14 +1,18 @@
 """Continuous-batching generation engine: one thread owns the model; `submit` only queues.
 
-Every step the engine admits waiting requests (see `scheduler.py`), prefills the new ones in one left-padded
-forward, then decodes one token for every running sequence in one batched forward with mixed LoRA adapters. Each
+Every step the engine schedules a token budget (`max_num_batched_tokens`): one token for every decoding sequence
+first, then prefill chunks of the sequences still reading their prompt, then newly admitted requests (see
+`scheduler.py`), and runs them all in one forward with mixed LoRA adapters (`ModelRunner.step`). KV lives in
+blocks (`kv_cache.py`, `blocks.py`): a new request starts from the longest cached prefix of its prompt computed
+with the same adapter content, takes blocks as it grows, and when none are left the newest running sequence is
+preempted (its blocks freed, recomputed from its tokens when it is readmitted; nothing it streamed is lost). Each
 row samples with its own parameters and generator, streams its text, and leaves the batch as soon as it finishes
-or its client cancels (its KV-cache slot and LoRA slot are freed at once, nobody else's cache moves).
+or its client cancels (its blocks and LoRA slots are freed at once, nobody else's cache moves).
 
-Failures are contained: an error while prefilling fails the requests being admitted, an error while decoding
-fails the running batch, a row with non-finite logits fails alone; each gets one final error response and gives
-back its LoRA and KV slots, and the engine keeps serving. If the engine thread itself dies, every request it holds
-is failed, `submit` refuses new work at once (UNAVAILABLE) and `on_dead` is told.
+Failures are contained: a step that fails while it holds prefills fails those and reruns its decode rows, an error
+in a decode-only step fails the running batch, a row with non-finite logits fails alone; each gets one final error
+response and gives back its LoRA slots and KV blocks, and the engine keeps serving. If the engine thread itself
+dies, every request it holds is failed, `submit` refuses new work at once (UNAVAILABLE) and `on_dead` is told.
 """
 
 from __future__ import annotations
@@ -19,18 +23,19 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable, Protocol, TypeVar
 
 import torch
 
 from backends.errors import InternalError, InvalidArgument, Unavailable
+from backends.llm.blocks import adapter_identity, block_hashes
 from backends.llm.detokenizer import IncrementalDetokenizer
 from backends.llm.logprobs import TokenLogprob, prompt_logprobs, token_logprobs
 from backends.llm.params import GenerationRequest, SamplingParams, check_context_length
-from backends.llm.runner import ModelRunner
+from backends.llm.runner import ModelRunner, StepRow
 from backends.llm.sampling import make_generator, sample_next_tokens
-from backends.llm.scheduler import Scheduler, SchedulerLimits
+from backends.llm.scheduler import Scheduler, SchedulerLimits, Take
 from backends.lora.manager.cache import LoRACache, NoFreeSlot
 from backends.lora.manager.request import AdapterRef
 from backends.lora.ops.batch import RowLoRA
@@ -75,6 +80,10 @@ class EngineObserver(Protocol):
 
     def on_queue(self, waiting: int, running: int, kv_usage: float) -> None: ...
 
+    def on_prefix_cache(self, queried_tokens: int, hit_tokens: int) -> None: ...
+
+    def on_preemption(self) -> None: ...
+
     def on_lora(self, cache: LoRACache, running: list[AdapterRef], waiting: list[AdapterRef]) -> None:
         """After every step: the cache, and one adapter ref per request and adapter running / waiting."""
 
@@ -98,8 +107,11 @@ class Sequence:
         self.adapter_keys = frozenset(selection.ref.key for selection in request.lora)
         self.bypassed_steps = 0
         self.row_lora = RowLoRA()
-        self.kv_slot = -1  # its KV-cache slot while admitted
-        self.cached = 0  # tokens in that slot = the position of the next token fed to the model
+        self.blocks: list[int] = []  # its block table while admitted
+        self.computed = 0  # tokens whose keys/values are in its blocks = the position of the next token fed
+        self.hashes: list[bytes] | None = None  # its full blocks' prefix-cache hashes, from its admission
+        self.published = 0  # of its blocks, how many are in the prefix cache
+        self.prompt_logits: list[torch.Tensor] = []  # with prompt_logprobs: each prefill chunk's logits
         self.started = time.monotonic()
         self.error: Exception | None = None  # set when this row failed; the engine retires it with the error
         self.pending_logprobs: list[TokenLogprob] = []
@@ -108,7 +120,7 @@ class Sequence:
 
     def append(self, token_id: int) -> None:
         """Take one sampled token and decide whether the sequence is finished."""
-        if token_id in self.eos_token_ids:
+        if token_id in self.eos_token_ids and not self.params.ignore_eos:
             self.finish_reason = FINISH_STOP
         else:
             self.output_ids.append(token_id)
@@ -131,8 +143,19 @@ class Sequence:
         return chunk
 
     @property
-    def last_token(self) -> int:
-        return self.output_ids[-1]
+    def num_tokens(self) -> int:
+        return self.num_prompt_tokens + len(self.output_ids)
+
+    @property
+    def remaining(self) -> int:
+        """Known tokens not yet in its blocks: the rest of its prompt, or the last sampled token."""
+        return self.num_tokens - self.computed
+
+    def tokens(self, start: int, count: int) -> list[int]:
+        prompt = self.request.prompt_token_ids
+        if start + count <= len(prompt):
+            return list(prompt[start:start + count])
+        return (list(prompt) + self.output_ids)[start:start + count]
 
 
 def _adapter_refs(seqs: "list[Sequence] | deque[Sequence]") -> list[AdapterRef]:
@@ -190,8 +213,6 @@ class LLMEngine:
             self.runner, self.lora_cache = setup(self)
             self.max_model_len = self.runner.max_model_len
             fits = self.lora_cache.fits if self.lora_cache else (lambda adapters: not adapters)
-            # A running sequence holds a KV slot: the budget may allow fewer than max_num_seqs; the rest wait.
-            self._limits = replace(self._limits, max_num_seqs=min(self._limits.max_num_seqs, self.runner.kv.num_slots))
             self.scheduler = Scheduler(self._limits, fits)
         except BaseException as exc:
             self._setup_done.set_exception(exc)
@@ -276,6 +297,11 @@ class LLMEngine:
                     f"over the {PROMPT_LOGITS_BYTES >> 20} MiB limit; send at most "
                     f"{PROMPT_LOGITS_BYTES // self.runner.logits_bytes_per_token} tokens")
         check_context_length(len(request.prompt_token_ids), request.params.max_tokens, self.max_model_len)
+        need = len(request.prompt_token_ids) + request.params.max_tokens
+        if need > self.runner.kv.num_tokens:
+            raise InvalidArgument(f"this request needs {need} tokens of KV cache ({len(request.prompt_token_ids)} in "
+                                  f"the prompt + max_tokens {request.params.max_tokens}); the model's whole KV cache "
+                                  f"holds {self.runner.kv.num_tokens} (kv_cache_memory_bytes)")
         return request
 
     def submit(self, request: GenerationRequest, sink: OutputSink) -> None:
@@ -346,84 +372,183 @@ class LLMEngine:
         for seq in [s for s in self._waiting if s.sink.is_cancelled()]:
             self._waiting.remove(seq)
             self._finish(seq, FINISH_ABORT)
-        admitted = self._admitting = self._admit()
-        self._stalled = bool(self._waiting) and not admitted and not self._running
-        if admitted:
+        plan = self._schedule()
+        self._stalled = bool(self._waiting) and not plan
+        if not plan:
+            return
+        if self._admitting:
             self._report_queue()  # they run from now on: a router sees them before their first token goes out
-            scoring = any(s.params.prompt_logprobs is not None for s in admitted)
-            try:
-                logits = self.runner.prefill([s.request.prompt_token_ids for s in admitted],
-                                             [s.kv_slot for s in admitted], [s.row_lora for s in admitted],
-                                             all_positions=scoring)
-            except Exception as exc:  # only the new requests fail; the running batch goes on
-                log.exception("prefill of %d requests failed", len(admitted))
-                error = InternalError(f"prefill failed: {type(exc).__name__}: {exc}")
-                for seq in admitted:
-                    self._fail(seq, error)
-            else:
-                for row, seq in enumerate(admitted):
-                    seq.cached = seq.num_prompt_tokens
-                    if seq.params.prompt_logprobs is not None:  # left-padded: the prompt is the last columns
-                        seq.prompt_entries = tuple(prompt_logprobs(
-                            logits[row, -seq.num_prompt_tokens:], seq.request.prompt_token_ids,
-                            seq.params.prompt_logprobs))
+        self._running.extend(self._admitting)
+        self._admitting = []
+        try:
+            outputs = self._run(plan)
+        except Exception as exc:  # fail the prefills alone and rerun the decode rows (a second failure fails all)
+            prefills = [seq for seq, _ in plan if seq.remaining > 1 or not seq.output_ids]
+            if not prefills or len(prefills) == len(plan):
+                raise
+            log.exception("a step with %d prefills failed; failing them, the running batch goes on", len(prefills))
+            error = InternalError(f"prefill failed: {type(exc).__name__}: {exc}")
+            for seq in prefills:
+                self._running.remove(seq)
+                self._fail(seq, error)
+            plan = [(seq, n) for seq, n in plan if seq not in prefills]
+            outputs = self._run(plan)
+        to_sample, last = [], []
+        for (seq, n), out in zip(plan, outputs):
+            seq.computed += n
+            self._publish(seq)
+            if seq.params.prompt_logprobs is not None and seq.prompt_entries is None and not seq.output_ids:
+                seq.prompt_logits.append(out)
+                if seq.computed == seq.num_prompt_tokens:
+                    seq.prompt_entries = tuple(prompt_logprobs(torch.cat(seq.prompt_logits),
+                                                               seq.request.prompt_token_ids,
+                                                               seq.params.prompt_logprobs))
+                    seq.prompt_logits = []
                     if seq.params.max_tokens == 0:  # scoring only: nothing to generate
                         seq.finish_reason = FINISH_LENGTH
-                last = logits[:, -1] if scoring else logits
-                sampled = [row for row, seq in enumerate(admitted) if seq.finish_reason is None]
-                if sampled:
-                    self._sample([admitted[row] for row in sampled],
-                                 last if len(sampled) == len(admitted) else last[sampled])
-                self._running.extend(admitted)
-            self._admitting = []
-            self._retire()
-        if self._running:
-            running = self._running
-            logits = self.runner.decode([s.kv_slot for s in running], [s.last_token for s in running],
-                                        [s.cached for s in running], [s.row_lora for s in running])
-            for seq in running:
-                seq.cached += 1
-            self._sample(running, logits)
-            self._retire()
+            if seq.remaining == 0 and seq.finish_reason is None:
+                to_sample.append(seq)
+                last.append(out if out.dim() == 1 else out[-1])
+        if to_sample:
+            self._sample(to_sample, torch.stack(last))
+        self._retire()
 
-    def _admit(self) -> list[Sequence]:
-        chosen = self._bound_prompt_logits(self.scheduler.admit(self._waiting, self._running))
-        admitted = []
-        for seq in chosen:
-            seq.kv_slot = self.runner.kv.allocate()
-            if seq.kv_slot is None:  # the scheduler's limit keeps this from happening; never overrun the cache
-                seq.kv_slot = -1
+    def _run(self, plan: list[tuple[Sequence, int]]) -> list[torch.Tensor | None]:
+        return self.runner.step([StepRow(seq.tokens(seq.computed, n), seq.computed, seq.blocks, seq.row_lora,
+                                         self._logits_kind(seq, n)) for seq, n in plan])
+
+    def _logits_kind(self, seq: Sequence, n: int) -> str:
+        if seq.params.prompt_logprobs is not None and seq.prompt_entries is None and not seq.output_ids:
+            return "all"
+        return "last" if seq.computed + n == seq.num_tokens else "none"
+
+    def _publish(self, seq: Sequence) -> None:
+        """Put its newly filled full blocks in the prefix cache (those its hashes cover: prompt blocks)."""
+        if seq.hashes:
+            full = min(seq.computed // self.runner.kv.block_size, len(seq.hashes))
+            for i in range(seq.published, full):
+                self.runner.kv.pool.cache(seq.blocks[i], seq.hashes[i])
+            seq.published = max(seq.published, full)
+
+    # -- scheduling -------------------------------------------------------------------------------------------
+    def _schedule(self) -> list[tuple[Sequence, int]]:
+        """This step's (sequence, tokens) pairs: decode rows, then running prefills, then admissions, within the
+        token budget and the free blocks; preempts the newest sequences when a running one needs a block."""
+        budget = self._limits.max_num_batched_tokens
+        plan: dict[int, tuple[Sequence, int]] = {}
+        preempted = False
+        for seq in sorted(self._running, key=lambda s: s.remaining > 1):
+            if seq not in self._running:  # preempted for an older sequence this step
+                continue
+            n = min(seq.remaining, budget)
+            if n <= 0:
                 break
-            lora = seq.request.lora
-            if lora:
-                try:
-                    slots = self.lora_cache.acquire([selection.ref for selection in lora])
-                except NoFreeSlot:
-                    self._release(seq)
-                    continue  # slots pinned elsewhere; it stays waiting
-                except Exception as exc:  # e.g. the adapter file vanished since validation
-                    self._waiting.remove(seq)
-                    self._fail(seq, exc)
-                    continue
-                seq.row_lora = RowLoRA.stack([(slot, selection.scale) for slot, selection in zip(slots, lora)])
+            n, freed = self._reserve(seq, n, plan)
+            preempted |= freed
+            if n:
+                plan[id(seq)] = (seq, n)
+                budget -= n
+        budget = self._limits.max_num_batched_tokens - sum(n for _, n in plan.values())
+        if not preempted and budget > 0:  # vLLM's rule too: a step that had to preempt admits nobody
+            admitted: list[tuple[Sequence, int]] = []
+
+            def take(seq: Sequence) -> Take:
+                nonlocal budget
+                verdict, n = self._try_admit(seq, budget)
+                if verdict is Take.ADMITTED:
+                    admitted.append((seq, n))
+                    budget -= n
+                    return Take.STOP if budget <= 0 else verdict
+                return verdict
+
+            self.scheduler.admit(self._waiting, self._running, take)
+            self._admitting = [seq for seq, _ in admitted]
+            for seq, n in admitted:
+                plan[id(seq)] = (seq, n)
+        return list(plan.values())
+
+    def _reserve(self, seq: Sequence, n: int, plan: dict) -> tuple[int, bool]:
+        """Blocks for `n` more tokens of a running sequence, preempting newer sequences when none are free; a
+        prefill takes fewer tokens rather than preempt anyone but newer sequences. Returns (tokens, preempted)."""
+        kv, pool = self.runner.kv, self.runner.kv.pool
+        preempted = False
+        while True:
+            need = kv.blocks_for(seq.computed + n) - len(seq.blocks)
+            if need <= pool.num_free:
+                seq.blocks += pool.allocate(max(need, 0))
+                return n, preempted
+            victim = self._running[-1]
+            if victim is not seq:
+                self._preempt(victim)
+                plan.pop(id(victim), None)
+                preempted = True
+                continue
+            fit = (len(seq.blocks) + pool.num_free) * kv.block_size - seq.computed  # what its blocks can still take
+            if fit > 0 and n > 1:
+                n = min(n, fit)
+                continue
+            self._preempt(seq)  # the newest, and not even one token fits: make room for the older ones
+            return 0, True
+
+    def _preempt(self, seq: Sequence) -> None:
+        log.warning("request %s preempted: KV cache full (%d blocks); it is recomputed when blocks free up",
+                    seq.request.request_id, self.runner.kv.num_blocks)
+        self._running.remove(seq)
+        self._release(seq)
+        seq.computed, seq.hashes, seq.published, seq.prompt_logits = 0, None, 0, []
+        self._waiting.appendleft(seq)
+        if self._observer:
+            self._observer.on_preemption()
+
+    def _identity(self, seq: Sequence) -> bytes:
+        pairs = []
+        for selection in seq.request.lora:
+            digest = self.lora_cache.content_digest(selection.ref) if self.lora_cache else None
+            pairs.append((digest or b"key:%d" % selection.ref.key, selection.scale))  # no digest: its files' key
+        return adapter_identity(pairs)
+
+    def _try_admit(self, seq: Sequence, budget: int) -> tuple[Take, int]:
+        kv, pool = self.runner.kv, self.runner.kv.pool
+        if seq.remaining > kv.num_tokens:  # checked at `prepare`; a preempted request cannot outgrow it either
             self._waiting.remove(seq)
-            admitted.append(seq)
-        return admitted
-
-    def _bound_prompt_logits(self, chosen: list[Sequence]) -> list[Sequence]:
-        """A prefill that scores prompts keeps the logits of every position (rows x width x vocab floats): admit
-        only as many as PROMPT_LOGITS_BYTES holds, at least one; the rest wait for the next step."""
-        if not any(s.params.prompt_logprobs is not None for s in chosen):
-            return chosen
-        per_token = self.runner.logits_bytes_per_token
-        kept: list[Sequence] = []
-        width = 0
-        for seq in chosen:
-            width = max(width, seq.num_prompt_tokens)
-            if kept and (len(kept) + 1) * width * per_token > PROMPT_LOGITS_BYTES:
-                break
-            kept.append(seq)
-        return kept
+            self._fail(seq, InvalidArgument(f"the request needs {seq.remaining} tokens of KV cache, the whole cache "
+                                            f"holds {kv.num_tokens}"))
+            return Take.SKIPPED, 0
+        lora = seq.request.lora
+        if lora:
+            try:
+                slots = self.lora_cache.acquire([selection.ref for selection in lora])
+            except NoFreeSlot:
+                return Take.SKIPPED, 0  # slots pinned elsewhere; it stays waiting
+            except Exception as exc:  # e.g. the adapter file vanished since validation
+                self._waiting.remove(seq)
+                self._fail(seq, exc)
+                return Take.SKIPPED, 0
+            seq.row_lora = RowLoRA.stack([(slot, selection.scale) for slot, selection in zip(slots, lora)])
+        total = seq.num_tokens
+        scoring = seq.params.prompt_logprobs is not None and seq.prompt_entries is None and not seq.output_ids
+        hits: list[int] = []
+        if pool.prefix_caching and not scoring:  # scoring needs every prompt position's logits
+            seq.hashes = block_hashes(seq.tokens(0, total), kv.block_size, self._identity(seq))
+            hits = pool.match(seq.hashes, (total - 1) // kv.block_size)  # the last token is always computed
+        cached = len(hits) * kv.block_size
+        # Room for the whole uncached prompt now, so an admitted prefill never waits for blocks.
+        if kv.blocks_for(total) - len(hits) > pool.num_free:
+            pool.release(hits)
+            if seq.row_lora:
+                self.lora_cache.release([selection.ref for selection in lora])
+                seq.row_lora = RowLoRA()
+            seq.hashes = None
+            return Take.STOP, 0
+        n = min(total - cached, budget)
+        seq.blocks = hits + pool.allocate(kv.blocks_for(cached + n) - len(hits))
+        seq.computed = seq.published = cached
+        if pool.prefix_caching and not scoring:
+            pool.count_lookup(total, cached)
+            if self._observer:
+                self._observer.on_prefix_cache(total, cached)
+        self._waiting.remove(seq)
+        return Take.ADMITTED, n
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         tokens = sample_next_tokens(logits, [s.params for s in seqs], [s.generator for s in seqs])
@@ -456,9 +581,9 @@ class LLMEngine:
             self._running = [self._running[i] for i in keep]
 
     def _release(self, seq: Sequence, failed: bool = False) -> None:
-        if seq.kv_slot >= 0:
-            self.runner.kv.free(seq.kv_slot, scrub=failed)
-            seq.kv_slot = -1
+        if seq.blocks:
+            self.runner.kv.pool.release(seq.blocks, keep_cached=not failed)
+            seq.blocks = []
         if seq.row_lora:
             self.lora_cache.release([selection.ref for selection in seq.request.lora])
             seq.row_lora = RowLoRA()

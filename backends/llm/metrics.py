@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import triton_python_backend_utils as pb_utils
 
-from backends.llm.kv_cache import SlotKVCache
+from backends.llm.kv_cache import PagedKVCache
 from backends.lora.manager.cache import LoRACache
 from backends.lora.manager.metrics import TritonLoRAMetrics
 from backends.lora.manager.request import AdapterRef
@@ -37,17 +37,31 @@ class TritonEngineMetrics:
         )
 
         self._kv_usage = self._metric(
-            "multilora_llm_kv_cache_usage_ratio", "KV-cache slots held by running sequences over the slots "
-            "allocated at load (1 = full: new requests wait)", pb_utils.MetricFamily.GAUGE
-        )
-        # The KV cache's shape, fixed at load; a gateway reads it as vLLM's cache_config_info (block = slot).
-        self._kv_slots = self._metric(
-            "multilora_llm_kv_cache_slots", "KV-cache slots (one per running sequence), allocated at load",
+            "multilora_llm_kv_cache_usage_ratio", "KV-cache blocks held by running sequences over the blocks "
+            "allocated at load (1 = full: new requests wait; cached unreferenced blocks count as free)",
             pb_utils.MetricFamily.GAUGE
         )
-        self._kv_slot_tokens = self._metric(
-            "multilora_llm_kv_cache_slot_tokens", "Tokens one KV-cache slot holds (max_model_len)",
-            pb_utils.MetricFamily.GAUGE
+        # The KV cache's shape, fixed at load; a gateway reads it as vLLM's cache_config_info.
+        self._kv_blocks = self._metric(
+            "multilora_llm_kv_cache_blocks", "KV-cache blocks allocated at load", pb_utils.MetricFamily.GAUGE
+        )
+        self._kv_block_size = self._metric(
+            "multilora_llm_kv_cache_block_size", "Tokens per KV-cache block", pb_utils.MetricFamily.GAUGE
+        )
+        self._prefix_caching = self._metric(
+            "multilora_llm_prefix_caching_enabled", "1 when the prefix cache is on", pb_utils.MetricFamily.GAUGE
+        )
+        self._prefix_queries = self._metric(
+            "multilora_llm_prefix_cache_queries_total", "Prompt tokens looked up in the prefix cache",
+            pb_utils.MetricFamily.COUNTER
+        )
+        self._prefix_hits = self._metric(
+            "multilora_llm_prefix_cache_hits_total", "Prompt tokens found in the prefix cache (computed with the "
+            "same tokens before them and the same adapter content and scales)", pb_utils.MetricFamily.COUNTER
+        )
+        self._preemptions = self._metric(
+            "multilora_llm_num_preemptions_total", "Running sequences preempted because the KV cache was full "
+            "(recomputed when readmitted)", pb_utils.MetricFamily.COUNTER
         )
         self._lora = TritonLoRAMetrics(model_name)
 
@@ -79,13 +93,22 @@ class TritonEngineMetrics:
         self._running.set(running)
         self._kv_usage.set(kv_usage)
 
+    def on_prefix_cache(self, queried_tokens: int, hit_tokens: int) -> None:
+        self._prefix_queries.increment(queried_tokens)
+        if hit_tokens:
+            self._prefix_hits.increment(hit_tokens)
+
+    def on_preemption(self) -> None:
+        self._preemptions.increment(1)
+
     def on_lora(self, cache: LoRACache, running: list[AdapterRef], waiting: list[AdapterRef]) -> None:
         self._lora.report(cache, running, waiting)
 
-    def on_started(self, kv: SlotKVCache, selector: AdapterSelector | None) -> None:
+    def on_started(self, kv: PagedKVCache, selector: AdapterSelector | None) -> None:
         """What a router reads before any traffic: the KV cache's shape and the static (pinned) adapters."""
-        self._kv_slots.set(kv.num_slots)
-        self._kv_slot_tokens.set(kv.max_model_len)
+        self._kv_blocks.set(kv.num_blocks)
+        self._kv_block_size.set(kv.block_size)
+        self._prefix_caching.set(1 if kv.pool.prefix_caching else 0)
         if selector is not None:
             self._lora.start(selector.registry.static, selector.cache)
 

@@ -25,6 +25,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     logprobs: int | None = None  # None: none; N: each generated token's logprob and the top N (0..20)
     prompt_logprobs: int | None = None  # the same for the prompt's tokens (OpenAI `echo` + `logprobs`)
+    ignore_eos: bool = False  # vLLM's: EOS is generated like any token; only max_tokens or a stop string ends it
 
     @property
     def greedy(self) -> bool:
@@ -52,6 +53,7 @@ def build_sampling_params(
     default_max_tokens: int,
     logprobs: int | None = None,
     prompt_logprobs: int | None = None,
+    ignore_eos: bool | None = None,
 ) -> SamplingParams:
     """Validate client values (None = not given) and fill defaults; raises InvalidArgument naming the field."""
     for name, value in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
@@ -92,7 +94,7 @@ def build_sampling_params(
 
     return SamplingParams(
         max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stops,
-        logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+        logprobs=logprobs, prompt_logprobs=prompt_logprobs, ignore_eos=bool(ignore_eos),
     )
 
 

@@ -117,6 +117,7 @@ class TritonLLMModel:
             default_max_tokens=self.engine.default_max_tokens,
             logprobs=tio.get_int(request, "logprobs"),
             prompt_logprobs=tio.get_int(request, "prompt_logprobs"),
+            ignore_eos=tio.get_bool(request, "ignore_eos"),
         )
         stream = tio.get_bool(request, "stream")
         lora = select_lora(self.service.selector, tio.get_lora_stack(request))

@@ -189,7 +189,7 @@ class TextService:
         stop = [body.stop] if isinstance(body.stop, str) else body.stop
         return {"text_input": prompt, "max_tokens": max_tokens, "temperature": body.temperature,
                 "top_p": body.top_p, "top_k": body.top_k, "seed": body.seed, "stop": stop or None,
-                "stream": body.stream}
+                "stream": body.stream, "ignore_eos": body.ignore_eos or None}
 
     def _record(self, model: str, last: TextChunk | None) -> None:
         if last is not None:

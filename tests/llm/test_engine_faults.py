@@ -1,6 +1,7 @@
-"""Failure isolation in the continuous-batching engine, in-process over the real SmolLM2 (no server): a failed
-prefill fails only the requests being admitted, a dead engine thread fails what it holds and refuses new work at
-once, and a request that cannot be admitted neither spins the loop nor outlives its client."""
+"""Failure isolation in the continuous-batching engine, in-process over the real SmolLM2 (no server): a step that
+fails while it holds a prefill fails only the prefilling requests (the decode rows rerun), a dead engine thread
+fails what it holds and refuses new work at once, and a request that cannot be admitted neither spins the loop nor
+outlives its client."""
 
 from __future__ import annotations
 
@@ -40,6 +41,10 @@ class Observer:
 
     def on_queue(self, *args) -> None: ...
 
+    def on_prefix_cache(self, *args) -> None: ...
+
+    def on_preemption(self) -> None: ...
+
     def on_lora(self, *args) -> None: ...
 
 
@@ -66,14 +71,20 @@ def test_failed_prefill_fails_only_the_new_requests(runner):
         running = Collect()
         engine.submit(_request(engine, STORY, max_tokens=24, stream=True), running)
         assert running.first.wait(60)
-        real = runner.prefill
-        runner.prefill = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("injected prefill fault"))
+        real = runner.step
+
+        def faulty(rows):  # a step that holds a prefill (a row of several tokens) fails
+            if any(len(row.tokens) > 1 for row in rows):
+                raise RuntimeError("injected prefill fault")
+            return real(rows)
+
+        runner.step = faulty
         try:
             broken = Collect()
-            engine.submit(_request(engine, "Hello"), broken)
+            engine.submit(_request(engine, "Hello there, how are you?"), broken)
             broken.wait()
         finally:
-            runner.prefill = real
+            runner.step = real
         assert isinstance(broken.error, InternalError) and "prefill failed" in str(broken.error)
         running.wait()
         assert running.error is None and running.chunks[-1].finish_reason == "length"

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from backends.llm.runner import AttentionLayout, ModelRunner, RunnerSettings
+from backends.llm.runner import ModelRunner, RunnerSettings, StepRow, check_layer_types
 from backends.lora.adapters.files import AdapterError
 from backends.lora.adapters.peft import load_adapter
 from backends.lora.manager.config import LoRAServingConfig
@@ -33,25 +33,38 @@ def _leaf_names(model, runner_layers) -> list[str]:
 
 
 class Rows:
-    """Prefill the prompts together with one LoRA row each, then decode them together for `steps` tokens."""
+    """Prefill the prompts together in chunks of `CHUNK` tokens (one LoRA row each; the chunks attend to the blocks
+    their earlier chunks wrote, through sliding windows too), then decode them together for `steps` tokens."""
+
+    CHUNK = 6
 
     def __init__(self, runner: ModelRunner, rows_lora: list[RowLoRA]):
         self.runner = runner
         self.prompts = [runner.encode(p) for p in PROMPTS]
-        self.slots = [runner.kv.allocate() for _ in self.prompts]
         self.rows_lora = rows_lora
 
     def run(self, steps: int = STEPS) -> tuple[torch.Tensor, list[list[int]]]:
-        logits = self.runner.prefill(self.prompts, self.slots, self.rows_lora)
-        tokens = [[t] for t in logits.argmax(-1).tolist()]
-        for step in range(1, steps):
-            positions = [len(p) + step - 1 for p in self.prompts]
-            out = self.runner.decode(self.slots, [t[-1] for t in tokens], positions, self.rows_lora)
-            for row, token in zip(tokens, out.argmax(-1).tolist()):
-                row.append(token)
-        for slot in self.slots:
-            self.runner.kv.free(slot)
-        return logits, tokens
+        kv = self.runner.kv
+        ids = [list(p) for p in self.prompts]
+        computed, blocks = [0] * len(ids), [[] for _ in ids]
+        first: list[torch.Tensor | None] = [None] * len(ids)
+        while any(len(t) - len(p) < steps for t, p in zip(ids, self.prompts)):
+            live = [i for i, (t, p) in enumerate(zip(ids, self.prompts)) if len(t) - len(p) < steps]
+            rows = []
+            for i in live:
+                n = min(len(ids[i]) - computed[i], self.CHUNK)
+                blocks[i] += kv.pool.allocate(kv.blocks_for(computed[i] + n) - len(blocks[i]))
+                last = computed[i] + n == len(ids[i])
+                rows.append(StepRow(ids[i][computed[i]:computed[i] + n], computed[i], list(blocks[i]),
+                                    self.rows_lora[i], "last" if last else "none"))
+            for i, row, logits in zip(live, rows, self.runner.step(rows)):
+                computed[i] += len(row.tokens)
+                if logits is not None:
+                    first[i] = logits if first[i] is None else first[i]
+                    ids[i].append(int(logits.argmax()))
+        for table in blocks:
+            kv.pool.release(table, keep_cached=False)
+        return torch.stack(first), [t[len(p):] for t, p in zip(ids, self.prompts)]
 
 
 def _generate(model, prompt: list[int], steps: int = STEPS, until_eos: bool = False) -> list[int]:
@@ -73,7 +86,7 @@ def family(request, tmp_path_factory):
     folder = make_family(request.param)
     tmp = tmp_path_factory.mktemp(request.param)
     runner = ModelRunner(folder, lora=LoRAServingConfig(max_loras=2, max_lora_rank=16),
-                         settings=RunnerSettings(max_model_len=96, max_num_seqs=4))
+                         settings=RunnerSettings(dtype="float32", max_model_len=96, max_num_seqs=4))
     leaves = _leaf_names(runner.model, runner.lora.layers)
     factory = lambda: load_family(folder)  # noqa: E731
     adapters = {
@@ -157,7 +170,8 @@ def phi3(tmp_path_factory):
     folder = make_family("phi3")
     return SimpleNamespace(folder=folder, tmp=tmp_path_factory.mktemp("phi3"),
                            runner=ModelRunner(folder, lora=LoRAServingConfig(max_loras=2, max_lora_rank=16),
-                                              settings=RunnerSettings(max_model_len=96, max_num_seqs=4)))
+                                              settings=RunnerSettings(dtype="float32", max_model_len=96,
+                                                                      max_num_seqs=4)))
 
 
 def test_split_qkv_and_gate_up_adapter_loads_onto_fused_phi3_layers(phi3):
@@ -242,12 +256,12 @@ def test_lm_head_lora_when_targeted_equals_peft(tmp_path):
     adapter = make_random_adapter(factory, tmp_path / "head", seed=5, std=0.1, r=4, lora_alpha=8,
                                   target_modules=["v_proj", "lm_head"])
     default = ModelRunner(folder, lora=LoRAServingConfig(max_loras=1, max_lora_rank=8),
-                          settings=RunnerSettings(max_model_len=64))
+                          settings=RunnerSettings(dtype="float32", max_model_len=64))
     with pytest.raises(AdapterError, match="does not have or does not LoRA-enable: lm_head"):
         load_adapter(adapter, default.lora.spec, 8)
     runner = ModelRunner(folder,
                          lora=LoRAServingConfig(max_loras=1, max_lora_rank=8, target_modules="all-linear,lm_head"),
-                         settings=RunnerSettings(max_model_len=64, max_num_seqs=4))
+                         settings=RunnerSettings(dtype="float32", max_model_len=64, max_num_seqs=4))
     assert "lm_head" in runner.lora.layers and len(runner.lora.layers) == len(default.lora.layers) + 1
     runner.lora.load_slot(0, load_adapter(adapter, runner.lora.spec, 8))
     logits, tokens = Rows(runner, [RowLoRA.one(0, 1.0), RowLoRA(), RowLoRA.one(0, 1.0), RowLoRA()]).run()
@@ -261,7 +275,7 @@ def test_lm_head_lora_when_targeted_equals_peft(tmp_path):
 def test_lora_target_modules_narrow_the_patched_layers(targets, layers):
     runner = ModelRunner(make_family("llama"),
                          lora=LoRAServingConfig(max_loras=1, max_lora_rank=8, target_modules=targets),
-                         settings=RunnerSettings(max_model_len=32, max_num_seqs=1))
+                         settings=RunnerSettings(dtype="float32", max_model_len=32, max_num_seqs=1))
     assert len(runner.lora.layers) == layers
 
 
@@ -273,18 +287,19 @@ def test_lora_target_modules_narrow_the_patched_layers(targets, layers):
 def test_lora_target_modules_that_match_nothing_fail_the_load(targets, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
         ModelRunner(make_family("llama"), lora=LoRAServingConfig(max_loras=1, max_lora_rank=8, target_modules=targets),
-                    settings=RunnerSettings(max_model_len=32))
+                    settings=RunnerSettings(dtype="float32", max_model_len=32))
 
 
 def test_a_window_the_model_ignores_is_not_applied(tmp_path):
     """A Llama whose config.json carries a stray "sliding_window" (Qwen2 conversions do): LlamaModel's forward
-    attends over everything, and so must our masks. (transformers' own `generate` does not: its DynamicCache drops
+    attends over everything, and so must our attention (Llama passes no window to it). (transformers' own
+    `generate` does not: its DynamicCache drops
     keys beyond any configured window, so the forward is the reference here.)"""
     shutil.copytree(make_family("llama"), tmp_path / "llama", dirs_exist_ok=True)
     config = json.loads((tmp_path / "llama" / "config.json").read_text())
     (tmp_path / "llama" / "config.json").write_text(json.dumps({**config, "sliding_window": 8}))
-    runner = ModelRunner(tmp_path / "llama", lora=None, settings=RunnerSettings(max_model_len=96, max_num_seqs=4))
-    assert runner.attention.windows == {"full_attention": None}
+    runner = ModelRunner(tmp_path / "llama", lora=None,
+                         settings=RunnerSettings(dtype="float32", max_model_len=96, max_num_seqs=4))
     logits, _ = Rows(runner, [RowLoRA()] * len(PROMPTS)).run(steps=1)
     reference = load_family(tmp_path / "llama")
     for row, prompt in enumerate(PROMPTS):
@@ -294,12 +309,8 @@ def test_a_window_the_model_ignores_is_not_applied(tmp_path):
 def test_unsupported_attention_layer_types_are_refused_naming_them():
     config = SimpleNamespace(sliding_window=None, layer_types=["full_attention", "linear_attention"])
     with pytest.raises(ValueError, match=r"attention layer types \['linear_attention'\] are not supported"):
-        AttentionLayout.of(config, 64, "some-model")
-    hybrid = AttentionLayout.of(SimpleNamespace(sliding_window=8, layer_types=["sliding_attention", "full_attention"]),
-                                64, "m")
-    assert hybrid.per_layer_type and hybrid.windows == {"sliding_attention": 8, "full_attention": None}
-    # a window as long as the context is plain causal attention
-    assert AttentionLayout.of(SimpleNamespace(sliding_window=64), 64, "m").windows == {"full_attention": None}
+        check_layer_types(config, "some-model")
+    check_layer_types(SimpleNamespace(layer_types=["sliding_attention", "full_attention"]), "m")
 
 
 # -- through tritonserver ------------------------------------------------------------------------------------------
@@ -360,7 +371,7 @@ def test_a_model_without_linear_projections_is_refused_naming_its_layers(tmp_pat
     byte_tokenizer().save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"GPT2LMHeadModel has no nn.Linear in its decoder blocks .*Conv1D"):
         ModelRunner(tmp_path, lora=LoRAServingConfig(max_loras=1, max_lora_rank=8),
-                    settings=RunnerSettings(max_model_len=32))
+                    settings=RunnerSettings(dtype="float32", max_model_len=32))
 
 
 # -- LoRA stacks ---------------------------------------------------------------------------------------------
@@ -385,7 +396,7 @@ def test_llm_stack_equals_peft_with_both_adapters_active(tmp_path):
                 "b": make_random_adapter(factory, tmp_path / "b", seed=2, std=0.1, r=4, lora_alpha=4,
                                          target_modules=["q_proj", "v_proj", "down_proj"])}
     runner = ModelRunner(folder, lora=LoRAServingConfig(max_loras=2, max_lora_rank=8),
-                         settings=RunnerSettings(max_model_len=96, max_num_seqs=4))
+                         settings=RunnerSettings(dtype="float32", max_model_len=96, max_num_seqs=4))
     for slot, name in enumerate(adapters):
         runner.lora.load_slot(slot, load_adapter(adapters[name], runner.lora.spec, 8))
     stacks = [{"a": 0.7, "b": 0.3}, {}, {"a": 1.0}, {"b": 0.5, "a": 2.0}]

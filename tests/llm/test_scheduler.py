@@ -1,16 +1,18 @@
-"""Admission policy: FCFS within max_num_seqs, the prefill token budget and the LoRA slots; bounded bypassing."""
+"""Admission policy: FCFS within max_num_seqs and the LoRA slots, the engine's take verdicts (tokens, blocks);
+bounded bypassing."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from backends.llm.scheduler import Scheduler, SchedulerLimits
+import pytest
+
+from backends.llm.scheduler import Scheduler, SchedulerLimits, Take
 
 
 @dataclass(eq=False)
 class Req:
     adapter: str | tuple[str, ...] | None  # a tuple: a LoRA stack
-    num_prompt_tokens: int = 10
     bypassed_steps: int = 0
 
     @property
@@ -22,20 +24,36 @@ def slots(n: int):
     return lambda adapters: len(adapters) <= n
 
 
-def test_fcfs_up_to_max_num_seqs_and_token_budget():
-    sched = Scheduler(SchedulerLimits(max_num_seqs=3, max_num_batched_tokens=1000), slots(8))
+def admit(sched: Scheduler, waiting, running, verdicts=None) -> list:
+    """What `admit` hands to a take that admits everything (or answers `verdicts[request]`)."""
+    taken = []
+
+    def take(seq):
+        verdict = (verdicts or {}).get(id(seq), Take.ADMITTED)
+        if verdict is Take.ADMITTED:
+            taken.append(seq)
+        return verdict
+
+    sched.admit(waiting, running, take)
+    return taken
+
+
+def test_fcfs_up_to_max_num_seqs():
+    sched = Scheduler(SchedulerLimits(max_num_seqs=3), slots(8))
     waiting = [Req(None) for _ in range(5)]
-    assert sched.admit(waiting, running=[Req(None)]) == waiting[:2]
-    budget = Scheduler(SchedulerLimits(max_num_seqs=8, max_num_batched_tokens=100), slots(8))
-    # Padded tokens count: 3 prompts of width 40 = 120 > 100, so only two go.
-    chosen = budget.admit([Req(None, 40), Req(None, 5), Req(None, 5)], running=[])
-    assert len(chosen) == 2
+    assert admit(sched, waiting, running=[Req(None)]) == waiting[:2]
 
 
-def test_a_prompt_longer_than_the_budget_still_runs_alone():
-    sched = Scheduler(SchedulerLimits(max_num_batched_tokens=100), slots(8))
-    long, short = Req(None, 500), Req(None, 5)
-    assert sched.admit([long, short], running=[]) == [long]
+def test_a_request_that_does_not_fit_stops_the_admission_and_a_skipped_one_lets_others_pass():
+    sched = Scheduler(SchedulerLimits(max_num_seqs=8), slots(8))
+    a, b, c = Req(None), Req(None), Req(None)
+    assert admit(sched, [a, b, c], [], {id(b): Take.STOP}) == [a]  # FCFS: c does not pass b
+    assert admit(sched, [a, b, c], [], {id(b): Take.SKIPPED}) == [a, c]
+
+
+def test_the_token_budget_must_cover_one_token_per_running_sequence():
+    with pytest.raises(ValueError, match=r"max_num_batched_tokens \(8\) must be at least max_num_seqs \(16\)"):
+        SchedulerLimits(max_num_seqs=16, max_num_batched_tokens=8)
 
 
 def test_adapters_beyond_the_slots_wait_while_others_pass_then_block_the_queue():
@@ -44,23 +62,23 @@ def test_adapters_beyond_the_slots_wait_while_others_pass_then_block_the_queue()
     blocked = Req("c")
     later = [Req("a"), Req(None)]
     for step in range(3):  # bypassed: requests for resident adapters and base requests still go
-        assert sched.admit([blocked, *later], running) == later
+        assert admit(sched, [blocked, *later], running) == later
         assert blocked.bypassed_steps == step + 1
     # After max_bypass_steps nothing behind it is admitted: the running adapters drain.
-    assert sched.admit([blocked, *later], running) == []
+    assert admit(sched, [blocked, *later], running) == []
     running = [Req("a")]  # "b" finished; "c" fits next to "a"
-    assert sched.admit([blocked, *later], running) == [blocked, *later]
+    assert admit(sched, [blocked, *later], running) == [blocked, *later]
 
 
 def test_base_requests_never_need_a_slot():
     sched = Scheduler(SchedulerLimits(), slots(0))
     waiting = [Req(None), Req("x"), Req(None)]
-    assert sched.admit(waiting, running=[]) == [waiting[0], waiting[2]]
+    assert admit(sched, waiting, running=[]) == [waiting[0], waiting[2]]
 
 
 def test_a_lora_stack_counts_each_of_its_adapters_against_the_slots():
     sched = Scheduler(SchedulerLimits(max_num_seqs=16), slots(3))
     running = [Req("a")]
     too_wide, sharing, single = Req(("b", "c", "d")), Req(("a", "b")), Req("c")
-    assert sched.admit([too_wide, sharing, single], running) == [sharing, single]
+    assert admit(sched, [too_wide, sharing, single], running) == [sharing, single]
     assert too_wide.bypassed_steps == 1

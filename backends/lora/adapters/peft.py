@@ -11,10 +11,12 @@ NaN/Inf found.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import struct
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -54,6 +56,19 @@ class LoRAAdapter:
     @property
     def rank(self) -> int:
         return max(m.A.shape[0] for m in self.modules.values())
+
+    @cached_property
+    def digest(self) -> bytes:
+        """Content identity of what a forward adds: every module's name and prepared A/Bt (scaling folded in), so
+        two adapters with equal weights share it whatever their names, and rewritten files get another one (the
+        LLM engine's prefix cache keys KV blocks on it)."""
+        h = hashlib.blake2b(digest_size=16)
+        for name in sorted(self.modules):
+            h.update(name.encode())
+            for t in (self.modules[name].A, self.modules[name].Bt):
+                h.update(str((t.dtype, tuple(t.shape))).encode())
+                h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return h.digest()
 
     @property
     def nbytes(self) -> int:

@@ -84,6 +84,12 @@ class LoRACache:
                 self._stats.hits += 1
             return adapter
 
+    def content_digest(self, ref: AdapterRef) -> bytes | None:
+        """The adapter's content digest if it is in host memory (no hit counted), else None."""
+        with self._lock:
+            adapter = self._host.get(ref.key)
+        return None if adapter is None else adapter.digest
+
     def get(self, ref: AdapterRef) -> LoRAAdapter:
         """The adapter in host memory, loading it from disk once however many threads ask at the same time."""
         with self._lock:  # re-entrant: the hit check and the load registration are one atomic step

@@ -8,7 +8,7 @@ device buffers are written in place (`LoRAOps.fixed_batch`, `LoRABatch.write`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import torch
@@ -49,6 +49,9 @@ class LoRABatch:
     scales: torch.Tensor  # [S, M]
     live_slots: frozenset = frozenset()  # slots of pairs with an adapter and a non-zero scale (eager batches)
     fixed: bool = False
+    # Rows are tokens of varlen sequences: tokens per sequence, in order (an engine step: one-token decode rows
+    # first, then prefill chunks). Empty: one row per sequence, or S * T rows of T tokens each.
+    runs: tuple[int, ...] = ()
     memo: dict = field(default_factory=dict, compare=False, repr=False)  # the ops backend's per-batch metadata
 
     @classmethod
@@ -66,10 +69,17 @@ class LoRABatch:
                    frozenset(slots[live].tolist()))
 
     @classmethod
-    def from_rows(cls, rows: Sequence[RowLoRA]) -> "LoRABatch":
+    def from_rows(cls, rows: Sequence[RowLoRA], tokens: Sequence[int] | None = None) -> "LoRABatch":
+        """One row per sequence, or with `tokens` (tokens per sequence) one row per token of varlen sequences."""
         depth = max((len(r.pairs) for r in rows), default=0) or 1
         padded = [r.pairs + ((NO_ADAPTER, 0.0),) * (depth - len(r.pairs)) for r in rows]
-        return cls.build([[s for s, _ in p] for p in padded], [[c for _, c in p] for p in padded])
+        if tokens is None:
+            return cls.build([[s for s, _ in p] for p in padded], [[c for _, c in p] for p in padded])
+        counts = torch.as_tensor(list(tokens), dtype=torch.long)
+        slots = torch.tensor([[s for s, _ in p] for p in padded], dtype=torch.long).repeat_interleave(counts, 0)
+        scales = torch.tensor([[c for _, c in p] for p in padded], dtype=torch.float64).repeat_interleave(counts, 0)
+        batch = cls.build(slots, scales)
+        return replace(batch, runs=tuple(int(t) for t in tokens))
 
     @classmethod
     def fixed_size(cls, rows: int, device: torch.device | str) -> "LoRABatch":

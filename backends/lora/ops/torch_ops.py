@@ -9,6 +9,8 @@
 - "segments" (inputs of T tokens per sequence: prefill, diffusion): each sequence's A/B gathered once (tiny; a
   stack of M concatenated into rank M * R), one batched matmul over the sequence blocks and a baddbmm straight
   into y. Activations are never copied.
+- "runs" (an engine step: rows are the tokens of varlen sequences, `LoRABatch.runs`): the leading one-token rows
+  run one of the row paths, each longer run (a prefill chunk) two plain GEMMs per adapter of its stack.
 - "grouped" (many single-token rows): (row, adapter) pairs grouped by adapter, two batched matmuls over the k
   adapters, index_add_ back (a stacked row is summed from its groups).
 
@@ -55,6 +57,10 @@ class TorchPlan:
     gather_idx: torch.Tensor | None = None
     group_scales: torch.Tensor | None = None
     max_n: int = 0
+    # runs: the plan of the leading one-token rows, then (start, end, live (slot, scale) pairs) per longer run
+    head: "TorchPlan | None" = None
+    head_rows: int = 0
+    segments: tuple = ()
 
     @property
     def empty(self) -> bool:
@@ -72,6 +78,8 @@ def plan(batch: LoRABatch, max_rank: int = 16, device: torch.device | str = "cpu
     common = dict(num_seqs=slots.shape[0], seq_slots=slots.to(device), seq_scales=scale.to(device=device, dtype=dtype))
     if batch.empty:
         return TorchPlan(row_mode="empty", **common)
+    if batch.runs and max(batch.runs) > 1:
+        return _runs_plan(batch, max_rank, device, dtype, common)
     pair_rows, pair_cols = torch.nonzero(scale != 0, as_tuple=True)
     pair_slots, pair_scales = slots[pair_rows, pair_cols], scale[pair_rows, pair_cols]
     lo, hi = min(batch.live_slots), max(batch.live_slots) + 1
@@ -94,6 +102,21 @@ def plan(batch: LoRABatch, max_rank: int = 16, device: torch.device | str = "cpu
     grouped_scale[group, pos, 0] = pair_scales[order]
     return TorchPlan(row_mode="grouped", active=active.to(device), gather_idx=gather.reshape(-1).to(device),
                      group_scales=grouped_scale.to(device=device, dtype=dtype), max_n=max_n, **common)
+
+
+def _runs_plan(batch: LoRABatch, max_rank: int, device, dtype, common: dict) -> TorchPlan:
+    head = next((i for i, n in enumerate(batch.runs) if n != 1), len(batch.runs))
+    head_plan = None
+    if head:
+        head_plan = plan(LoRABatch.build(batch.slots[:head], batch.scales[:head]), max_rank, device, dtype)
+    segments, start = [], head
+    for length in batch.runs[head:]:
+        pairs = tuple((int(s), float(c)) for s, c in zip(batch.slots[start].tolist(), batch.scales[start].tolist())
+                      if c != 0)
+        if pairs:
+            segments.append((start, start + length, pairs))
+        start += length
+    return TorchPlan(row_mode="runs", head=head_plan, head_rows=head, segments=tuple(segments), **common)
 
 
 class TorchLoRAOps(LoRAOps):
@@ -132,6 +155,14 @@ class TorchLoRAOps(LoRAOps):
 def lora_apply(y: torch.Tensor, x: torch.Tensor, batch: TorchPlan, A: torch.Tensor, Bt: torch.Tensor) -> torch.Tensor:
     """In place on y [N, out] for x [N, in] (N = S rows, or S * T); A [K, R, in], Bt [K, R, out]. Returns y."""
     if batch.row_mode == "empty":
+        return y
+    if batch.row_mode == "runs":
+        if batch.head is not None:
+            lora_apply(y[:batch.head_rows], x[:batch.head_rows], batch.head, A, Bt)
+        for start, end, pairs in batch.segments:
+            xs, ys = x[start:end], y[start:end]
+            for slot, scale in pairs:
+                ys.addmm_(torch.mm(xs, A[slot].t()), Bt[slot], alpha=scale)
         return y
     n, s = x.shape[0], batch.num_seqs
     if n != s:
