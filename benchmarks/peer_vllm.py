@@ -6,7 +6,8 @@ better round (on a shared machine, the less disturbed one).
     .venv/bin/python -m benchmarks.peer_vllm --zipf 0 --requests 32   # shorter
 
 vLLM comes from its own environment (requirements-vllm.txt, made on first use by tools.client_envs) and runs with
-its CPU defaults (`VLLM_CPU_KVCACHE_SPACE` GiB of KV, its own thread split), `--dtype float32` like our CPU engine,
+its CPU defaults (`VLLM_CPU_KVCACHE_SPACE` GiB of KV, its own thread split), the same `--dtype` as ours (default
+bfloat16, both engines' CPU default on a CPU with AVX512-BF16), every request with `ignore_eos` (fixed length),
 `--enable-lora --max-loras 16 --max-lora-rank 16 --max-cpu-loras 64`; the demo adapters reach it through
 `--lora-modules`, the benchmark adapters through its runtime API (`VLLM_ALLOW_RUNTIME_LORA_UPDATING`,
 `/v1/load_lora_adapter` once each after start; its filesystem resolver plugin answered 404 for them here).
@@ -16,7 +17,7 @@ Ours gets the same limits (config parameters) and every adapter as a `--lora-mod
 stream. Memory is the resident set of each server's whole process tree after its run.
 
 Before measuring, both answer the same greedy chat prompts with the base model and each demo adapter; the first
-character where their texts differ is reported (fp32 on both sides, but different kernels: a late divergence on a
+character where their texts differ is reported (the same dtype on both sides, but different kernels: a late divergence on a
 near-tie is expected, an early one is a bug). Prints a table with ours/vLLM ratios, writes CSV.
 """
 
@@ -100,7 +101,7 @@ class Ours(Server):
         repo = self.workdir / "repo"
         if not repo.exists():
             copy_model(repo, "llm", "llm", {"max_loras": str(self.args.max_loras), "max_cpu_loras": "64",
-                                            "max_num_seqs": str(self.args.max_num_seqs)})
+                                            "max_num_seqs": str(self.args.max_num_seqs), "dtype": self.args.dtype})
         registry = self.workdir / "registry.json"
         env = {**os.environ, LORA_REGISTRY_ENV: str(registry)}
         self.server = TritonServer(model_repository=repo, models=["llm"], http_port=free_port(),
@@ -136,7 +137,7 @@ class VLLMServer(Server):
                "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "true"}
         demo = [f"{name}={adapters_dir() / 'demo' / name}" for name in DEMO]
         cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(default_llm_model_path()),
-               "--served-model-name", BASE_NAME, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+               "--served-model-name", BASE_NAME, "--host", "127.0.0.1", "--port", str(port), "--dtype", self.args.dtype,
                "--max-model-len", "2048", "--max-num-seqs", str(self.args.max_num_seqs), "--enable-lora",
                "--max-loras", str(self.args.max_loras), "--max-lora-rank", "16", "--max-cpu-loras", "64",
                "--lora-modules", *demo]
@@ -209,8 +210,10 @@ def run_system(server: Server, cases: list[Case], args: argparse.Namespace) -> t
         names = sorted(set(case.adapters))[:args.warm_adapters]
         stream_chat(server.url, [("Hi", server.model(n)) for n in names] or [("Hi", server.base_model)],
                     min(16, max(1, len(names))), 1)
-        stream_chat(server.url, jobs(case, server, case.concurrency, seed=99), case.concurrency, args.max_tokens)
-        records = stream_chat(server.url, jobs(case, server, requests, seed=1), case.concurrency, args.max_tokens)
+        stream_chat(server.url, jobs(case, server, case.concurrency, seed=99), case.concurrency, args.max_tokens,
+                    ignore_eos=True)
+        records = stream_chat(server.url, jobs(case, server, requests, seed=1), case.concurrency, args.max_tokens,
+                              ignore_eos=True)
         row = summarise(server.name, len(set(case.adapters)), case.concurrency, records)
         full = sum(max(o["num_output_tokens"] for o in r["response_outputs"]) >= args.max_tokens for r in records)
         results.append(Result(case.label, server.name, row, full / len(records)))
@@ -229,6 +232,9 @@ def main() -> None:
     p.add_argument("--vllm-kv-gib", type=int, default=2)
     p.add_argument("--warm-adapters", type=int, default=64, help="adapters loaded before a case is measured")
     p.add_argument("--rounds", type=int, default=2, help="rounds of both systems (2: ours, vLLM, vLLM, ours)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="both servers' dtype")
+    p.add_argument("--systems", nargs="+", default=["ours", "vLLM CPU"], choices=["ours", "vLLM CPU"],
+                   help="run only these (a table needs both)")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "bench_out" / "peer_vllm")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -250,7 +256,8 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="peer-vllm-"))
     systems = {"ours": Ours(workdir, adapters, args), "vLLM CPU": VLLMServer(workdir, adapters, args)}
     # A B, B A, A B, ...: neither system always runs first on a machine that drifts.
-    order = [name for r in range(args.rounds) for name in (["ours", "vLLM CPU"][:: 1 if r % 2 == 0 else -1])]
+    order = [name for r in range(args.rounds) for name in (["ours", "vLLM CPU"][:: 1 if r % 2 == 0 else -1])
+             if name in args.systems]
     best: dict[tuple[str, str], Result] = {}
     memory: dict[str, float] = {}
     texts: dict[str, dict] = {}
@@ -272,12 +279,13 @@ def main() -> None:
             if key not in best or r.row.tok_per_s > best[key].row.tok_per_s:
                 best[key] = r
 
-    report(best, memory, texts, cases, args)
+    if len(args.systems) == 2:
+        report(best, memory, texts, cases, args)
 
 
 def report(best, memory, texts, cases, args) -> None:
-    table = Table(title=f"ours vs vLLM CPU 0.32.0: SmolLM2-135M fp32, streaming chat, {args.max_tokens} tokens, "
-                        "best of the rounds")
+    table = Table(title=f"ours vs vLLM CPU 0.32.0: SmolLM2-135M {args.dtype}, streaming chat, {args.max_tokens} "
+                        "tokens (ignore_eos), best of the rounds")
     for col in ["case", "ours tok/s", "vLLM tok/s", "ours/vLLM", "TTFT p50 ours/vLLM ms", "TTFT p99 ours/vLLM ms",
                 "ITL p50 ours/vLLM ms", "ran to max_tokens ours/vLLM"]:
         table.add_column(col, justify="right")

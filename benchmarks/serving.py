@@ -300,9 +300,10 @@ def sdk_records(url: str, concurrency: int, requests: int, max_tokens: int, seed
 
 
 def stream_chat(url: str, jobs: list[tuple[str, str]], concurrency: int, max_tokens: int,
-                api_key: str = "unused") -> list[dict]:
+                api_key: str = "unused", ignore_eos: bool = False) -> list[dict]:
     """Streaming chat completions of (prompt, model) jobs, `concurrency` in flight, against any OpenAI-compatible
-    server. Records in perf_analyzer's export format, so `summarise` treats every path alike."""
+    server (`ignore_eos`: vLLM's extra parameter, every request runs to max_tokens). Records in perf_analyzer's
+    export format, so `summarise` treats every path alike."""
     import asyncio
     import time
 
@@ -314,7 +315,8 @@ def stream_chat(url: str, jobs: list[tuple[str, str]], concurrency: int, max_tok
         start, stamps, usage = time.time_ns(), [], 0
         stream = await client.chat.completions.create(
             model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0,
-            stream=True, stream_options={"include_usage": True})
+            stream=True, stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True} if ignore_eos else None)
         async for chunk in stream:
             if chunk.choices and chunk.choices[0].delta.content:
                 stamps.append(time.time_ns())

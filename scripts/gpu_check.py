@@ -20,6 +20,7 @@ SmolLM2-135M's shape (needs SmolLM2's tokenizer files: --tokenizer, default the 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import platform
@@ -176,10 +177,11 @@ def bench_ops(report: Report, model: Path, adapters: list[Path], device: torch.d
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from backends.llm.runner import ModelRunner, RunnerSettings, cache_kwarg
+    from backends.llm.runner import ModelRunner, RunnerSettings
     from backends.lora.adapters.peft import load_adapter
     from backends.lora.manager.config import LoRAServingConfig
     from backends.lora.ops.batch import RowLoRA
+    from tools.clients.steps import HandBatch
 
     kmax = max(sizes.ks)
     runner = ModelRunner(model, device=str(device), lora=LoRAServingConfig(max_loras=kmax, max_lora_rank=16),
@@ -192,16 +194,17 @@ def bench_ops(report: Report, model: Path, adapters: list[Path], device: torch.d
     for i, folder in enumerate(adapters[1:kmax], 1):
         peft.load_adapter(folder, adapter_name=f"a{i}")
     peft = peft.to(device).eval()
-    kwarg = cache_kwarg(peft.get_base_model())
+    # The forward's KV-cache argument: `cache` in transformers >= 5.2x, `past_key_values` before (the GPU image's)
+    kwarg = "cache" if "cache" in inspect.signature(peft.get_base_model().forward).parameters else "past_key_values"
     dtype = str(runner.dtype).removeprefix("torch.")
     gen = torch.Generator().manual_seed(0)
     past = 32
     rows_out = []
     for batch in tqdm(sizes.decode_batches, desc="decode batches"):
-        slots = [runner.kv.allocate() for _ in range(batch)]
         prompts = torch.randint(0, 49152, (batch, past), generator=gen).tolist()
-        runner.prefill(prompts, slots, [RowLoRA()] * batch)
-        tokens, positions = [1] * batch, [past] * batch
+        hand = HandBatch(runner, prompts)
+        hand.prefill([RowLoRA()] * batch)
+        tokens = [1] * batch
         peft_ids = torch.tensor(prompts, device=device)
         with torch.inference_mode():
             out = peft(peft_ids, use_cache=True)
@@ -213,7 +216,7 @@ def bench_ops(report: Report, model: Path, adapters: list[Path], device: torch.d
             if eager:
                 runner.graphs = None
             try:
-                return _median_ms(lambda: runner.decode(slots, tokens, positions, lora), device, sizes.repeats)
+                return _median_ms(lambda: hand.decode(tokens, lora, advance=False), device, sizes.repeats)
             finally:
                 runner.graphs = graphs
 
@@ -239,8 +242,7 @@ def bench_ops(report: Report, model: Path, adapters: list[Path], device: torch.d
             peft_ms = _median_ms(peft_step(names), device, sizes.repeats)
             row += [f"{peft_base:.2f}", f"{peft_ms:.2f}", f"{peft_ms / peft_base:.2f}x"]
             rows_out.append(row)
-        for s in slots:
-            runner.kv.free(s)
+        hand.free()
     columns = ["batch", "k adapters"]
     for eager in ([False, True] if runner.graphs is not None else [True]):
         tag = "eager" if eager else "graphs"
@@ -251,23 +253,22 @@ def bench_ops(report: Report, model: Path, adapters: list[Path], device: torch.d
 
     n, length = sizes.prefill
     prompts = torch.randint(0, 49152, (n, length), generator=gen).tolist()
-    slots = [runner.kv.allocate() for _ in range(n)]
+    hand = HandBatch(runner, prompts)
     peft_ids = torch.tensor(prompts, device=device)
     prefill_rows = []
-    base_ms = _median_ms(lambda: runner.prefill(prompts, slots, [RowLoRA()] * n), device, sizes.repeats)
+    base_ms = _median_ms(lambda: hand.prefill([RowLoRA()] * n), device, sizes.repeats)
     with peft.disable_adapter(), torch.inference_mode():
         peft_base = _median_ms(lambda: peft(peft_ids, logits_to_keep=1), device, sizes.repeats)
     for k in sizes.ks:
         lora = [RowLoRA.one(i % k, 1.0) for i in range(n)]
         names = [f"a{i % k}" for i in range(n)]
-        ms = _median_ms(lambda: runner.prefill(prompts, slots, lora), device, sizes.repeats)
+        ms = _median_ms(lambda: hand.prefill(lora), device, sizes.repeats)
         with torch.inference_mode():
             peft_ms = _median_ms(lambda: peft(peft_ids, adapter_names=names, logits_to_keep=1), device,
                                  sizes.repeats)
         prefill_rows.append([f"{n}x{length}", k, f"{base_ms:.2f}", f"{ms:.2f}", f"{ms / base_ms:.2f}x",
                              f"{peft_base:.2f}", f"{peft_ms:.2f}", f"{peft_ms / peft_base:.2f}x"])
-    for s in slots:
-        runner.kv.free(s)
+    hand.free()
     report.table(f"prefill, {dtype}", ["rows x tokens", "k adapters", "base ms", "ours ms", "ours/base",
                                        "PEFT base ms", "PEFT k ms", "PEFT/base"], prefill_rows, "ops_prefill")
     runner = peft = None  # free the device memory before the next stage

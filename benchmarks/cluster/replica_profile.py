@@ -113,44 +113,45 @@ class Profiler:
 
     # -- measurements ------------------------------------------------------------------------------------------
     def decode(self, batch: int, k: int, context: int, repeats: int, by_slot: dict[int, int]) -> dict:
-        kv = self.runner.kv
-        slots = [kv.allocate() for _ in range(batch)]
+        from backends.lora.ops.batch import RowLoRA
+        from tools.clients.steps import HandBatch
+
+        vocab = self.runner.vocab_size
+        hand = HandBatch(self.runner, [[self.rng.randrange(vocab) for _ in range(context)] for _ in range(batch)])
+        hand.prefill([RowLoRA()] * batch)
         try:
             samples = []
             span = 0
-            vocab = self.runner.vocab_size
             for i in range(repeats + 1):  # the first one warms up
                 rows, span = self._rows_lora(batch, k, by_slot)
                 tokens = [self.rng.randrange(vocab) for _ in range(batch)]
-                positions = [context] * batch
                 started = time.perf_counter()
-                logits = self.runner.decode(slots, tokens, positions, rows)
+                logits = hand.decode(tokens, rows, advance=False)
                 self._sample(logits, batch)
                 if i:
                     samples.append((time.perf_counter() - started) * 1e3)
         finally:
-            for s in slots:
-                kv.free(s)
+            hand.free()
         return {"kind": "decode", "batch": batch, "distinct_adapters": k, "context_tokens": context,
                 "slot_span": span, **_summary(samples)}
 
     def prefill(self, rows: int, tokens: int, lora: bool, repeats: int, by_slot: dict[int, int]) -> dict:
-        kv = self.runner.kv
-        slots = [kv.allocate() for _ in range(rows)]
+        from tools.clients.steps import HandBatch
+
         vocab = self.runner.vocab_size
+        hand = HandBatch(self.runner, [[0] * tokens for _ in range(rows)])
         try:
             samples = []
             for i in range(repeats + 1):
                 row_lora, _ = self._rows_lora(rows, min(rows, self.max_loras) if lora else 0, by_slot)
-                prompts = [[self.rng.randrange(vocab) for _ in range(tokens)] for _ in range(rows)]
+                hand.prompts = [[self.rng.randrange(vocab) for _ in range(tokens)] for _ in range(rows)]
                 started = time.perf_counter()
-                logits = self.runner.prefill(prompts, slots, row_lora)
+                logits = hand.prefill(row_lora)
                 self._sample(logits, rows)
                 if i:
                     samples.append((time.perf_counter() - started) * 1e3)
         finally:
-            for s in slots:
-                kv.free(s)
+            hand.free()
         return {"kind": "prefill", "rows": rows, "prompt_tokens": tokens, "padded_tokens": rows * tokens,
                 "distinct_adapters": min(rows, self.max_loras) if lora else 0, **_summary(samples)}
 

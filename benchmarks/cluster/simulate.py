@@ -62,7 +62,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from backends.llm.scheduler import Scheduler, SchedulerLimits
+from backends.llm.scheduler import Scheduler, SchedulerLimits, Take
 from backends.settings import REPO_ROOT
 
 DEFAULT_PROFILE = REPO_ROOT / "docs" / "data" / "replica_profile.csv"
@@ -317,10 +317,20 @@ class Replica:
         """Admit, load, prefill, decode; returns when the step ends. Requests done at their prefill (one output
         token) go to `finished`."""
         # Scheduler.admit returns nothing (and counts no bypass) when no request waits or no sequence is free
+        admitted = []
         if self.waiting and len(self.running) < self.scheduler.limits.max_num_seqs:
-            admitted = self.scheduler.admit(self.waiting, self.running.values())
-        else:
-            admitted = []
+            budget, widest = self.scheduler.limits.max_num_batched_tokens, 0
+
+            def take(r) -> Take:  # the profile's prefill: the admitted prompts padded into one forward
+                nonlocal widest
+                width = max(widest, r.num_prompt_tokens)
+                if admitted and width * (len(admitted) + 1) > budget:
+                    return Take.STOP
+                admitted.append(r)
+                widest = width
+                return Take.ADMITTED
+
+            self.scheduler.admit(self.waiting, self.running.values(), take)
         if admitted:
             n = len(admitted)
             if all(self.waiting[i] is admitted[i] for i in range(n)):

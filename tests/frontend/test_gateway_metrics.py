@@ -118,13 +118,31 @@ def test_cache_config_info_is_the_kv_cache_shape(frontend):
     families = _scrape(frontend)
     config = _one(families, "vllm:cache_config_info").labels
     assert set(config) == {"block_size", "num_gpu_blocks", "enable_prefix_caching"}
-    # One block is one sequence's slot of max_model_len tokens (2048 in model_repository/llm/config.pbtxt).
-    tokens = {s.labels["model"]: int(s.value) for s in families["multilora_llm_kv_cache_slot_tokens"].samples}
-    slots = {s.labels["model"]: int(s.value) for s in families["multilora_llm_kv_cache_slots"].samples}
-    assert tokens["llm"] == 2048 and slots["llm"] >= 1
-    largest = max(slots, key=lambda model: slots[model] * tokens[model])
-    assert (config["block_size"], config["num_gpu_blocks"]) == (str(tokens[largest]), str(slots[largest]))
-    assert config["enable_prefix_caching"] == "False"
+    sizes = {s.labels["model"]: int(s.value) for s in families["multilora_llm_kv_cache_block_size"].samples}
+    blocks = {s.labels["model"]: int(s.value) for s in families["multilora_llm_kv_cache_blocks"].samples}
+    assert sizes["llm"] == 16 and blocks["llm"] >= 1
+    largest = max(blocks, key=lambda model: blocks[model] * sizes[model])
+    assert (config["block_size"], config["num_gpu_blocks"]) == (str(sizes[largest]), str(blocks[largest]))
+    assert config["enable_prefix_caching"] == "True"
+
+
+def test_prefix_cache_counters_count_a_repeated_prompt(frontend):
+    """vllm:prefix_cache_queries / hits (tokens) as vLLM names them: a prompt sent twice hits on the second."""
+    def counters():
+        families = _scrape(frontend)
+        for name in ("prefix_cache_queries", "prefix_cache_hits"):
+            assert families[f"vllm:{name}"].type == "counter" and len(families[f"vllm:{name}"].samples) == 1
+        return [families[f"vllm:{name}"].samples[0].value for name in ("prefix_cache_queries", "prefix_cache_hits")]
+
+    before = counters()
+    body = {"model": "llm", "messages": [{"role": "user", "content": f"{uuid.uuid4()} " + "a b c d " * 20}],
+            "max_tokens": 1}
+    for _ in range(2):
+        response = httpx.post(f"{frontend.url}/v1/chat/completions", json=body, timeout=60,
+                              headers={"Authorization": f"Bearer {API_KEY}"})
+        assert response.status_code == 200, response.text
+    queries, hits = (after - b for after, b in zip(counters(), before))
+    assert queries >= 2 * 80 and hits >= 64, (queries, hits)
 
 
 def test_lora_requests_info_names_the_backends_running_and_waiting_adapters(frontend, triton_server, tight_model,
@@ -197,7 +215,7 @@ def test_a_loaded_models_pinned_adapter_shows_before_any_request_and_goes_with_t
     finally:
         http_client.unload_model(PINNED_MODEL)
     _wait_for(frontend, lambda f: not _series(f, "vllm:lora_adapter_loaded", model_name=PINNED_MODEL)
-              and not _series(f, "multilora_llm_kv_cache_slots", model=PINNED_MODEL), timeout=30)
+              and not _series(f, "multilora_llm_kv_cache_blocks", model=PINNED_MODEL), timeout=30)
 
 
 def test_a_diffusion_batch_counts_its_adapters_while_it_runs(frontend, http_client):

@@ -138,28 +138,31 @@ def test_tokenize_for_an_unknown_model_is_404(frontend):
     assert _post(frontend, "/detokenize", tokens=[10**9]).status_code == 400
 
 
-def test_engine_scores_prompts_in_bounded_batches_next_to_generation(monkeypatch):
-    """In-process on the tiny Llama: scoring requests (max_tokens 0) whose full logits exceed the budget are
-    prefilled over several steps, next to a generating request with logprobs; every prompt logprob equals the
-    model's own log-softmax and the generated tokens' logprobs are those of the chosen (greedy: best) tokens."""
+def test_engine_scores_prompts_in_chunks_next_to_generation(monkeypatch):
+    """In-process on the tiny Llama: scoring requests (max_tokens 0) are prefilled in chunks of the step's token
+    budget (each chunk's logits only: memory bounded by the budget), next to a generating request with logprobs;
+    every prompt logprob equals the model's own log-softmax and the generated tokens' logprobs are those of the
+    chosen (greedy: best) tokens."""
     from backends.errors import InvalidArgument
     from backends.llm import engine as engine_module
     from backends.llm.engine import LLMEngine
     from backends.llm.runner import ModelRunner, RunnerSettings
+    from backends.llm.scheduler import SchedulerLimits
     from tools.clients.engine import Collect, request_for
     from tools.fixtures.llm_families import make_family
 
-    runner = ModelRunner(make_family("llama"), lora=None, settings=RunnerSettings(max_model_len=96, max_num_seqs=4))
-    monkeypatch.setattr(engine_module, "PROMPT_LOGITS_BYTES", runner.logits_bytes_per_token * 50)  # ~one row
-    prefills: list[list[int]] = []
-    prefill = runner.prefill
+    runner = ModelRunner(make_family("llama"), lora=None,
+                         settings=RunnerSettings(dtype="float32", max_model_len=96, max_num_seqs=4))
+    monkeypatch.setattr(engine_module, "PROMPT_LOGITS_BYTES", runner.logits_bytes_per_token * 50)
+    steps: list[list[tuple[int, str]]] = []
+    step = runner.step
 
-    def recording(prompts, *args, **kwargs):
-        prefills.append([len(p) for p in prompts])
-        return prefill(prompts, *args, **kwargs)
+    def recording(rows):
+        steps.append([(len(r.tokens), r.logits) for r in rows])
+        return step(rows)
 
-    monkeypatch.setattr(runner, "prefill", recording)
-    engine = LLMEngine(lambda e: (runner, None))
+    monkeypatch.setattr(runner, "step", recording)
+    engine = LLMEngine(lambda e: (runner, None), limits=SchedulerLimits(max_num_seqs=4, max_num_batched_tokens=16))
     try:
         texts = ["Score this prompt, please.", "And this one too, it is longer than the first.", "Third!"]
         scoring = [request_for(engine, t, max_tokens=0, prompt_logprobs=2) for t in texts]
@@ -172,18 +175,18 @@ def test_engine_scores_prompts_in_bounded_batches_next_to_generation(monkeypatch
             assert sink.error is None, sink.error
     finally:
         engine.shutdown()
-    model = runner.model
     for request, sink in zip(scoring, sinks):
         entries = sink.chunks[-1].prompt_logprobs
         ids = request.prompt_token_ids
-        with torch.no_grad():
+        with torch.no_grad(), runner.stock_attention() as model:
             want = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
         assert [e.token_id for e in entries] == ids and entries[0].logprob is None
         for j, entry in enumerate(entries[1:], start=1):
             assert entry.logprob == pytest.approx(float(want[j - 1, ids[j]]), abs=1e-4)
             assert [i for i, _ in entry.top] == want[j - 1].topk(2).indices.tolist()
         assert sink.chunks[-1].finish_reason == "length" and sink.chunks[-1].num_output_tokens == 0
-    assert len(prefills) >= 3 and all(len(rows) * max(rows) <= 50 or len(rows) == 1 for rows in prefills), prefills
+    scored = [sum(n for n, kind in rows if kind == "all") for rows in steps]
+    assert sum(1 for n in scored if n) >= 3 and max(scored) <= 16, steps  # in chunks, within the budget
     with pytest.raises(InvalidArgument, match=r"scoring a prompt of 51 tokens needs .* send at most 50 tokens"):
         request_for(engine, "x" * 51, max_tokens=0, prompt_logprobs=0)
     produced = [e for chunk in sinks[3].chunks for e in chunk.logprobs]

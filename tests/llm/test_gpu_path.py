@@ -29,6 +29,7 @@ from backends.lora.manager.selector import AdapterSelector
 from backends.lora.ops.batch import RowLoRA
 from backends.settings import default_llm_model_path
 from tools.clients.engine import Collect, request_for
+from tools.clients.steps import HandBatch
 from tools.fixtures.adapters import ALL_PROJECTIONS, make_random_adapters, random_smollm2
 from tools.session import CHECK_DEVICE_ENV
 
@@ -161,14 +162,13 @@ def test_mixed_adapter_logits_equal_peft_adapter_names(model_dir, adapter_dirs, 
     rows = [RowLoRA.one(0, 1.0), RowLoRA(), RowLoRA.one(1, 1.0), RowLoRA.one(2, 1.0)]
     names = ["a0", "__base__", "a1", "a2"]
     prompts = _prompts(runner)
-    slots = [runner.kv.allocate() for _ in prompts]
+    hand = HandBatch(runner, prompts)
     try:
-        prefill = runner.prefill(prompts, slots, rows).float()
+        prefill = hand.prefill(rows).float()
         nxt = prefill.argmax(-1).tolist()
-        decode = runner.decode(slots, nxt, [len(p) for p in prompts], rows).float()  # graphed on CUDA
+        decode = hand.decode(nxt, rows).float()  # graphed on CUDA
     finally:
-        for s in slots:
-            runner.kv.free(s)
+        hand.free()
     tol = LOGIT_TOL[runner.dtype]
     for row, (prompt, name) in enumerate(zip(prompts, names)):
         ids = torch.tensor([prompt + [nxt[row]]], device=device)
