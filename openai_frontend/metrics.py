@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 # The KV cache's shape per text model: blocks, tokens per block, prefix caching on (1) or off (0).
 _KV_SHAPE = {"multilora_llm_kv_cache_blocks": 0, "multilora_llm_kv_cache_block_size": 1,
              "multilora_llm_prefix_caching_enabled": 2}
-# Backend counters summed over the text models, re-exported under vLLM's counter names.
+# Backend counters of the text models, re-exported under vLLM's counter names (see `_ScrapedCounters`).
 _COUNTERS = {"multilora_llm_prefix_cache_queries_total": "prefix_cache_queries",
              "multilora_llm_prefix_cache_hits_total": "prefix_cache_hits",
              "multilora_llm_num_preemptions_total": "num_preemptions"}
@@ -38,7 +38,7 @@ class BackendState:
     kv_usage: float = 0.0  # the fullest text model's
     max_lora: int = 0  # the most LoRA slots any model has
     kv_shapes: dict[str, list[int]] = field(default_factory=dict)  # model -> [blocks, block size, prefix caching]
-    counters: Counter[str] = field(default_factory=Counter)  # vLLM counter name (no prefix) -> value
+    counters: dict[tuple[str, str], float] = field(default_factory=dict)  # (vLLM name, no prefix; model) -> value
     requests: dict[str, Counter[str]] = field(  # state -> adapter -> requests, over every model
         default_factory=lambda: {"running": Counter(), "waiting": Counter()})
     resident: Counter[str] = field(default_factory=Counter)  # tier -> adapters, over every model
@@ -64,7 +64,7 @@ class BackendState:
         elif name in _KV_SHAPE:
             self.kv_shapes.setdefault(labels["model"], [0, 0, 0])[_KV_SHAPE[name]] = int(value)
         elif name in _COUNTERS:
-            self.counters[_COUNTERS[name]] += value
+            self.counters[(_COUNTERS[name], labels["model"])] = value
         elif name == "multilora_lora_adapter_requests" and value > 0:
             self.requests[labels["state"]][labels["adapter"]] += int(value)
         elif name == "multilora_lora_adapters_resident":
@@ -83,19 +83,30 @@ class BackendState:
 
 
 class _ScrapedCounters:
-    """vLLM's counters (vllm:prefix_cache_queries, vllm:prefix_cache_hits, vllm:num_preemptions) with the values
-    of the latest scrape: a prometheus_client Counter only counts up from this process's own increments."""
+    """vLLM's counters (vllm:prefix_cache_queries, vllm:prefix_cache_hits, vllm:num_preemptions) over the text
+    models, kept monotonic: a model's series go when it is unloaded and restart at 0 when it is reloaded, so each
+    scrape adds every model's increase since the last one (a value below the last is a restart: all of it is new),
+    and an unloaded model's counts stay. A prometheus_client Counter only counts this process's own increments."""
 
     HELP = {"prefix_cache_queries": "Prompt tokens looked up in the prefix cache (text models)",
             "prefix_cache_hits": "Prompt tokens found in the prefix cache (text models)",
             "num_preemptions": "Sequences preempted because the KV cache was full (text models)"}
 
     def __init__(self):
-        self.values: dict[str, float] = {}
+        self.totals: Counter[str] = Counter()
+        self._last: dict[tuple[str, str], float] = {}
+
+    def update(self, scraped: dict[tuple[str, str], float]) -> None:
+        if not scraped:  # Triton unreachable (or no text model): nothing new, and the last values stay the base
+            return
+        for key, value in scraped.items():
+            last = self._last.get(key, 0.0)
+            self.totals[key[0]] += value - last if value >= last else value
+        self._last = dict(scraped)
 
     def collect(self):
         for name, help_ in self.HELP.items():
-            yield CounterMetricFamily(f"vllm:{name}", help_, value=self.values.get(name, 0.0))
+            yield CounterMetricFamily(f"vllm:{name}", help_, value=self.totals.get(name, 0.0))
 
 
 class FrontendMetrics:
@@ -162,7 +173,7 @@ class FrontendMetrics:
         if kv_cache is not None:
             blocks, block_size, prefix_caching = kv_cache
             self.cache_config.labels(str(block_size), str(blocks), str(prefix_caching)).set(1)
-        self.counters.values = dict(backend.counters)
+        self.counters.update(backend.counters)
         self.lora_info.clear()
         self.lora_info.labels(str(backend.max_lora), backend.adapters("running"),
                               backend.adapters("waiting")).set(time.time())

@@ -13,7 +13,7 @@ from backends.settings import ALLOWED_LORA_ROOTS_ENV, LORA_REGISTRY_ENV, cache_d
 from tools.fixtures.llm_families import make_family
 from tools.fixtures.pipelines import TINY_SD3, TINY_SD15
 from tools.launchers.triton import TritonServer, copy_model, free_port
-from tools.session import BATCHED_MODEL, CHECK_DEVICE_ENV, PHI3_MODEL, PINNED_MODEL, SD15_MODEL, TIGHT_MODEL
+from tools.session import BATCHED_MODEL, BF16_MODEL, CHECK_DEVICE_ENV, PHI3_MODEL, PINNED_MODEL, SD15_MODEL, TIGHT_MODEL
 
 
 def pytest_collection_modifyitems(config, items):
@@ -34,14 +34,30 @@ def lora_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("lora_root")
 
 
+# The served LLMs run in float32: tests compare them with transformers/PEFT at 1e-4 and require a request's greedy
+# tokens to be the same alone and in any batch, which holds in float32 only (a bfloat16 GEMM of another batch shape
+# rounds differently). BF16_MODEL serves the product default on CPUs with AVX512-BF16 for the bfloat16 tests.
+FP32 = {"dtype": "float32"}
+
+
+def _main_repository(root: Path) -> Path:
+    """model_repository as shipped, the llm in float32."""
+    repo = root / "models"
+    copy_model(repo, "llm", "llm", FP32)
+    copy_model(repo, "diffusion", "diffusion", {})
+    return repo
+
+
 def _extra_repository(root: Path) -> Path:
     repo = root / "extra_models"
     copy_model(repo, "llm", TIGHT_MODEL,
-                {"max_loras": "2", "max_cpu_loras": "2", "lora_modules": "", "max_num_seqs": "8"})
-    copy_model(repo, "llm", PINNED_MODEL, {"max_loras": "1", "max_cpu_loras": "2", "max_num_seqs": "4",
+                {**FP32, "max_loras": "2", "max_cpu_loras": "2", "lora_modules": "", "max_num_seqs": "8"})
+    copy_model(repo, "llm", PINNED_MODEL, {**FP32, "max_loras": "1", "max_cpu_loras": "2", "max_num_seqs": "4",
                                            "lora_modules": "uppercase=adapters/demo/uppercase"})
-    copy_model(repo, "llm", PHI3_MODEL, {"model_path": str(make_family("phi3")), "lora_modules": "",
+    copy_model(repo, "llm", PHI3_MODEL, {**FP32, "model_path": str(make_family("phi3")), "lora_modules": "",
                                          "max_loras": "2", "max_model_len": "128", "max_num_seqs": "4"})
+    copy_model(repo, "llm", BF16_MODEL, {"dtype": "bfloat16", "max_loras": "2", "max_num_seqs": "4",
+                                         "lora_modules": "uppercase=adapters/demo/uppercase"})
     copy_model(repo, "diffusion", SD15_MODEL, {
         "model_path": str(cache_dir() / "models" / TINY_SD15),
         "lora_modules": "tiny-sd15-a=adapters/diffusion/tiny-sd15-a",
@@ -60,9 +76,11 @@ def triton_server(tmp_path_factory, lora_root):
         if not (cache_dir() / "models" / name / "model_index.json").is_file():
             pytest.fail(f"tiny diffusion pipeline {name} missing: run scripts/setup first")
     log_file = tmp_path_factory.mktemp("triton") / "tritonserver.log"
+    repos = tmp_path_factory.mktemp("repo")
     server = TritonServer(
-        http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(), log_file=log_file,
-        extra_args=[f"--model-repository={_extra_repository(tmp_path_factory.mktemp('repo'))}"],
+        model_repository=_main_repository(repos), http_port=free_port(), grpc_port=free_port(),
+        metrics_port=free_port(), log_file=log_file,
+        extra_args=[f"--model-repository={_extra_repository(repos)}"],
         env={**os.environ, ALLOWED_LORA_ROOTS_ENV: str(lora_root),
              LORA_REGISTRY_ENV: str(lora_root / "registry.json")},
     )

@@ -542,7 +542,7 @@ class LLMEngine:
             return Take.STOP, 0
         n = min(total - cached, budget)
         seq.blocks = hits + pool.allocate(kv.blocks_for(cached + n) - len(hits))
-        seq.computed = seq.published = cached
+        seq.computed, seq.published = cached, len(hits)  # tokens computed; blocks already in the prefix cache
         if pool.prefix_caching and not scoring:
             pool.count_lookup(total, cached)
             if self._observer:

@@ -145,6 +145,24 @@ def test_prefix_cache_counters_count_a_repeated_prompt(frontend):
     assert queries >= 2 * 80 and hits >= 64, (queries, hits)
 
 
+def test_vllm_counters_stay_monotonic_while_text_models_come_and_go():
+    """A model's backend counters vanish when it is unloaded and restart at 0 when reloaded; the vLLM counters over
+    all text models never go down (this failed while they were the sum of the latest scrape)."""
+    from openai_frontend.metrics import _ScrapedCounters
+
+    counters = _ScrapedCounters()
+
+    def scrape(**models):
+        counters.update({("prefix_cache_hits", model): value for model, value in models.items()})
+        return counters.totals["prefix_cache_hits"]
+
+    assert scrape(llm=100, llm_tight=32) == 132
+    assert scrape(llm=228) == 260  # llm_tight unloaded: its 32 stay counted
+    assert scrape(llm=228, llm_tight=16) == 276  # reloaded from 0
+    assert scrape() == 276  # Triton unreachable: nothing new, nothing lost
+    assert scrape(llm=240, llm_tight=16) == 288
+
+
 def test_lora_requests_info_names_the_backends_running_and_waiting_adapters(frontend, triton_server, tight_model,
                                                                             gateway_adapters):
     """Two slots: gw-a and gw-b run, gw-c waits; when gw-a leaves gw-c runs; when all leave nothing is listed."""

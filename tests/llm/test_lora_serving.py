@@ -320,19 +320,12 @@ def test_bad_stack_is_refused_and_the_server_keeps_serving(case, grpc_client, st
     assert _ok(grpc_client, CAPITAL, lora_name=["uppercase"]).text.startswith("THE CAPITAL")
 
 
-def test_a_stack_needing_more_slots_than_max_loras_is_refused(grpc_client, http_client, stack_adapters):
+def test_a_stack_needing_more_slots_than_max_loras_is_refused(grpc_client, tight_model, stack_adapters):
     """The tight model has 2 slots: a stack of 3 distinct adapters could never run, so it is refused at once."""
-    from tools.clients.llm import generate
-    from tools.session import TIGHT_MODEL
-
     three = [str(stack_adapters["rand"]), str(stack_adapters["signature"]),
              str(stack_adapters["signature"].parent / "uppercase")]
-    http_client.load_model(TIGHT_MODEL)
-    try:
-        out = generate(grpc_client, CAPITAL, model=TIGHT_MODEL, lora_path=three, **GREEDY)
-        assert out.error is not None
-        assert re.search(r"the LoRA stack \[.*\] needs 3 adapter slots at once, more than max_loras \(2\)",
-                         out.error.message()), out.error.message()
-        assert _ok(grpc_client, CAPITAL, model=TIGHT_MODEL, lora_path=three[:2]).text
-    finally:
-        http_client.unload_model(TIGHT_MODEL)
+    out = generate(grpc_client, CAPITAL, model=tight_model, lora_path=three, **GREEDY)
+    assert out.error is not None
+    assert re.search(r"the LoRA stack \[.*\] needs 3 adapter slots at once, more than max_loras \(2\)",
+                     out.error.message()), out.error.message()
+    assert _ok(grpc_client, CAPITAL, model=tight_model, lora_path=three[:2]).text

@@ -127,6 +127,23 @@ def test_prefix_cache_is_keyed_by_adapter_content_and_scale_not_by_name(runner, 
         engine.shutdown()
 
 
+def test_a_request_with_a_partial_hit_publishes_its_own_new_blocks(runner):
+    """The shared system prompt hits; the rest of the first request's prompt must then be cached for the second
+    (this failed when the blocks already cached were counted in tokens, so nothing more was published)."""
+    observer = Observer()
+    engine, _ = _engine(runner, observer)
+    try:
+        _run(engine, request_for(engine, _chat("Warm up the shared system prompt."), max_tokens=1))
+        question = _chat("Which books about the history of the printing press can I borrow this week?")
+        blocks = (len(runner.encode(question)) - 1) // runner.kv.block_size
+        for _ in range(2):
+            _run(engine, request_for(engine, question, max_tokens=1))
+        first, second = observer.lookups[-2][1], observer.lookups[-1][1]
+        assert 0 < first < second == blocks * runner.kv.block_size
+    finally:
+        engine.shutdown()
+
+
 def test_block_exhaustion_mid_decode_preempts_and_everyone_finishes_with_their_own_tokens(runner):
     questions = ["Name three rivers.", "Describe the sea at night.", "Why is the sky blue?"]
     engine, _ = _engine(runner)
