@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--max-loras", type=int, default=8)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: bfloat16 on a GPU or a CPU with AVX512-BF16/AMX, else float32")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     preload = {}
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         generator = TextGenerator(args.model, preload=preload, device=args.device, max_num_seqs=args.max_num_seqs,
-                                  max_loras=args.max_loras)
+                                  max_loras=args.max_loras, dtype=args.dtype)
     except (BackendError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -11,6 +11,25 @@ from backends.lora.manager.request import AdapterRef
 from backends.lora.manager.selector import AdapterSelector
 
 _FINISHED = "multilora_llm_requests_finished_total"
+# attribute, series name, kind, help. The KV cache's shape is fixed at load; a gateway reads it as vLLM's
+# cache_config_info.
+_SERIES = (
+    ("_prompt_tokens", "multilora_llm_prompt_tokens_total", "counter", "Prompt tokens processed"),
+    ("_generation_tokens", "multilora_llm_generation_tokens_total", "counter", "Tokens generated"),
+    ("_waiting", "multilora_llm_num_requests_waiting", "gauge", "Requests queued, not started"),
+    ("_running", "multilora_llm_num_requests_running", "gauge", "Requests being generated"),
+    ("_kv_usage", "multilora_llm_kv_cache_usage_ratio", "gauge", "KV-cache blocks held by running sequences over "
+     "the blocks allocated at load (1 = full: new requests wait; cached unreferenced blocks count as free)"),
+    ("_kv_blocks", "multilora_llm_kv_cache_blocks", "gauge", "KV-cache blocks allocated at load"),
+    ("_kv_block_size", "multilora_llm_kv_cache_block_size", "gauge", "Tokens per KV-cache block"),
+    ("_prefix_caching", "multilora_llm_prefix_caching_enabled", "gauge", "1 when the prefix cache is on"),
+    ("_prefix_queries", "multilora_llm_prefix_cache_queries_total", "counter",
+     "Prompt tokens looked up in the prefix cache"),
+    ("_prefix_hits", "multilora_llm_prefix_cache_hits_total", "counter", "Prompt tokens found in the prefix cache "
+     "(computed with the same tokens before them and the same adapter content and scales)"),
+    ("_preemptions", "multilora_llm_num_preemptions_total", "counter", "Running sequences preempted because the KV "
+     "cache was full (recomputed when readmitted)"),
+)
 
 
 class TritonEngineMetrics:
@@ -23,46 +42,9 @@ class TritonEngineMetrics:
         self._family(_FINISHED, "Finished generation requests by finish reason (stop, length, abort)",
                      pb_utils.MetricFamily.COUNTER)
         self._finished: dict[str, object] = {}
-        self._prompt_tokens = self._metric(
-            "multilora_llm_prompt_tokens_total", "Prompt tokens processed", pb_utils.MetricFamily.COUNTER
-        )
-        self._generation_tokens = self._metric(
-            "multilora_llm_generation_tokens_total", "Tokens generated", pb_utils.MetricFamily.COUNTER
-        )
-        self._waiting = self._metric(
-            "multilora_llm_num_requests_waiting", "Requests queued, not started", pb_utils.MetricFamily.GAUGE
-        )
-        self._running = self._metric(
-            "multilora_llm_num_requests_running", "Requests being generated", pb_utils.MetricFamily.GAUGE
-        )
-
-        self._kv_usage = self._metric(
-            "multilora_llm_kv_cache_usage_ratio", "KV-cache blocks held by running sequences over the blocks "
-            "allocated at load (1 = full: new requests wait; cached unreferenced blocks count as free)",
-            pb_utils.MetricFamily.GAUGE
-        )
-        # The KV cache's shape, fixed at load; a gateway reads it as vLLM's cache_config_info.
-        self._kv_blocks = self._metric(
-            "multilora_llm_kv_cache_blocks", "KV-cache blocks allocated at load", pb_utils.MetricFamily.GAUGE
-        )
-        self._kv_block_size = self._metric(
-            "multilora_llm_kv_cache_block_size", "Tokens per KV-cache block", pb_utils.MetricFamily.GAUGE
-        )
-        self._prefix_caching = self._metric(
-            "multilora_llm_prefix_caching_enabled", "1 when the prefix cache is on", pb_utils.MetricFamily.GAUGE
-        )
-        self._prefix_queries = self._metric(
-            "multilora_llm_prefix_cache_queries_total", "Prompt tokens looked up in the prefix cache",
-            pb_utils.MetricFamily.COUNTER
-        )
-        self._prefix_hits = self._metric(
-            "multilora_llm_prefix_cache_hits_total", "Prompt tokens found in the prefix cache (computed with the "
-            "same tokens before them and the same adapter content and scales)", pb_utils.MetricFamily.COUNTER
-        )
-        self._preemptions = self._metric(
-            "multilora_llm_num_preemptions_total", "Running sequences preempted because the KV cache was full "
-            "(recomputed when readmitted)", pb_utils.MetricFamily.COUNTER
-        )
+        counter, gauge = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
+        for attr, name, kind, description in _SERIES:
+            setattr(self, attr, self._metric(name, description, counter if kind == "counter" else gauge))
         self._lora = TritonLoRAMetrics(model_name)
 
     def _family(self, name: str, description: str, kind):
