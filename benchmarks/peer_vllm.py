@@ -17,8 +17,8 @@ Ours gets the same limits (config parameters) and every adapter as a `--lora-mod
 stream. Memory is the resident set of each server's whole process tree after its run.
 
 Before measuring, both answer the same greedy chat prompts with the base model and each demo adapter; the first
-character where their texts differ is reported (the same dtype on both sides, but different kernels: a late divergence on a
-near-tie is expected, an early one is a bug). Prints a table with ours/vLLM ratios, writes CSV.
+character where their texts differ is reported (the same dtype on both sides, but different kernels: a late
+divergence on a near-tie is expected, an early one is a bug). Prints a table with ours/vLLM ratios, writes CSV.
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ class Ours(Server):
         modules = [f"{name}={path}" for name, path in self.adapters.items()]
         self.frontend = FrontendProcess(self.server.grpc_url, None, self.workdir / "frontend.log",
                                         "--lora-registry-file", str(registry), "--lora-modules", *modules, env=env)
-        self.frontend.start()
+        self.frontend.start(timeout=600)  # it registers every --lora-modules entry first (2,000+ here)
         self.url = self.frontend.url
 
     def stop(self) -> None:

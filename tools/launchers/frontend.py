@@ -26,11 +26,11 @@ class FrontendProcess:
         self.env = {**(os.environ if env is None else env), "PYTHONPATH": str(REPO_ROOT)}
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "FrontendProcess":
+    def start(self, timeout: float = 60.0) -> "FrontendProcess":
         with open(self.log_file, "ab") as out:
             self.proc = subprocess.Popen(self.cmd, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT,
                                          env=self.env)
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, self.log_file.read_text()[-3000:]
             try:
