@@ -4,6 +4,8 @@ in bfloat16 (a GEMM of another batch shape rounds differently), so each request 
 
 from __future__ import annotations
 
+from functools import cache
+
 import pytest
 import torch
 
@@ -23,6 +25,7 @@ def bf16_model(http_client):
     http_client.unload_model(BF16_MODEL)
 
 
+@cache  # the base's texts serve both cases
 def _reference_texts(adapter: str | None) -> list[str]:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
