@@ -161,6 +161,9 @@ def test_block_exhaustion_mid_decode_preempts_and_everyone_finishes_with_their_o
             engine.submit(request_for(engine, _chat(q, "Be brief."), max_tokens=60, ignore_eos=True), sink)
         for sink in sinks:
             assert sink.wait(180).error is None
+        deadline = time.monotonic() + 10  # the engine reports the queue after the step that sent the last token
+        while observer.queue[-1][:2] != (0, 0) and time.monotonic() < deadline:
+            time.sleep(0.01)
     finally:
         engine.shutdown()
     assert observer.preemptions >= 1
