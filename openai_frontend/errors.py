@@ -120,7 +120,9 @@ def install_handlers(app: FastAPI) -> None:
         message = first.get("msg", "invalid request")
         if loc:
             message = f"{'.'.join(loc)}: {message}"
-        return error_response(bad_request(message, ".".join(loc) or None))
+        # A body-level check (field_policy) names its field in the error's context, its message names it already.
+        param = ".".join(loc) or (first.get("ctx") or {}).get("param")
+        return error_response(bad_request(message, param))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException):

@@ -1,14 +1,17 @@
-"""Request bodies (pydantic): OpenAI chat/completions/images, vLLM's LoRA management, vLLM-Omni's `lora` object.
+"""Request bodies (pydantic): OpenAI chat/completions/images, vLLM's LoRA management, vLLM-Omni's `lora` object
+and image options.
 
-Unknown fields are ignored, as OpenAI-compatible servers do; fields we cannot honour (suffix, n > 1 with stream,
-...) are refused by the routes with a clear 400 rather than silently dropped.
+Fields outside OpenAI's and vLLM's APIs are ignored, as OpenAI-compatible servers do; theirs that we do not honour
+are refused with a 400 naming them (field_policy.py; combinations such as n > 1 with stream by the routes).
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Discriminator, Field, StrictInt, Tag
+from pydantic import AliasChoices, BaseModel, ConfigDict, Discriminator, Field, StrictInt, Tag, model_validator
+
+from openai_frontend import field_policy
 
 
 class _Body(BaseModel):
@@ -38,12 +41,32 @@ LoRAField = Annotated[Union[Annotated[LoRARequest, Tag("object")],
                                         "`max_loras_per_request` (default 4) bounds a stack.")]
 
 
+class _Route(_Body):
+    """A route's body: vLLM-Omni's literal `extra_body` object merged in, then the OpenAI/vLLM fields the route does
+    not honour refused (both before the fields are read)."""
+
+    refused: ClassVar[dict[str, field_policy.Refused]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _policy(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = field_policy.merge_extra_body(data)
+            field_policy.check_honoured(data, cls.refused)
+        return data
+
+
 class StreamOptions(_Body):
     include_usage: bool = False
 
 
-class _Sampling(_Body):
-    model: str
+# Optional (vLLM's rule): without it, the one served base model of the kind the request implies.
+ModelField = Field(None, description="A base model or adapter name; optional when one model of the kind the request "
+                                     "implies is served (images or image options: an image model; else a text model)")
+
+
+class _Sampling(_Route):
+    model: str | None = ModelField
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
@@ -73,45 +96,52 @@ class ChatMessage(_Body):
         return self.content or ""
 
 
-class ChatCompletionRequest(_Sampling):
+class _ImageOptions(BaseModel):
+    """vLLM-Omni's image options (images route; chat completions on an image model)."""
+
+    size: str | None = None
+    height: int | None = Field(None, gt=0)
+    width: int | None = Field(None, gt=0)
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    true_cfg_scale: float | None = Field(None, ge=0)
+    negative_prompt: str | None = None
+    num_outputs_per_prompt: int | None = Field(None, ge=1)  # chat: images in each choice; images: the same as n
+
+
+IMAGE_OPTIONS = tuple(_ImageOptions.model_fields)
+
+
+class ChatCompletionRequest(_Sampling, _ImageOptions):
+    refused = field_policy.CHAT
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
+    def image_options(self) -> dict[str, Any]:
+        """The image options that were sent: they make a request without `model` mean the image model."""
+        return {name: getattr(self, name) for name in IMAGE_OPTIONS if getattr(self, name) is not None}
+
 
 class CompletionRequest(_Sampling):
+    refused = field_policy.COMPLETIONS
     # A string, strings, token ids, or lists of token ids: one choice per prompt.
     prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
     max_tokens: int | None = Field(None, ge=0)  # 0 with echo: score the prompt only
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
-    suffix: str | None = None
 
 
-class ImageGenerationRequest(_Body):
-    model: str
+class ImageGenerationRequest(_Route, _ImageOptions):
+    refused = field_policy.IMAGES
+    model: str | None = ModelField
     prompt: str
     n: int = Field(1, ge=1)
-    size: str | None = None
     response_format: Literal["b64_json", "url"] = "b64_json"
     seed: int | None = Field(None, ge=0)
-    num_inference_steps: int | None = None
-    guidance_scale: float | None = None
-    negative_prompt: str | None = None
     lora: LoRAField | None = None
     lora_scale: float | None = None
-
-
-class ImageChatOptions(_Body):
-    """vLLM-Omni's image parameters on a chat completion for an image model (top-level keys, the SDK's
-    `extra_body`); `seed`, `n`, `lora` and `lora_scale` come from the chat body itself."""
-
-    size: str | None = None
-    num_inference_steps: int | None = None
-    guidance_scale: float | None = None
-    negative_prompt: str | None = None
-    num_outputs_per_prompt: int = Field(1, ge=1)  # images in each choice's message
 
 
 class TokenizeRequest(_Body):

@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--num_inference_steps", "--num-inference-steps", type=int, default=None)
     p.add_argument("--guidance_scale", "--guidance-scale", type=float, default=None)
+    p.add_argument("--true_cfg_scale", "--true-cfg-scale", type=float, default=None,
+                   help="true-CFG pass scale (Flux-style pipelines; elsewhere the same as --guidance_scale)")
     p.add_argument("--num_images", "--num-images", type=int, default=1)
     p.add_argument("--lora-path", default=None, help="pre-load this adapter and use it")
     p.add_argument("--lora-request-path", default=None, help="load this adapter for this request only")
@@ -58,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         generator = ImageGenerator(args.model, preload=preload, device=args.device)
         pngs = generator.generate(args.prompt, lora=lora, negative_prompt=args.negative_prompt, seed=args.seed,
                                   height=args.height, width=args.width, num_inference_steps=args.num_inference_steps,
-                                  guidance_scale=args.guidance_scale, num_images=args.num_images)
+                                  guidance_scale=args.guidance_scale, true_cfg_scale=args.true_cfg_scale,
+                                  num_images=args.num_images)
     except (BackendError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

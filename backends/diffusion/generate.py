@@ -52,6 +52,7 @@ class ImageRequest:
     seed: int
     num_images: int
     lora: tuple[LoRASelection, ...] = ()  # () = no LoRA; several = a LoRA stack (their deltas summed)
+    true_cfg_scale: float | None = None  # pipelines with a true-CFG pass only (LoadedPipeline.true_cfg)
     # SDXL-style pipelines (force_zeros_for_empty_prompt) guide against zero embeddings without a negative prompt
     # but encode "" once any row of the call has one: such rows must not share a batch, or an image would depend
     # on its batch mates.
@@ -59,14 +60,18 @@ class ImageRequest:
 
     @property
     def batch_key(self) -> tuple:
-        return (self.height, self.width, self.steps, self.guidance_scale, self.zero_negative)
+        return (self.height, self.width, self.steps, self.guidance_scale, self.true_cfg_scale, self.zero_negative)
 
 
 def build_request(loaded: LoadedPipeline, limits: ImageLimits, *, prompt: str | None,
                   negative_prompt: str | None = None, height: int | None = None, width: int | None = None,
                   steps: int | None = None, guidance_scale: float | None = None, seed: int | None = None,
-                  num_images: int | None = None, lora: tuple[LoRASelection, ...] = ()) -> ImageRequest:
-    """Validate one request's parameters (InvalidArgument names the first bad one) and fill the defaults."""
+                  num_images: int | None = None, lora: tuple[LoRASelection, ...] = (),
+                  true_cfg_scale: float | None = None) -> ImageRequest:
+    """Validate one request's parameters (InvalidArgument names the first bad one) and fill the defaults.
+
+    `true_cfg_scale` (vLLM-Omni's name): the scale of a pipeline's true-CFG pass where it has one; on a pipeline
+    whose only guidance is classic classifier-free guidance it is that guidance's scale, i.e. guidance_scale."""
     if prompt is None:
         raise InvalidArgument("missing required input 'prompt'")
     if not prompt.strip():
@@ -74,9 +79,23 @@ def build_request(loaded: LoadedPipeline, limits: ImageLimits, *, prompt: str | 
     for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt or "")):
         if len(text) > limits.max_prompt_chars:
             raise InvalidArgument(f"input '{name}' has {len(text)} characters, max is {limits.max_prompt_chars}")
-    if negative_prompt and not loaded.negative_prompt:
-        raise InvalidArgument(f"{loaded.name} ({loaded.kind}) takes no negative_prompt: its guidance is embedded in "
-                              f"the model (guidance_scale), there is no classifier-free guidance pass")
+    if true_cfg_scale is not None:
+        if not (math.isfinite(true_cfg_scale) and true_cfg_scale >= 0):
+            raise InvalidArgument(f"true_cfg_scale must be a finite number >= 0, got {true_cfg_scale}")
+        if not loaded.true_cfg:
+            if not loaded.negative_prompt:
+                raise InvalidArgument(f"{loaded.name} ({loaded.kind}) takes no true_cfg_scale: it has no "
+                                      f"classifier-free guidance pass")
+            if guidance_scale is not None and guidance_scale != true_cfg_scale:
+                raise InvalidArgument(f"true_cfg_scale {true_cfg_scale} and guidance_scale {guidance_scale} differ: "
+                                      f"for {loaded.name} ({loaded.kind}) both are its classifier-free guidance "
+                                      f"scale; send one")
+            guidance_scale, true_cfg_scale = true_cfg_scale, None
+    true_cfg_on = true_cfg_scale is not None and true_cfg_scale > 1
+    if negative_prompt and not loaded.negative_prompt and not true_cfg_on:
+        raise InvalidArgument(f"{loaded.name} ({loaded.kind}) takes no negative_prompt without true_cfg_scale > 1: "
+                              f"its guidance is embedded in the model (guidance_scale), there is no classifier-free "
+                              f"guidance pass otherwise")
     factor = loaded.size_factor
     size = {}
     for name, value in (("height", height), ("width", width)):
@@ -100,7 +119,7 @@ def build_request(loaded: LoadedPipeline, limits: ImageLimits, *, prompt: str | 
         raise InvalidArgument(f"seed must be between 0 and {MAX_SEED - num_images}, got {seed}")
     zero_negative = not negative_prompt and bool(getattr(loaded.pipe.config, "force_zeros_for_empty_prompt", False))
     return ImageRequest(prompt, negative_prompt or "", size["height"], size["width"], steps, guidance_scale,
-                        seed, num_images, lora, zero_negative)
+                        seed, num_images, lora, true_cfg_scale, zero_negative)
 
 
 @dataclass
@@ -161,6 +180,8 @@ class DiffusionGenerator:
             kwargs["num_inference_steps"] = first.steps
         if first.guidance_scale is not None:
             kwargs["guidance_scale"] = first.guidance_scale
+        if first.true_cfg_scale is not None:
+            kwargs["true_cfg_scale"] = first.true_cfg_scale
         return kwargs
 
     @torch.inference_mode()

@@ -27,6 +27,7 @@ class LoadedPipeline:
     size_factor: int  # height and width must be multiples of this (VAE downscale x latent packing x patch size)
     default_size: int
     negative_prompt: bool = True  # takes a negative prompt (classic classifier-free guidance)
+    true_cfg: bool = False  # has a separate "true CFG" pass (Flux, Qwen-Image: true_cfg_scale + negative prompt)
 
     @property
     def kind(self) -> str:
@@ -65,14 +66,12 @@ def load_pipeline(model: str, device: str = "cpu", dtype: torch.dtype = torch.fl
     name = path.name if local else model
     log.info("diffusion pipeline %s (%s) from %s on %s: sizes in multiples of %d, default %dx%d",
              name, type(pipe).__name__, source, device, factor, default_size, default_size)
-    return LoadedPipeline(pipe, name, denoiser, text_encoders, factor, default_size, _takes_negative_prompt(pipe))
-
-
-def _takes_negative_prompt(pipe) -> bool:
-    """Flux embeds guidance in the transformer (no CFG pass); its negative prompt only acts in a second "true CFG"
-    mode (true_cfg_scale) that the server does not expose."""
     params = inspect.signature(pipe.__call__).parameters
-    return "negative_prompt" in params and "true_cfg_scale" not in params
+    # Flux embeds guidance in the transformer (no CFG pass): its negative prompt only acts in the second "true CFG"
+    # pass that true_cfg_scale > 1 turns on.
+    true_cfg = "true_cfg_scale" in params
+    return LoadedPipeline(pipe, name, denoiser, text_encoders, factor, default_size,
+                          "negative_prompt" in params and not true_cfg, true_cfg)
 
 
 def _size_factor(pipe, denoiser: str) -> int:

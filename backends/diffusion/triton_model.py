@@ -63,6 +63,7 @@ class TritonDiffusionModel:
             height=tio.get_int(request, "height"), width=tio.get_int(request, "width"),
             steps=tio.get_int(request, "num_inference_steps"),
             guidance_scale=tio.get_float(request, "guidance_scale"),
+            true_cfg_scale=tio.get_float(request, "true_cfg_scale"),
             seed=tio.get_int(request, "seed"), num_images=tio.get_int(request, "num_images"),
             lora=lora,
         )

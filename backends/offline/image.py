@@ -34,13 +34,14 @@ class ImageGenerator:
 
     def prepare(self, prompt: str, lora: LoRASpec = None, *, negative_prompt: str | None = None,
                 height: int | None = None, width: int | None = None, num_inference_steps: int | None = None,
-                guidance_scale: float | None = None, seed: int | None = None,
+                guidance_scale: float | None = None, true_cfg_scale: float | None = None, seed: int | None = None,
                 num_images: int | None = None) -> ImageRequest:
         """Validate one request as the server does (InvalidArgument / AdapterError / NotFound on a bad one)."""
         selection = select_lora(self.service.selector, stack_fields(lora))
         return build_request(self.service.loaded, self.service.limits, prompt=prompt,
                              negative_prompt=negative_prompt, height=height, width=width, steps=num_inference_steps,
-                             guidance_scale=guidance_scale, seed=seed, num_images=num_images, lora=selection)
+                             guidance_scale=guidance_scale, true_cfg_scale=true_cfg_scale, seed=seed,
+                             num_images=num_images, lora=selection)
 
     def run(self, requests: Sequence[ImageRequest], progress: bool = True) -> list[list[bytes]]:
         """PNG bytes per request (num_images each), in order; planned into batches as the server plans them.

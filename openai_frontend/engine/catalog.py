@@ -15,7 +15,7 @@ from backends.lora.store.registry import LoRARegistry
 from backends.model_params import model_parameters
 from backends.settings import default_diffusion_model_path, default_llm_model_path
 from openai_frontend.engine.gateway import TritonGateway
-from openai_frontend.errors import OpenAIError, model_not_found
+from openai_frontend.errors import OpenAIError, bad_request, model_not_found
 from openai_frontend.schemas import LoRAField, LoRARequest
 
 LLM, DIFFUSION = "llm", "diffusion"
@@ -146,6 +146,24 @@ class Catalog:
             if base is not None:
                 out.setdefault(name, (entry, base))
         return out
+
+    async def resolve(self, model: str | None, kind: str, either: bool = False) -> str:
+        """`model` as sent or, as vLLM makes it optional, the one served base model of `kind` that a request without
+        it means; `either`: with no model of that kind, the one served model of any kind (chat on a server of one
+        image model). Several candidates: a 400 naming them."""
+        if model is not None:
+            return model
+        bases = await self.bases()
+        names = sorted(b.name for b in bases.values() if b.kind == kind)
+        what = "text" if kind == LLM else "image"
+        if not names and either:
+            names, what = sorted(bases), "base"
+        if len(names) == 1:
+            return names[0]
+        if not names:
+            raise bad_request(f"model is required: no {what} model is served", "model")
+        raise bad_request(f"model is required: {len(names)} {what} models are served ({', '.join(names)}); "
+                          f"name one", "model")
 
     @staticmethod
     def default_base(bases: dict[str, BaseModel], kind: str) -> str | None:

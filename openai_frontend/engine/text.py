@@ -89,12 +89,16 @@ class TextService:
         self.config, self.gateway, self.catalog, self.metrics, self.images = config, gateway, catalog, metrics, images
 
     # -- the routes ------------------------------------------------------------------------------------------
-    async def chat(self, body: ChatCompletionRequest, raw: dict) -> dict | Stream:
-        """`raw`: the request body as sent (an image model reads vLLM-Omni's image options from it)."""
+    async def chat(self, body: ChatCompletionRequest) -> dict | Stream:
         config = self.config
+        options = body.image_options()
+        body.model = await self.catalog.resolve(body.model, DIFFUSION if options else LLM, either=not options)
         target = await self.catalog.target(body.model, body.lora, body.lora_scale)
         if target.base.kind == DIFFUSION:
-            return await self.images.chat(body, raw, target)
+            return await self.images.chat(body, target)
+        if options:
+            name = next(iter(options))
+            raise bad_request(f"{name} is an image option; model '{body.model}' is a text model", name)
         messages = chat_messages(body.messages)
         if sum(len(m["content"]) for m in messages) > config.max_prompt_chars:
             raise bad_request(f"messages exceed {config.max_prompt_chars} characters", "messages")
@@ -128,13 +132,12 @@ class TextService:
 
     async def completion(self, body: CompletionRequest) -> dict | Stream:
         config = self.config
+        body.model = await self.catalog.resolve(body.model, LLM)
         target = await self.catalog.target(body.model, body.lora, body.lora_scale)
         if target.base.kind != LLM:
             raise bad_request(f"model '{body.model}' generates images: use /v1/images/generations or "
                               "/v1/chat/completions", "model")
         prompts = prompts_of(body.prompt, config.max_prompt_chars)
-        if body.suffix:
-            raise bad_request("suffix is not supported", "suffix")
         if body.stream and (len(prompts) > 1 or body.echo or body.logprobs is not None):
             raise bad_request("stream is supported for one prompt without echo or logprobs; send stream: false",
                               "stream")

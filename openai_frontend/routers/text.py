@@ -38,8 +38,7 @@ def _answer(result: dict | Stream):
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
-    raw = await request.json()  # an image model reads vLLM-Omni's image options from the body as sent
-    return _answer(await unless_disconnected(request, request.app.state.engine.text.chat(body, raw)))
+    return _answer(await unless_disconnected(request, request.app.state.engine.text.chat(body)))
 
 
 @router.post("/v1/completions")

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from backends.diffusion.generate import DiffusionGenerator, ImageLimits, build_request
+from backends.diffusion.generate import DiffusionGenerator, ImageLimits, build_request, encode_png
 from backends.diffusion.lora import PipelineLoRA
 from backends.diffusion.pipeline import load_pipeline
 from backends.errors import InvalidArgument
@@ -192,6 +192,25 @@ def test_flux_refuses_negative_prompt_and_serves_sizes_in_multiples_of_16():
         build_request(loaded, ImageLimits(), prompt="a cat", height=40)
     request = build_request(loaded, ImageLimits(), prompt="a cat", negative_prompt="", steps=1, seed=3)
     assert (request.height, request.width) == (64, 64)
+
+
+def test_flux_true_cfg_scale_runs_its_negative_prompt_pass_as_diffusers_does():
+    """vLLM-Omni's true_cfg_scale: on Flux (guidance embedded) it turns on the second, negative-prompt pass."""
+    loaded = load_pipeline(str(fixtures_dir() / TINY_FLUX))
+    limits = ImageLimits()
+    fields = dict(prompt="a cat", height=32, width=32, steps=1, seed=3)
+    request = build_request(loaded, limits, negative_prompt="blurry", true_cfg_scale=2.0, **fields)
+    with pytest.raises(InvalidArgument, match="without true_cfg_scale > 1"):
+        build_request(loaded, limits, negative_prompt="blurry", true_cfg_scale=1.0, **fields)
+    generator = DiffusionGenerator(loaded, limits)
+    (png,) = generator.run([request]).images[0]
+    want = loaded.pipe(prompt=["a cat"], negative_prompt=["blurry"], true_cfg_scale=2.0, height=32, width=32,
+                       num_inference_steps=1, generator=[torch.Generator("cpu").manual_seed(3)],
+                       output_type="pil").images[0]
+    assert png == encode_png(want)
+    (plain,) = generator.run([build_request(loaded, limits, **fields)]).images[0]
+    assert plain != png
+    assert build_request(loaded, limits, **fields).batch_key != request.batch_key  # never one denoising call
 
 
 def test_text_encoder_names_from_transformers_4_files_load(sdxl, tmp_path):
