@@ -1,7 +1,7 @@
 """Which OpenAI and vLLM request fields each route does not honour. Such a field is refused with a 400 naming it
 unless it holds a value that changes nothing (`frequency_penalty: 0`, `tools: []`), so that no request "works" with
 a result it did not ask for; fields outside both APIs are ignored, as OpenAI-compatible servers do. The README's
-field lists are made from these tables (`python -m openai_frontend.field_policy`; a test keeps them equal).
+field lists are made from these tables (`python -m openai_frontend.field_lists`; a test keeps them equal).
 
 Also here: vLLM-Omni's literal `extra_body` object (its clients send `{"messages": ..., "extra_body": {...}}`),
 merged into the body before anything is read from it.
@@ -22,7 +22,8 @@ class Refused:
 
 
 _SAMPLING = "this sampling option is not implemented"
-_STRUCTURED = "structured outputs and tool calls are not implemented yet"
+_STRUCTURED = ("use response_format, structured_outputs or tools (the deprecated functions API and structural tags "
+               "are not implemented)")
 _TOKENS = "token-level output options beyond logprobs are not implemented"
 _TEMPLATE = "the chat template is the base model's own, applied with a generation prompt"
 _ENGINE = "this engine option is not implemented"
@@ -34,9 +35,7 @@ def _table(*groups: tuple[str, dict[str, tuple]]) -> dict[str, Refused]:
     return {name: Refused(reason, neutral) for reason, fields in groups for name, neutral in fields.items()}
 
 
-_STRUCTURED_FIELDS = {"response_format": ({"type": "text"},), "structured_outputs": (), "guided_json": (),
-                      "guided_regex": (), "guided_choice": (), "guided_grammar": (), "guided_decoding_backend": (),
-                      "guided_whitespace_pattern": (), "structural_tag": ()}
+_STRUCTURED_FIELDS = {"guided_whitespace_pattern": (), "structural_tag": ()}
 _SAMPLING_FIELDS = {"frequency_penalty": (0,), "presence_penalty": (0,), "repetition_penalty": (1,),
                     "length_penalty": (1,), "logit_bias": ({},), "min_p": (0,), "min_tokens": (0,),
                     "use_beam_search": (False,), "best_of": (1,), "stop_token_ids": ([],), "bad_words": ([],),
@@ -53,8 +52,7 @@ _ENGINE_FIELDS = {"priority": (0,), "request_id": (), "session_id": (), "cache_s
                   "media_io_kwargs": ({},)}
 
 CHAT = _table(
-    (_STRUCTURED, {**_STRUCTURED_FIELDS, "tools": ([],), "tool_choice": ("none", "auto"), "functions": ([],),
-                   "function_call": ("none",)}),
+    (_STRUCTURED, {**_STRUCTURED_FIELDS, "functions": ([],), "function_call": ("none", "auto")}),
     (_SAMPLING, _SAMPLING_FIELDS),
     (_TOKENS, _TOKEN_FIELDS),
     (_TEMPLATE, {"chat_template": (), "chat_template_kwargs": ({},), "documents": (), "echo": (False,),
@@ -70,7 +68,7 @@ COMPLETIONS = _table(
     (_STRUCTURED, _STRUCTURED_FIELDS),
     (_SAMPLING, _SAMPLING_FIELDS),
     (_TOKENS, _TOKEN_FIELDS),
-    ("the prompt is tokenized with the model's special tokens", {"add_special_tokens": (True,)}),
+    ("text prompts are tokenized as they are, without added special tokens", {"add_special_tokens": (False,)}),
     ("fill-in-the-middle is not implemented", {"suffix": ("",)}),
     ("prompts are text or token ids", {"prompt_embeds": ()}),
     (_ENGINE, _ENGINE_FIELDS),
@@ -83,6 +81,9 @@ IMAGES = _table(
     ("images are returned whole", {"stream": (False,), "partial_images": (0,)}),
     (_OPENAI, {"quality": ("auto", "standard"), "style": (), "moderation": ("low",), "complexity": (), "svg": ()}),
     ("the pipeline's memory options are set at load", {"vae_use_slicing": (False,), "vae_use_tiling": (False,)}),
+    ("this pipeline option is not implemented", {"generator_device": ("cpu",), "flow_shift": (), "extra_params": ({},),
+                                                 "layers": (), "bot_task": (), "system_prompt": (),
+                                                 "use_system_prompt": (False,), "infer_align_image_size": (False,)}),
     (_VIDEO, {"num_frames": (), "guidance_scale_2": (), "fps": (), "frame_count": (), "frame_duration_ms": ()}),
 )
 
@@ -90,7 +91,7 @@ IMAGES = _table(
 # every field of both APIs: end-user ids, and cache hints (the prefix cache works without them).
 NO_EFFECT = {
     "chat": ("user", "metadata", "safety_identifier", "prompt_cache_key", "prompt_cache_retention",
-             "prompt_cache_options", "parallel_tool_calls", "include_reasoning"),
+             "prompt_cache_options", "include_reasoning"),
     "completions": ("user",),
     "images": ("user", "safety_identifier"),
 }
@@ -101,6 +102,11 @@ def _error(param: str, message: str) -> PydanticCustomError:
     return PydanticCustomError("unsupported_field", message, {"param": param})
 
 
+def without_nulls(data: dict) -> dict:
+    """null is "not given" for every field (vLLM types its fields optional; a client may send `stream: null`)."""
+    return {k: v for k, v in data.items() if v is not None}
+
+
 def merge_extra_body(data: dict) -> dict:
     """vLLM-Omni's clients send their options as a literal `extra_body` object in the JSON body (the openai SDK's
     `extra_body=` merges them at the top level instead): its keys join the body; a key sent both ways with different
@@ -109,11 +115,9 @@ def merge_extra_body(data: dict) -> dict:
         return data
     extra = data["extra_body"]
     merged = {k: v for k, v in data.items() if k != "extra_body"}
-    if extra is None:
-        return merged
     if not isinstance(extra, dict):
         raise _error("extra_body", f"extra_body must be a JSON object of request fields, got {type(extra).__name__}")
-    for key, value in extra.items():
+    for key, value in without_nulls(extra).items():
         if key in merged and merged[key] != value:
             raise _error(f"extra_body.{key}", f"extra_body.{key} ({json.dumps(value)}) disagrees with {key} "
                                               f"({json.dumps(merged[key])}); send it once")
@@ -139,38 +143,3 @@ def check_honoured(data: dict, table: dict[str, Refused]) -> None:
             accepted = " or ".join(json.dumps(v) for v in refused.neutral)
             raise _error(name, f"{name} is not supported: {refused.reason}; leave it out"
                                + (f" or send {accepted}" if accepted else ""))
-
-
-def _routes() -> list[tuple[str, str, type, dict[str, Refused]]]:
-    from openai_frontend.schemas import ChatCompletionRequest, CompletionRequest, ImageGenerationRequest
-
-    return [("/v1/chat/completions", "chat", ChatCompletionRequest, CHAT),
-            ("/v1/completions", "completions", CompletionRequest, COMPLETIONS),
-            ("/v1/images/generations", "images", ImageGenerationRequest, IMAGES)]
-
-
-def readme_lines() -> str:
-    """The README's field lists: per route what is honoured, accepted without effect, and refused (and why)."""
-    from openai_frontend.schemas import IMAGE_OPTIONS as image_options
-
-    out = []
-    for path, key, model, table in _routes():
-        honoured = [n for n in model.model_fields if key != "chat" or n not in image_options]
-        out += [f"`{path}`", f"- honoured: {', '.join(f'`{n}`' for n in honoured)}"]
-        if key == "chat":
-            out.append(f"- on an image model also: {', '.join(f'`{n}`' for n in image_options)} (refused on a text "
-                       f"model; the text-generation fields are refused on an image model)")
-        out += [
-                f"- accepted, no effect: {', '.join(f'`{n}`' for n in NO_EFFECT[key])}",
-                "- refused unless null or the value shown:"]
-        reasons: dict[str, list[str]] = {}
-        for name, refused in table.items():
-            shown = " / ".join(f"`{json.dumps(v)}`" for v in refused.neutral)
-            reasons.setdefault(refused.reason, []).append(f"`{name}`" + (f" ({shown})" if shown else ""))
-        out += [f"  - {reason}: {', '.join(names)}" for reason, names in reasons.items()]
-        out.append("")
-    return "\n".join(out).rstrip() + "\n"
-
-
-if __name__ == "__main__":
-    print(readme_lines(), end="")

@@ -51,7 +51,7 @@ class _Route(_Body):
     @classmethod
     def _policy(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            data = field_policy.merge_extra_body(data)
+            data = field_policy.merge_extra_body(field_policy.without_nulls(data))
             field_policy.check_honoured(data, cls.refused)
         return data
 
@@ -86,14 +86,86 @@ class TextPart(_Body):
     text: str
 
 
+class FunctionCall(_Body):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Body):
+    """An assistant message's tool call in the history."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Body):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[TextPart] | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant
+    tool_call_id: str | None = None  # tool
+    name: str | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(p.text for p in self.content)
         return self.content or ""
+
+
+class JSONSchemaFormat(_Body):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict | None = Field(None, validation_alias=AliasChoices("schema", "schema_"))
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+class StructuredOutputs(_Body):
+    """vLLM's `structured_outputs`: exactly one of these."""
+
+    json_: dict | str | None = Field(None, validation_alias=AliasChoices("json", "json_"))
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+
+class FunctionDefinition(_Body):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str | None = None
+    parameters: Any = None  # a JSON Schema object (checked by the route: the error names the tool)
+    strict: bool | None = None
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class _Constrained(_Body):
+    """Structured outputs on the text routes: OpenAI's `response_format`, vLLM's `structured_outputs` and its
+    older `guided_*` fields (one of them per request)."""
+
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: Literal["xgrammar", "auto"] | None = None
 
 
 class _ImageOptions(BaseModel):
@@ -112,19 +184,22 @@ class _ImageOptions(BaseModel):
 IMAGE_OPTIONS = tuple(_ImageOptions.model_fields)
 
 
-class ChatCompletionRequest(_Sampling, _ImageOptions):
+class ChatCompletionRequest(_Sampling, _Constrained, _ImageOptions):
     refused = field_policy.CHAT
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
     def image_options(self) -> dict[str, Any]:
         """The image options that were sent: they make a request without `model` mean the image model."""
         return {name: getattr(self, name) for name in IMAGE_OPTIONS if getattr(self, name) is not None}
 
 
-class CompletionRequest(_Sampling):
+class CompletionRequest(_Sampling, _Constrained):
     refused = field_policy.COMPLETIONS
     # A string, strings, token ids, or lists of token ids: one choice per prompt.
     prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]

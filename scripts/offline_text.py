@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError("each line must be a JSON object")
             requests.append(generator.prepare(
                 _prompt(entry), _lora(entry), max_tokens=_field(entry, "max_tokens", int, args.max_tokens),
-                temperature=_field(entry, "temperature", float, args.temperature), seed=_field(entry, "seed", int)))
+                temperature=_field(entry, "temperature", float, args.temperature), seed=_field(entry, "seed", int),
+                structured_output=entry.get("structured_output")))
             numbers.append(number)
         except Exception as exc:  # this line's fault (bad JSON, field, adapter, template): report it, run the rest
             results[number] = {"line": number, "error": str(exc)}

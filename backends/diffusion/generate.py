@@ -92,6 +92,9 @@ def build_request(loaded: LoadedPipeline, limits: ImageLimits, *, prompt: str | 
                                       f"scale; send one")
             guidance_scale, true_cfg_scale = true_cfg_scale, None
     true_cfg_on = true_cfg_scale is not None and true_cfg_scale > 1
+    if true_cfg_on and not negative_prompt:  # diffusers runs the true-CFG pass only against a negative prompt
+        raise InvalidArgument(f"true_cfg_scale {true_cfg_scale} needs a negative_prompt on {loaded.name} "
+                              f"({loaded.kind}): its true-CFG pass guides away from it")
     if negative_prompt and not loaded.negative_prompt and not true_cfg_on:
         raise InvalidArgument(f"{loaded.name} ({loaded.kind}) takes no negative_prompt without true_cfg_scale > 1: "
                               f"its guidance is embedded in the model (guidance_scale), there is no classifier-free "
@@ -117,7 +120,10 @@ def build_request(loaded: LoadedPipeline, limits: ImageLimits, *, prompt: str | 
         seed = secrets.randbelow(2**31)
     elif not 0 <= seed <= MAX_SEED - num_images:
         raise InvalidArgument(f"seed must be between 0 and {MAX_SEED - num_images}, got {seed}")
-    zero_negative = not negative_prompt and bool(getattr(loaded.pipe.config, "force_zeros_for_empty_prompt", False))
+    # Rows without a negative prompt must not share a call with rows that have one where that changes them: SDXL
+    # (zero embeddings vs an encoded "") and true-CFG pipelines (the pass runs once any row has a negative prompt).
+    zero_negative = not negative_prompt and (loaded.true_cfg or bool(getattr(loaded.pipe.config,
+                                                                             "force_zeros_for_empty_prompt", False)))
     return ImageRequest(prompt, negative_prompt or "", size["height"], size["width"], steps, guidance_scale,
                         seed, num_images, lora, true_cfg_scale, zero_negative)
 

@@ -19,8 +19,10 @@ def apply_chat_template(
     model_path: str | Path | None = None,
     tokenizer=None,
     add_generation_prompt: bool = True,
+    tools: Sequence[dict] | None = None,
 ) -> str:
-    """Render `messages` (or one user message given as a string) with the model's chat template to prompt text."""
+    """Render `messages` (or one user message given as a string) with the model's chat template to prompt text;
+    `tools` (OpenAI's tool list) go to templates that render tools."""
     if isinstance(messages, str):
         messages = [{"role": "user", "content": messages}]
     if tokenizer is None:
@@ -31,4 +33,13 @@ def apply_chat_template(
         tokenizer = load_tokenizer(str(model_path))
     if not tokenizer.chat_template:
         raise ValueError(f"tokenizer of {model_path or tokenizer.name_or_path} has no chat template")
-    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt,
+                                         **({"tools": list(tools)} if tools else {}))
+
+
+def renders_tools(tokenizer) -> bool:
+    """Whether the chat template renders a `tools` list (then the model has a tool-call format of its own)."""
+    template = tokenizer.chat_template
+    if isinstance(template, dict):
+        template = template.get("tool_use") or template.get("default") or ""
+    return "tools" in (template or "")

@@ -28,9 +28,10 @@ from typing import Callable, Protocol, TypeVar
 
 import torch
 
-from backends.errors import InternalError, InvalidArgument, Unavailable
+from backends.errors import BackendError, InternalError, InvalidArgument, Unavailable
 from backends.llm.blocks import adapter_identity, block_hashes
 from backends.llm.detokenizer import IncrementalDetokenizer
+from backends.llm.grammar import GrammarCompiler, GrammarMasks, new_matcher
 from backends.llm.logprobs import TokenLogprob, prompt_logprobs, token_logprobs
 from backends.llm.params import GenerationRequest, SamplingParams, check_context_length
 from backends.llm.runner import ModelRunner, StepRow
@@ -84,6 +85,9 @@ class EngineObserver(Protocol):
 
     def on_preemption(self) -> None: ...
 
+    def on_grammar(self, seconds: float | None) -> None:
+        """A structured-output constraint compiled in `seconds`, or (None) found compiled in the cache."""
+
     def on_lora(self, cache: LoRACache, running: list[AdapterRef], waiting: list[AdapterRef]) -> None:
         """After every step: the cache, and one adapter ref per request and adapter running / waiting."""
 
@@ -97,6 +101,7 @@ class Sequence:
         self.sink = sink
         self.params: SamplingParams = request.params
         self.generator = None if self.params.greedy else make_generator(self.params.seed, device)
+        self.matcher = new_matcher(request.grammar) if request.grammar is not None else None
         self.detok = IncrementalDetokenizer(tokenizer, self.params.stop)
         self.eos_token_ids = eos_token_ids
         self.output_ids: list[int] = []
@@ -131,8 +136,12 @@ class Sequence:
         if self.finish_reason is None and len(self.output_ids) >= self.params.max_tokens:
             self.finish_reason = FINISH_LENGTH
         if self.finish_reason is not None:
-            # Release text held back as a possible stop-string start (none is left after a real match).
-            self.pending_text += self.detok.flush()
+            self.finish(self.finish_reason)
+
+    def finish(self, reason: str) -> None:
+        self.finish_reason = reason
+        # Release text held back as a possible stop-string start (none is left after a real match).
+        self.pending_text += self.detok.flush()
 
     def take_chunk(self) -> GenerationChunk:
         chunk = GenerationChunk(self.pending_text, self.finish_reason, self.num_prompt_tokens, len(self.output_ids),
@@ -214,6 +223,9 @@ class LLMEngine:
             self.max_model_len = self.runner.max_model_len
             fits = self.lora_cache.fits if self.lora_cache else (lambda adapters: not adapters)
             self.scheduler = Scheduler(self._limits, fits)
+            self.grammars = GrammarCompiler(self.runner.tokenizer, self.runner.vocab_size, self.runner.eos_token_ids,
+                                            getattr(self._observer, "on_grammar", None))
+            self._masks = GrammarMasks(self.runner.vocab_size)
         except BaseException as exc:
             self._setup_done.set_exception(exc)
             return
@@ -305,12 +317,30 @@ class LLMEngine:
         return request
 
     def submit(self, request: GenerationRequest, sink: OutputSink) -> None:
+        """Queue a prepared request. One with a constraint is queued once its grammar is compiled (on the compile
+        thread: other requests go on meanwhile); a constraint that does not compile fails that request alone."""
         if request.lora and self.lora_cache is None:
             raise Unavailable("LoRA is disabled for this model (max_loras is 0)")
-        self._enqueue(Sequence(request, sink, self.runner.tokenizer, self.runner.eos_token_ids, self.runner.device))
+        if request.constraint is None or request.grammar is not None:
+            self._enqueue(Sequence(request, sink, self.runner.tokenizer, self.runner.eos_token_ids,
+                                   self.runner.device))
+            return
+
+        def compiled(future: Future) -> None:
+            try:
+                request.grammar = future.result()
+                self.submit(request, sink)
+            except Exception as exc:  # a bad constraint, or the engine stopped meanwhile: this request's answer
+                if not isinstance(exc, BackendError):
+                    log.exception("request %s: compiling its constraint failed", request.request_id)
+                sink.fail(exc)
+
+        self.grammars.compile(request.constraint).add_done_callback(compiled)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._closed = True
+        if hasattr(self, "grammars"):
+            self.grammars.shutdown()
         self._queue.put(None)
         self._thread.join(timeout)
 
@@ -551,7 +581,9 @@ class LLMEngine:
         return Take.ADMITTED, n
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        tokens = sample_next_tokens(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        # Constrained rows sample from their grammar's tokens only; logprobs stay the model's own (vLLM's default).
+        masked = self._masks.apply(logits, [s.matcher for s in seqs])
+        tokens = sample_next_tokens(masked, [s.params for s in seqs], [s.generator for s in seqs])
         for row, (seq, token) in enumerate(zip(seqs, tokens)):
             if isinstance(token, Exception):
                 log.error("request %s failed: %s", seq.request.request_id, token)
@@ -559,7 +591,12 @@ class LLMEngine:
                 continue
             if seq.params.logprobs is not None:
                 seq.pending_logprobs += token_logprobs(logits[row : row + 1], [token], seq.params.logprobs)
+            if seq.matcher is not None and not seq.matcher.accept_token(token):
+                seq.error = InternalError(f"structured output: token {token} broke the request's grammar")
+                continue
             seq.append(token)
+            if seq.matcher is not None and seq.matcher.is_terminated() and seq.finish_reason is None:
+                seq.finish(FINISH_STOP)  # the grammar is complete (its end state admits nothing more)
             if seq.finish_reason is None and seq.request.stream and seq.pending_text:
                 self._send(seq, seq.take_chunk(), final=False)
         if self._observer:

@@ -29,6 +29,12 @@ _SERIES = (
      "(computed with the same tokens before them and the same adapter content and scales)"),
     ("_preemptions", "multilora_llm_num_preemptions_total", "counter", "Running sequences preempted because the KV "
      "cache was full (recomputed when readmitted)"),
+    ("_grammar_compiles", "multilora_llm_grammar_compiles_total", "counter",
+     "Structured-output constraints compiled (cache misses)"),
+    ("_grammar_seconds", "multilora_llm_grammar_compile_seconds_total", "counter",
+     "Seconds spent compiling structured-output constraints (on the compile thread, not the engine's)"),
+    ("_grammar_hits", "multilora_llm_grammar_cache_hits_total", "counter",
+     "Structured-output constraints found compiled in the cache"),
 )
 
 
@@ -82,6 +88,13 @@ class TritonEngineMetrics:
 
     def on_preemption(self) -> None:
         self._preemptions.increment(1)
+
+    def on_grammar(self, seconds: float | None) -> None:
+        if seconds is None:
+            self._grammar_hits.increment(1)
+        else:
+            self._grammar_compiles.increment(1)
+            self._grammar_seconds.increment(seconds)
 
     def on_lora(self, cache: LoRACache, running: list[AdapterRef], waiting: list[AdapterRef]) -> None:
         self._lora.report(cache, running, waiting)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from backends.errors import InvalidArgument
 from backends.lora.manager.request import LoRASelection
+from backends.structured import Constraint
 
 MAX_STOP_STRINGS = 16
 MAX_LOGPROBS = 20  # OpenAI's limit for top logprobs per position
@@ -40,6 +41,8 @@ class GenerationRequest:
     stream: bool = False
     prompt_token_ids: list[int] = field(default_factory=list)
     lora: tuple[LoRASelection, ...] = ()  # () = base model; several = a LoRA stack (the sum of their deltas)
+    constraint: Constraint | None = None  # structured output: the engine compiles it before queueing the request
+    grammar: object | None = None  # its compiled grammar (xgrammar), set by the engine
 
 
 def build_sampling_params(

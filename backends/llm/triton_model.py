@@ -22,6 +22,7 @@ from backends.llm.service import start_llm
 from backends.lora.manager.selector import select_lora
 from backends.model_params import model_parameters, param_str
 from backends.settings import LLM_MODEL_PATH_ENV, default_llm_model_path
+from backends.structured import parse_constraint
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +123,9 @@ class TritonLLMModel:
         stream = tio.get_bool(request, "stream")
         lora = select_lora(self.service.selector, tio.get_lora_stack(request))
         self.metrics.note_adapters([selection.ref for selection in lora])
+        constraint = parse_constraint(tio.get_string(request, "structured_output"))
         return GenerationRequest(request.request_id() or "", prompt or "", sampling, stream=bool(stream),
-                                 prompt_token_ids=ids or [], lora=lora)
+                                 prompt_token_ids=ids or [], lora=lora, constraint=constraint)
 
     def execute(self, requests: list) -> None:
         for request in requests:

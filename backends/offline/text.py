@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import uuid
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from backends.llm.params import GenerationRequest, build_sampling_params
 from backends.llm.service import start_llm
 from backends.lora.manager.selector import select_lora
 from backends.offline.common import LoRASpec, per_prompt, service_params, stack_fields
+from backends.structured import parse_constraint
 
 Prompt = str | Sequence[dict]  # text as is, or chat messages (the model's chat template is applied)
 
@@ -102,7 +104,10 @@ class TextGenerator:
             stop=sampling.get("stop"), default_max_tokens=self.engine.default_max_tokens,
         )
         selection = select_lora(self.service.selector, stack_fields(lora))
-        return self.engine.prepare(GenerationRequest(uuid.uuid4().hex, text, params, lora=selection))
+        spec = sampling.get("structured_output")  # the Triton input's form, as a dict or its JSON text
+        constraint = parse_constraint(spec if spec is None or isinstance(spec, str) else json.dumps(spec))
+        return self.engine.prepare(GenerationRequest(uuid.uuid4().hex, text, params, lora=selection,
+                                                     constraint=constraint))
 
     def run(self, requests: Sequence[GenerationRequest], progress: bool = True) -> list[TextOutput | Exception]:
         """Prepared requests, all submitted at once (the engine batches them); outputs in order, or the error a
@@ -127,7 +132,8 @@ class TextGenerator:
                  progress: bool = True, **sampling) -> list[TextOutput]:
         """Text for each prompt; `lora`: one spec for all prompts, or a list with one per prompt, where a spec is None,
         a LoRA, or a tuple of LoRA (a stack: `(LoRA("a", scale=0.7), LoRA("b", scale=0.3))`); `sampling`: max_tokens,
-        temperature, top_p, top_k, seed, stop. Raises the first request's error, as vLLM's `LLM.generate` does."""
+        temperature, top_p, top_k, seed, stop, structured_output (e.g. `{"json": schema}`, `{"regex": "..."}`).
+        Raises the first request's error, as vLLM's `LLM.generate` does."""
         single = isinstance(prompts, str) or (bool(prompts) and isinstance(prompts[0], dict))  # one conversation
         prompts = [prompts] if single else list(prompts)
         loras = per_prompt(lora, len(prompts))

@@ -59,7 +59,14 @@ class ImageService:
             raise bad_request(f"ignore_eos applies to text generation; model '{body.model}' generates images",
                               "ignore_eos")
         per_choice = body.num_outputs_per_prompt or 1
+        if body.n * per_choice > self.config.max_images:
+            raise bad_request(f"n x num_outputs_per_prompt must be <= {self.config.max_images}, got "
+                              f"{body.n} x {per_choice}", "num_outputs_per_prompt" if per_choice > 1 else "n")
+        if body.seed is not None and body.seed < 0:
+            raise bad_request(f"seed must be >= 0 for an image model, got {body.seed}", "seed")
         prompt = " ".join(m.text() for m in body.messages if m.role == "user").strip()
+        if not prompt:
+            raise bad_request("the user messages hold no text to use as the image prompt", "messages")
         job = ImageGenerationRequest(model=body.model, prompt=prompt, n=body.n * per_choice, seed=body.seed,
                                      **{name: getattr(body, name) for name in IMAGE_OPTIONS
                                         if name != "num_outputs_per_prompt"})

@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
-from backends.llm.chat import apply_chat_template
+from backends.llm.chat import apply_chat_template, renders_tools
 from openai_frontend.config import FrontendConfig
 from openai_frontend.engine.catalog import DIFFUSION, LLM, Catalog, Target
 from openai_frontend.engine.gateway import Logprobs, TextChunk, TritonGateway
 from openai_frontend.engine.images import ImageService
 from openai_frontend.engine.logprobs import chat_logprobs, legacy_logprobs
 from openai_frontend.engine.responses import response_base
+from openai_frontend.engine.structured import Plan, plan_chat, plan_completion, tool_calls
 from openai_frontend.engine.tokenizers import cached_tokenizer, chat_messages
 from openai_frontend.errors import OpenAIError, bad_request
 from openai_frontend.metrics import FrontendMetrics
@@ -25,6 +26,7 @@ from openai_frontend.schemas import ChatCompletionRequest, CompletionRequest, _S
 MAX_PROMPTS = 256
 MAX_N = 16  # choices per prompt
 MAX_PROMPT_TOKENS = 262_144
+T = TypeVar("T")
 
 
 @dataclass
@@ -102,31 +104,35 @@ class TextService:
         messages = chat_messages(body.messages)
         if sum(len(m["content"]) for m in messages) > config.max_prompt_chars:
             raise bad_request(f"messages exceed {config.max_prompt_chars} characters", "messages")
+        tokenizer = cached_tokenizer(target.base.root)
+        plan = plan_chat(body, renders_tools(tokenizer))
         try:
-            prompt = apply_chat_template(messages, tokenizer=cached_tokenizer(target.base.root))
+            prompt = apply_chat_template(messages, tokenizer=tokenizer, tools=plan.tools or None)
         except Exception as exc:  # template errors (e.g. role order) are the request's fault
             raise bad_request(f"cannot apply the chat template of {target.base.name}: {exc}", "messages") from None
-        fields = self._fields(body, prompt, body.max_completion_tokens or body.max_tokens)
+        fields = self._fields(body, prompt, body.max_completion_tokens or body.max_tokens, plan)
         if body.top_logprobs is not None and not body.logprobs:
             raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
         if body.logprobs and body.stream:
             raise bad_request("logprobs are returned without stream; send stream: false", "logprobs")
 
         if body.stream:
-            def render(text: str, finish: str | None, role_only: bool) -> dict:
-                delta = {"role": "assistant", "content": ""} if role_only else {"content": text}
-                return {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
-
-            return await self._stream(body, target, fields, render, "chat")
+            return await self._constrained(plan, self._stream(body, target, fields, _chat_render(plan), "chat"))
 
         if body.logprobs:
             fields["logprobs"] = body.top_logprobs or 0
-        done = await self._collect_all(body, target, _choices(fields, body.n))
-        tokenizer = cached_tokenizer(target.base.root) if body.logprobs else None
-        choices = [{"index": i, "message": {"role": "assistant", "content": result.text},
-                    "finish_reason": result.last.finish_reason if result.last else "stop",
-                    "logprobs": chat_logprobs(tokenizer, result.logprobs) if body.logprobs else None}
-                   for i, result in enumerate(done)]
+        done = await self._constrained(plan, self._collect_all(body, target, _choices(fields, body.n)))
+        choices = []
+        for i, result in enumerate(done):
+            finish = result.last.finish_reason if result.last else "stop"
+            message = {"role": "assistant", "content": result.text}
+            if plan.tool_calls:
+                message["content"], calls = tool_calls(plan, result.text)
+                if calls:
+                    message["tool_calls"] = calls
+                    finish = "tool_calls" if finish == "stop" else finish
+            choices.append({"index": i, "message": message, "finish_reason": finish,
+                            "logprobs": chat_logprobs(tokenizer, result.logprobs) if body.logprobs else None})
         return {**response_base(body.model, "chat"), "object": "chat.completion", "choices": choices,
                 "usage": usage([r.last for r in done], body.n)}
 
@@ -138,6 +144,7 @@ class TextService:
             raise bad_request(f"model '{body.model}' generates images: use /v1/images/generations or "
                               "/v1/chat/completions", "model")
         prompts = prompts_of(body.prompt, config.max_prompt_chars)
+        plan = plan_completion(body)
         if body.stream and (len(prompts) > 1 or body.echo or body.logprobs is not None):
             raise bad_request("stream is supported for one prompt without echo or logprobs; send stream: false",
                               "stream")
@@ -146,7 +153,7 @@ class TextService:
         score = body.echo and (body.logprobs is not None or body.max_tokens == 0)
 
         def fields_for(prompt: str | list[int]) -> dict:
-            fields = self._fields(body, prompt if isinstance(prompt, str) else None, body.max_tokens)
+            fields = self._fields(body, prompt if isinstance(prompt, str) else None, body.max_tokens, plan)
             if not isinstance(prompt, str):
                 fields["input_ids"] = prompt
             fields["logprobs"] = body.logprobs
@@ -157,7 +164,8 @@ class TextService:
             def render(text: str, finish: str | None, _role_only: bool) -> dict:
                 return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
 
-            return await self._stream(body, target, fields_for(prompts[0]), render, "completion")
+            return await self._constrained(plan, self._stream(body, target, fields_for(prompts[0]), render,
+                                                              "completion"))
 
         tokenizer = cached_tokenizer(target.base.root)
         if body.max_tokens == 0 and body.logprobs is None:  # echo only: nothing to compute
@@ -165,7 +173,8 @@ class TextService:
                                             len(tokenizer(p, add_special_tokens=False).input_ids), 0), None, None)
                     for p in prompts]
         else:
-            done = await self._collect_all(body, target, [f for p in prompts for f in _choices(fields_for(p), body.n)])
+            done = await self._constrained(plan, self._collect_all(
+                body, target, [f for p in prompts for f in _choices(fields_for(p), body.n)]))
         choices = []
         for index, (prompt, result) in enumerate(zip([p for p in prompts for _ in range(body.n)], done)):
             echoed = ""
@@ -181,7 +190,17 @@ class TextService:
                 "usage": usage([r.last for r in done], body.n)}
 
     # -- generation ------------------------------------------------------------------------------------------
-    def _fields(self, body: _Sampling, prompt: str | None, max_tokens: int | None) -> dict:
+    @staticmethod
+    async def _constrained(plan: Plan, work: Awaitable[T]) -> T:
+        """`work`'s result; a constraint the backend could not compile is a 400 naming the field it came from."""
+        try:
+            return await work
+        except OpenAIError as exc:
+            if plan.param and exc.status == 400 and exc.param is None and "structured output:" in exc.message:
+                exc.param = plan.param
+            raise
+
+    def _fields(self, body: _Sampling, prompt: str | None, max_tokens: int | None, plan: Plan) -> dict:
         if body.n > MAX_N:
             raise bad_request(f"n must be <= {MAX_N}, got {body.n}", "n")
         if body.n > 1 and body.stream:
@@ -192,7 +211,8 @@ class TextService:
         stop = [body.stop] if isinstance(body.stop, str) else body.stop
         return {"text_input": prompt, "max_tokens": max_tokens, "temperature": body.temperature,
                 "top_p": body.top_p, "top_k": body.top_k, "seed": body.seed, "stop": stop or None,
-                "stream": body.stream, "ignore_eos": body.ignore_eos or None}
+                "stream": body.stream, "ignore_eos": body.ignore_eos or None,
+                "structured_output": plan.constraint.to_json() if plan.constraint else None}
 
     def _record(self, model: str, last: TextChunk | None) -> None:
         if last is not None:
@@ -224,8 +244,8 @@ class TextService:
         return [t.result() for t in tasks]
 
     async def _stream(self, body: _Sampling, target: Target, fields: dict,
-                      render: Callable[[str, str | None, bool], dict], kind: str) -> Stream:
-        """One generation as chunk payloads built by `render(text, finish_reason, role_only)`."""
+                      render: Callable[[str, str | None, bool], dict | None], kind: str) -> Stream:
+        """One generation as chunk payloads built by `render(text, finish_reason, role_only)` (None: no chunk)."""
         base = response_base(body.model, kind)
         chunks = self.gateway.generate(target.base.name, fields, target.lora_parameters())
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -241,8 +261,10 @@ class TextService:
                     async for chunk in _prepend(first, chunks):
                         last = chunk
                         if chunk.text or chunk.finish_reason:
-                            payload = {**base, "object": obj, "choices": [render(chunk.text, chunk.finish_reason,
-                                                                                  False)]}
+                            choice = render(chunk.text, chunk.finish_reason, False)
+                            if choice is None:  # held back (a tool call is parsed once whole)
+                                continue
+                            payload = {**base, "object": obj, "choices": [choice]}
                             if include_usage:
                                 payload["usage"] = None
                             yield payload
@@ -254,6 +276,42 @@ class TextService:
                 self._record(body.model, last)
 
         return Stream(payloads())
+
+
+def _chat_render(plan: Plan) -> Callable[[str, str | None, bool], dict | None]:
+    """Streamed chat choices. A named function's arguments stream as `delta.tool_calls` argument fragments (the
+    first one with the call's id, type and name), as vLLM streams them; a `required` or `auto` answer is held until
+    it ends and then sent as whole tool calls (or as content when it holds none)."""
+    held: list[str] = []
+    started = False
+
+    def render(text: str, finish: str | None, role_only: bool) -> dict | None:
+        nonlocal started
+        if role_only:
+            return {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
+                    "logprobs": None}
+        delta: dict = {"content": text}
+        if plan.forced == "named":
+            call: dict = {"index": 0, "function": {"arguments": text}}
+            if not started:
+                whole = tool_calls(plan, "")[1][0]
+                call = {"index": 0, "id": whole["id"], "type": "function",
+                        "function": {"name": plan.function, "arguments": text}}
+                started = True
+            delta = {"tool_calls": [call]}
+            finish = "tool_calls" if finish == "stop" else finish
+        elif plan.tool_calls:
+            held.append(text)
+            if finish is None:
+                return None
+            content, calls = tool_calls(plan, "".join(held))
+            delta = {"content": content}
+            if calls:
+                delta = {"content": content, "tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]}
+                finish = "tool_calls" if finish == "stop" else finish
+        return {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+
+    return render
 
 
 async def _prepend(first: TextChunk, rest: AsyncIterator[TextChunk]) -> AsyncIterator[TextChunk]:

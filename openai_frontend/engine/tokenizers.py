@@ -7,6 +7,7 @@ here (which can fail with "Already borrowed")."""
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 
 from backends.llm.chat import apply_chat_template, load_tokenizer
@@ -16,9 +17,27 @@ from openai_frontend.errors import bad_request, model_not_found
 from openai_frontend.schemas import DetokenizeRequest, TokenizeRequest
 
 
-def chat_messages(messages) -> list[dict[str, str]]:
-    """OpenAI chat messages as chat templates take them (a developer message is a system message)."""
-    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+def _arguments(text: str):
+    try:
+        return json.loads(text)  # templates render a call's arguments as an object (Hermes, Llama, Qwen)
+    except json.JSONDecodeError:
+        return text
+
+
+def chat_messages(messages) -> list[dict]:
+    """OpenAI chat messages as chat templates take them (a developer message is a system message; an assistant's
+    tool calls and a tool's answer keep their fields)."""
+    out = []
+    for m in messages:
+        message = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+        if m.tool_calls:
+            message["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+                "name": c.function.name, "arguments": _arguments(c.function.arguments)}} for c in m.tool_calls]
+        for key in ("tool_call_id", "name"):
+            if getattr(m, key) is not None:
+                message[key] = getattr(m, key)
+        out.append(message)
+    return out
 
 
 @lru_cache(maxsize=16)

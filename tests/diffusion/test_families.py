@@ -202,6 +202,8 @@ def test_flux_true_cfg_scale_runs_its_negative_prompt_pass_as_diffusers_does():
     request = build_request(loaded, limits, negative_prompt="blurry", true_cfg_scale=2.0, **fields)
     with pytest.raises(InvalidArgument, match="without true_cfg_scale > 1"):
         build_request(loaded, limits, negative_prompt="blurry", true_cfg_scale=1.0, **fields)
+    with pytest.raises(InvalidArgument, match="true_cfg_scale 2.0 needs a negative_prompt"):
+        build_request(loaded, limits, true_cfg_scale=2.0, **fields)  # diffusers would skip the pass silently
     generator = DiffusionGenerator(loaded, limits)
     (png,) = generator.run([request]).images[0]
     want = loaded.pipe(prompt=["a cat"], negative_prompt=["blurry"], true_cfg_scale=2.0, height=32, width=32,
@@ -210,7 +212,8 @@ def test_flux_true_cfg_scale_runs_its_negative_prompt_pass_as_diffusers_does():
     assert png == encode_png(want)
     (plain,) = generator.run([build_request(loaded, limits, **fields)]).images[0]
     assert plain != png
-    assert build_request(loaded, limits, **fields).batch_key != request.batch_key  # never one denoising call
+    # Never one denoising call: diffusers runs the true-CFG pass for the whole call once a row has a negative prompt.
+    assert build_request(loaded, limits, **fields).batch_key != request.batch_key
 
 
 def test_text_encoder_names_from_transformers_4_files_load(sdxl, tmp_path):

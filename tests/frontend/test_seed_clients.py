@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 from backends.settings import REPO_ROOT, adapters_dir
-from openai_frontend import field_policy
+from openai_frontend import field_lists, field_policy
 from openai_frontend.schemas import ChatCompletionRequest, CompletionRequest, ImageGenerationRequest
 from tools.fixtures.pipelines import diffusion_adapters_dir
 from tools.launchers.frontend import FrontendProcess
@@ -254,9 +254,12 @@ BAD = {
     "true_cfg_scale and guidance_scale disagreeing": ("/v1/images/generations", {
         "prompt": "x", "size": "32x32", "guidance_scale": 2.0, "true_cfg_scale": 4.0, "num_inference_steps": 1}, None,
         "true_cfg_scale 4.0 and guidance_scale 2.0 differ"),
-    "refused OpenAI field": ("/v1/chat/completions", {"messages": CAPITAL, "response_format": {"type": "json_object"}},
-                             "response_format", "response_format is not supported: structured outputs and tool calls "
-                                                "are not implemented yet; leave it out or send {\"type\": \"text\"}"),
+    "negative seed for an image model": ("/v1/chat/completions", {"messages": CAPITAL, "seed": -1,
+                                                                  "extra_body": {"height": 32}}, "seed",
+                                         "seed must be >= 0 for an image model"),  # was a 500
+    "refused OpenAI field": ("/v1/chat/completions", {"messages": CAPITAL, "frequency_penalty": 0.5},
+                             "frequency_penalty", "frequency_penalty is not supported: this sampling option is not "
+                                                  "implemented; leave it out or send 0"),
     "refused field inside extra_body": ("/v1/completions", {"prompt": "x", "extra_body": {"presence_penalty": 0.5}},
                                         "presence_penalty", "presence_penalty is not supported"),
     "refused images field": ("/v1/images/generations", {"prompt": "x", "quality": "hd"}, "quality",
@@ -337,21 +340,26 @@ def test_every_refused_field_is_a_400_and_its_neutral_values_pass(route, open_fr
         response = _post(open_frontend, path, {**body, name: "a value we do not honour"})
         assert response.status_code == 400 and response.json()["error"]["param"] == name, (name, response.text)
         assert re.match(rf"{name} is not supported: ", response.json()["error"]["message"])
-    neutral = {name: refused.neutral[-1] for name, refused in table.items() if refused.neutral}
+    # Every neutral value is accepted (each field's k-th value in request k), and null for every field.
     accepted = {name: "someone" for name in field_policy.NO_EFFECT[route] if name == "user"}
-    response = _post(open_frontend, path, {**body, **neutral, **accepted})
+    widest = max(len(r.neutral) for r in table.values())
+    for k in range(widest):
+        neutral = {name: r.neutral[min(k, len(r.neutral) - 1)] for name, r in table.items() if r.neutral}
+        response = _post(open_frontend, path, {**body, **neutral, **accepted})
+        assert response.status_code == 200, (neutral, response.text)
+    response = _post(open_frontend, path, {**body, **{name: None for name in table}})
     assert response.status_code == 200, response.text
 
 
 def test_readme_lists_the_field_policy():
     readme = (REPO_ROOT / "README.md").read_text()
     listed = readme.split("<!-- field-policy:start -->\n", 1)[1].split("<!-- field-policy:end -->", 1)[0]
-    assert listed == field_policy.readme_lines(), "README.md's field lists are stale: run " \
-                                                  "python -m openai_frontend.field_policy and paste its output"
+    assert listed == field_lists.readme_lines(), "README.md's field lists are stale: run " \
+                                                  "python -m openai_frontend.field_lists and paste its output"
 
 
 def test_openai_sdk_clients_reach_the_refusal(open_frontend):
     client = openai.OpenAI(base_url=f"{open_frontend.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
-    with pytest.raises(openai.BadRequestError, match="tools is not supported"):
-        client.chat.completions.create(model="llm", messages=CAPITAL, tools=[{"type": "function", "function": {
-            "name": "f", "parameters": {"type": "object", "properties": {}}}}])
+    with pytest.raises(openai.BadRequestError, match="functions is not supported"):
+        client.chat.completions.create(model="llm", messages=CAPITAL, functions=[{
+            "name": "f", "parameters": {"type": "object", "properties": {}}}])

@@ -1,0 +1,177 @@
+"""Structured outputs and tool calls on the text routes: a request's one output constraint (OpenAI's
+`response_format`, vLLM's `structured_outputs` / `guided_*`, or the tool call `tools` + `tool_choice` force), checked
+here so that a bad one is a 400 naming its field before Triton sees it; and the answers' tool calls (a forced call's
+arguments, or the Hermes-style `<tool_call>` blocks of a template with its own tool format).
+
+tool_choice: `none` = free text, tools not shown to the model; `auto` (the default with tools) = the template renders
+the tools and the model may call them in its own format (refused for templates that render no tools, as vLLM
+refuses auto tool choice without a parser); `required` = at least one call, its arguments held to the tool's schema;
+a named function = exactly that call.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass, field
+
+from backends.errors import InvalidArgument
+from backends.structured import Constraint, check_schema, make_constraint
+from openai_frontend.errors import bad_request
+from openai_frontend.schemas import ChatCompletionRequest, CompletionRequest, Tool
+
+_HERMES = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
+
+
+@dataclass
+class Plan:
+    """What a text request asks for beyond free text."""
+
+    constraint: Constraint | None = None
+    param: str | None = None  # the field the constraint came from (named in compile errors)
+    tools: list[dict] = field(default_factory=list)  # for the chat template (auto)
+    forced: str | None = None  # "named": the output is one call's arguments; "required": a JSON list of calls
+    function: str | None = None  # the named function
+    parse_calls: bool = False  # auto: parse the template's tool-call blocks from the text
+
+    @property
+    def tool_calls(self) -> bool:
+        return self.forced is not None or self.parse_calls
+
+
+def _checked(kind: str, value, param: str) -> Constraint:
+    if kind == "json" and isinstance(value, str):  # vLLM takes a schema as JSON text too
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise bad_request(f"{param} is not valid JSON: {exc}", param) from None
+    try:
+        return make_constraint(kind, value, param)
+    except InvalidArgument as exc:
+        raise bad_request(str(exc), param) from None
+
+
+def _sources(body: ChatCompletionRequest | CompletionRequest) -> list[tuple[str, Constraint]]:
+    found = []
+    rf = body.response_format
+    if rf is not None and rf.type == "json_object":
+        found.append(("response_format", _checked("json_object", True, "response_format")))
+    elif rf is not None and rf.type == "json_schema":
+        if rf.json_schema is None or rf.json_schema.schema_ is None:
+            raise bad_request("response_format json_schema needs json_schema.schema", "response_format.json_schema")
+        found.append(("response_format", _checked("json", rf.json_schema.schema_,
+                                                  "response_format.json_schema.schema")))
+    so = body.structured_outputs
+    if so is not None:
+        given = {k: v for k, v in (("json", so.json_), ("json_object", so.json_object), ("regex", so.regex),
+                                   ("choice", so.choice), ("grammar", so.grammar)) if v is not None}
+        if len(given) != 1:
+            raise bad_request("structured_outputs must hold exactly one of json, json_object, regex, choice, "
+                              "grammar", "structured_outputs")
+        ((kind, value),) = given.items()
+        found.append(("structured_outputs", _checked(kind, value, f"structured_outputs.{kind}")))
+    for kind in ("json", "regex", "choice", "grammar"):
+        value = getattr(body, f"guided_{kind}")
+        if value is not None:
+            found.append((f"guided_{kind}", _checked(kind, value, f"guided_{kind}")))
+    return found
+
+
+def _parameters(tool: Tool, i: int) -> dict:
+    params = tool.function.parameters
+    where = f"tools.{i}.function.parameters"
+    if params is None:
+        return {"type": "object", "properties": {}}
+    if not isinstance(params, dict) or params.get("type", "object") != "object":
+        raise bad_request(f"{where} of tool '{tool.function.name}' must be a JSON Schema of type object", where)
+    try:
+        check_schema(params, where)
+    except InvalidArgument as exc:
+        raise bad_request(str(exc), where) from None
+    return params
+
+
+def plan_completion(body: CompletionRequest) -> Plan:
+    found = _sources(body)
+    _one(found)
+    return _plan(found)
+
+
+def _plan(found: list[tuple[str, Constraint]]) -> Plan:
+    return Plan(found[0][1], found[0][0]) if found else Plan()
+
+
+def _one(found: list[tuple[str, Constraint]]) -> None:
+    if len(found) > 1:
+        raise bad_request(f"send one output constraint: {' and '.join(f for f, _ in found)} were both given",
+                          found[1][0])
+
+
+def plan_chat(body: ChatCompletionRequest, template_renders_tools: bool) -> Plan:
+    found = _sources(body)
+    tools = body.tools or []
+    choice = body.tool_choice if body.tool_choice is not None else ("auto" if tools else "none")
+    names = [t.function.name for t in tools]
+    if len(set(names)) != len(names):
+        raise bad_request("tools must have distinct function names", "tools")
+    params = {t.function.name: _parameters(t, i) for i, t in enumerate(tools)}
+    if not isinstance(choice, str):  # a named function
+        name = choice.function.name
+        if name not in params:
+            raise bad_request(f"tool_choice names function '{name}', which is not in tools "
+                              f"({', '.join(names) or 'none given'})", "tool_choice")
+        found.append(("tool_choice", Constraint("json", check_schema(params[name], "tool_choice"))))
+        _one(found)
+        return Plan(found[0][1], "tool_choice", forced="named", function=name)
+    if choice == "required":
+        if not tools:
+            raise bad_request("tool_choice 'required' needs tools", "tool_choice")
+        calls = {"type": "array", "minItems": 1, "items": {"anyOf": [
+            {"type": "object", "properties": {"name": {"enum": [name]}, "parameters": schema},
+             "required": ["name", "parameters"], "additionalProperties": False} for name, schema in params.items()]}}
+        if not body.parallel_tool_calls:
+            calls["maxItems"] = 1
+        found.append(("tool_choice", Constraint("json", check_schema(calls, "tools"))))
+        _one(found)
+        return Plan(found[0][1], "tool_choice", forced="required")
+    _one(found)
+    plan = _plan(found)
+    if choice == "auto" and tools:
+        if not template_renders_tools:
+            raise bad_request("tool_choice 'auto' needs a chat template with its own tool-call format, and this "
+                              "model's renders no tools; use tool_choice 'required' or a named function",
+                              "tool_choice")
+        plan.tools = [t.model_dump(exclude_none=True) for t in tools]
+        plan.parse_calls = plan.constraint is None
+    return plan
+
+
+def _call(name: str, arguments: str) -> dict:
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": name, "arguments": arguments}}
+
+
+def tool_calls(plan: Plan, text: str) -> tuple[str | None, list[dict]]:
+    """(content, tool_calls) of a finished answer; a forced call's text that is not whole JSON (cut by max_tokens)
+    stays content, as vLLM leaves it."""
+    if plan.forced == "named":
+        return None, [_call(plan.function, text)]
+    if plan.forced == "required":
+        try:
+            calls = json.loads(text)
+        except json.JSONDecodeError:
+            return text, []
+        return None, [_call(c["name"], json.dumps(c["parameters"], ensure_ascii=False)) for c in calls]
+    if plan.parse_calls:
+        calls = []
+        for block in _HERMES.findall(text):
+            try:
+                call = json.loads(block)
+                calls.append(_call(call["name"], json.dumps(call.get("arguments", {}), ensure_ascii=False)))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                return text, []  # not a well-formed call: the text as the model wrote it
+        if calls:
+            content = text[:text.find("<tool_call>")].strip()
+            return content or None, calls
+    return text, []
