@@ -40,13 +40,37 @@ class Constraint:
         return json.dumps({self.kind: payload})
 
 
+_LOOKAROUND = re.compile(r"\(\?<?[=!]")
+_LENGTHS = ("minLength", "maxLength")
+_METADATA = {"title", "description", "$comment", "examples", "default", "$id", "$schema", "$anchor", "deprecated",
+             "readOnly", "writeOnly"}
+
+
 def _unenforced(schema: Any, path: str) -> str | None:
-    """The path of the first keyword xgrammar would not enforce, or None."""
+    """The path (and, after a space, why) of the first part of a schema xgrammar would not enforce, or None. Checked
+    against xgrammar 0.2.9: each of these compiles and then admits values that break the schema."""
     if not isinstance(schema, dict):
         return None
     for key in UNENFORCED:
         if key in schema:
             return f"{path}/{key}"
+    for key in ("pattern",):
+        if isinstance(schema.get(key), str) and _LOOKAROUND.search(schema[key]):
+            return f"{path}/{key} lookaround in a pattern"
+        if key in schema and any(k in schema for k in _LENGTHS):
+            return f"{path}/{key} a pattern together with minLength/maxLength"
+    if isinstance(schema.get("patternProperties"), dict):
+        for name in schema["patternProperties"]:
+            if _LOOKAROUND.search(name):
+                return f"{path}/patternProperties lookaround in a pattern"
+    for key in ("enum", "const"):
+        if key in schema and set(schema) - _METADATA - {key, "type"}:
+            return f"{path}/{key} {key} together with other constraints"
+    if "allOf" in schema:
+        parts = schema["allOf"]
+        if not isinstance(parts, list) or len(parts) > 1 or set(schema) - _METADATA - {"allOf", "$defs",
+                                                                                      "definitions"}:
+            return f"{path}/allOf allOf with more than one part or beside other keywords"
     for key in _SCHEMA_MAPS:
         if isinstance(schema.get(key), dict):
             for name, sub in schema[key].items():
@@ -76,14 +100,19 @@ def check_schema(schema: Any, field: str = "json") -> str:
         raise InvalidArgument(f"{field} has {len(text)} characters, at most {MAX_CONSTRAINT_CHARS} are accepted")
     try:
         Draft202012Validator.check_schema(schema)
+        found = _unenforced(schema, "#")
     except SchemaError as exc:
         where = "/".join(str(p) for p in exc.path)
         raise InvalidArgument(f"{field} is not a valid JSON Schema: {exc.message}"
                               + (f" (at {where})" if where else "")) from None
-    if found := _unenforced(schema, "#"):
-        keyword = found.rsplit("/", 1)[1]
-        raise InvalidArgument(f"{field} uses the JSON Schema keyword '{keyword}' (at {found}), which structured "
-                              f"outputs do not enforce; remove it")
+    except RecursionError:
+        raise InvalidArgument(f"{field} is nested too deeply") from None
+    if found:
+        where, _, why = found.partition(" ")
+        keyword = where.rsplit("/", 1)[1]
+        what = why or f"the JSON Schema keyword '{keyword}'"
+        raise InvalidArgument(f"{field} uses {what} (at {where}), which structured outputs do not enforce; "
+                              f"remove it")
     return text
 
 
@@ -136,6 +165,8 @@ def parse_constraint(text: str | None, field: str = "structured_output") -> Cons
         spec = json.loads(text)
     except json.JSONDecodeError as exc:
         raise InvalidArgument(f"{field} must be a JSON object: {exc}") from None
+    except RecursionError:
+        raise InvalidArgument(f"{field} is nested too deeply") from None
     if not isinstance(spec, dict) or len(spec) != 1:
         raise InvalidArgument(f"{field} must be a JSON object with exactly one of {', '.join(KINDS)}")
     ((kind, value),) = spec.items()

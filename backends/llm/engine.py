@@ -22,7 +22,7 @@ import queue
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass
 from typing import Callable, Protocol, TypeVar
 
@@ -226,6 +226,8 @@ class LLMEngine:
             self.grammars = GrammarCompiler(self.runner.tokenizer, self.runner.vocab_size, self.runner.eos_token_ids,
                                             getattr(self._observer, "on_grammar", None))
             self._masks = GrammarMasks(self.runner.vocab_size)
+            with self.runner._on_device():
+                self._masks.warm_up(self.runner.device)
         except BaseException as exc:
             self._setup_done.set_exception(exc)
             return
@@ -330,6 +332,8 @@ class LLMEngine:
             try:
                 request.grammar = future.result()
                 self.submit(request, sink)
+            except CancelledError:  # shut down while it compiled
+                sink.fail(Unavailable("the model is shutting down; request not finished"))
             except Exception as exc:  # a bad constraint, or the engine stopped meanwhile: this request's answer
                 if not isinstance(exc, BackendError):
                     log.exception("request %s: compiling its constraint failed", request.request_id)
@@ -582,8 +586,11 @@ class LLMEngine:
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         # Constrained rows sample from their grammar's tokens only; logprobs stay the model's own (vLLM's default).
-        masked = self._masks.apply(logits, [s.matcher for s in seqs])
+        with self.runner._on_device():
+            masked, failed = self._masks.apply(logits, [s.matcher for s in seqs])
         tokens = sample_next_tokens(masked, [s.params for s in seqs], [s.generator for s in seqs])
+        for row, error in failed.items():
+            tokens[row] = error
         for row, (seq, token) in enumerate(zip(seqs, tokens)):
             if isinstance(token, Exception):
                 log.error("request %s failed: %s", seq.request.request_id, token)

@@ -20,12 +20,14 @@ from typing import Callable, Iterable
 import torch
 import xgrammar as xgr
 
-from backends.errors import InvalidArgument
+from backends.errors import InternalError, InvalidArgument, Unavailable
 from backends.structured import Constraint
 
 log = logging.getLogger(__name__)
 
 MAX_CACHED = 512  # compiled grammars kept (least recently used dropped); a repeated schema costs nothing
+# ... and at most this much host memory for them: a 12k-character schema over a 49k vocabulary compiles to ~13 MB.
+MAX_CACHED_BYTES = 512 << 20
 _XGR_PREFIX = re.compile(r"^\[[^\]]*\]\s+\S+:\d+:\s*(Check failed: \(.*?\) is false:\s*)?")
 
 
@@ -58,17 +60,36 @@ class GrammarCompiler:
             future = self._cache.get(constraint)
             if future is not None:
                 self._cache.move_to_end(constraint)
-                self._on_compiled(None)
+                if future.done() and future.exception() is None:
+                    self._on_compiled(None)
                 return future
-            future = self._pool.submit(self._compile, constraint)
+            try:
+                future = self._pool.submit(self._compile, constraint)
+            except RuntimeError:  # the pool was shut down: the model is going away
+                raise Unavailable("the model is shutting down; retry on another instance") from None
             self._cache[constraint] = future
-            while len(self._cache) > MAX_CACHED:
-                self._cache.popitem(last=False)
+            self._evict()
         return future
 
+    def _evict(self) -> None:
+        """Least recently used first, beyond MAX_CACHED grammars or MAX_CACHED_BYTES of compiled ones."""
+        def size(f: Future) -> int:
+            return f.result().memory_size_bytes if f.done() and f.exception() is None else 0
+
+        total = sum(size(f) for f in self._cache.values())
+        while len(self._cache) > 1 and (len(self._cache) > MAX_CACHED or total > MAX_CACHED_BYTES):
+            _, dropped = self._cache.popitem(last=False)
+            total -= size(dropped)
+
     def _compile(self, constraint: Constraint) -> xgr.CompiledGrammar:
-        compiler = self._compiler.result()
         started = time.perf_counter()
+        try:
+            compiler = self._compiler.result()
+        except Exception as exc:
+            with self._lock:
+                self._cache.pop(constraint, None)
+            raise InternalError(f"structured output: the tokenizer's grammar index could not be built: {exc}") \
+                from None
         try:
             if constraint.kind == "json":
                 compiled = compiler.compile_json_schema(constraint.value, any_whitespace=False)
@@ -77,7 +98,8 @@ class GrammarCompiler:
             elif constraint.kind == "regex":
                 compiled = compiler.compile_regex(constraint.value)
             elif constraint.kind == "choice":
-                rule = " | ".join(json.dumps(c) for c in json.loads(constraint.value))
+                # ensure_ascii=False: xgrammar reads a \\ud83d\\ude00 escape as two lone surrogates (no token fits)
+                rule = " | ".join(json.dumps(c, ensure_ascii=False) for c in json.loads(constraint.value))
                 compiled = compiler.compile_grammar(f"root ::= {rule}")
             else:
                 compiled = compiler.compile_grammar(constraint.value)
@@ -88,6 +110,8 @@ class GrammarCompiler:
                                   f"{_reason(exc)}") from None
         seconds = time.perf_counter() - started
         self._on_compiled(seconds)
+        with self._lock:
+            self._evict()
         log.info("compiled a %s constraint (%d characters) in %.1f ms", constraint.kind, len(constraint.value),
                  seconds * 1e3)
         return compiled
@@ -104,20 +128,40 @@ class GrammarMasks:
         self.vocab_size = vocab_size
         self._bitmask: torch.Tensor | None = None
 
-    def apply(self, logits: torch.Tensor, matchers: list) -> torch.Tensor:
-        """`matchers[i]`: row i's GrammarMatcher or None. Returns logits with the constrained rows masked (the same
-        tensor when no row is constrained)."""
+    def apply(self, logits: torch.Tensor, matchers: list) -> tuple[torch.Tensor, dict[int, Exception]]:
+        """`matchers[i]`: row i's GrammarMatcher or None. Returns the logits with the constrained rows masked (the
+        same tensor when no row is constrained) and the rows that cannot go on, with why: a grammar whose mask
+        admits no token, or a matcher that failed. Call on the device's context (CUDA: xgrammar's kernel launches on
+        the current device)."""
         rows = [i for i, m in enumerate(matchers) if m is not None]
+        failed: dict[int, Exception] = {}
         if not rows:
-            return logits
+            return logits, failed
         if self._bitmask is None or self._bitmask.shape[0] < len(matchers):
             self._bitmask = xgr.allocate_token_bitmask(max(len(matchers), 16), self.vocab_size)
         for i in rows:
-            matchers[i].fill_next_token_bitmask(self._bitmask, i)
+            try:
+                matchers[i].fill_next_token_bitmask(self._bitmask, i)
+            except RuntimeError as exc:  # this row alone
+                failed[i] = InternalError(f"structured output: the grammar matcher failed: {_reason(exc)}")
         masked = logits.float().clone()
         xgr.apply_token_bitmask_inplace(masked, self._bitmask[: len(matchers)].to(masked.device),
                                         vocab_size=min(self.vocab_size, masked.shape[-1]), indices=rows)
-        return masked
+        admits = torch.isfinite(masked[rows]).any(-1).tolist()
+        for i, ok in zip(rows, admits):
+            if not ok and i not in failed:
+                failed[i] = InvalidArgument("structured output: no token of this model's vocabulary can continue "
+                                            "the constraint (e.g. a character no token holds)")
+        return masked, failed
+
+    def warm_up(self, device: torch.device) -> None:
+        """On CUDA, xgrammar's mask kernel compiles on first use (per row-count shape): here, not in a step."""
+        if device.type != "cuda":
+            return
+        for rows in (1, 16):
+            bitmask = xgr.allocate_token_bitmask(rows, self.vocab_size).to(device)
+            logits = torch.zeros(rows, self.vocab_size, device=device)
+            xgr.apply_token_bitmask_inplace(logits, bitmask, indices=list(range(rows)))
 
 
 def new_matcher(compiled: xgr.CompiledGrammar) -> xgr.GrammarMatcher:

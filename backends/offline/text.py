@@ -132,12 +132,18 @@ class TextGenerator:
                  progress: bool = True, **sampling) -> list[TextOutput]:
         """Text for each prompt; `lora`: one spec for all prompts, or a list with one per prompt, where a spec is None,
         a LoRA, or a tuple of LoRA (a stack: `(LoRA("a", scale=0.7), LoRA("b", scale=0.3))`); `sampling`: max_tokens,
-        temperature, top_p, top_k, seed, stop, structured_output (e.g. `{"json": schema}`, `{"regex": "..."}`).
+        temperature, top_p, top_k, seed, stop, structured_output (e.g. `{"json": schema}`, `{"regex": "..."}`; or a
+        list with one per prompt, None for none).
         Raises the first request's error, as vLLM's `LLM.generate` does."""
         single = isinstance(prompts, str) or (bool(prompts) and isinstance(prompts[0], dict))  # one conversation
         prompts = [prompts] if single else list(prompts)
         loras = per_prompt(lora, len(prompts))
-        outputs = self.run([self.prepare(p, lo, **sampling) for p, lo in zip(prompts, loras)], progress)
+        specs = sampling.pop("structured_output", None)  # one for all prompts, or a list with one per prompt
+        specs = list(specs) if isinstance(specs, list) else [specs] * len(prompts)
+        if len(specs) != len(prompts):
+            raise InvalidArgument(f"structured_output: {len(specs)} constraints for {len(prompts)} prompts")
+        outputs = self.run([self.prepare(p, lo, structured_output=c, **sampling)
+                            for p, lo, c in zip(prompts, loras, specs)], progress)
         for out in outputs:
             if isinstance(out, Exception):
                 raise out

@@ -85,10 +85,43 @@ def _parameters(tool: Tool, i: int) -> dict:
         return {"type": "object", "properties": {}}
     if not isinstance(params, dict) or params.get("type", "object") != "object":
         raise bad_request(f"{where} of tool '{tool.function.name}' must be a JSON Schema of type object", where)
+    params = {"type": "object", **params}  # without a type, {} would admit any JSON value as the arguments
     try:
         check_schema(params, where)
     except InvalidArgument as exc:
         raise bad_request(str(exc), where) from None
+    return params
+
+
+def _hoisted(params: dict, prefix: str, defs: dict) -> dict:
+    """A tool's parameters schema to nest inside the `required` calls schema: its `$defs` move to the root (into
+    `defs`, renamed with `prefix`) and its `$ref`s follow them, so that `#/$defs/...` still resolves."""
+    def rewrite(node):
+        if isinstance(node, dict):
+            out = {}
+            for key, value in node.items():
+                if key == "$ref" and isinstance(value, str):
+                    for root in ("#/$defs/", "#/definitions/"):
+                        if value.startswith(root):
+                            value = f"#/$defs/{prefix}{value[len(root):]}"
+                            break
+                    else:
+                        if value.startswith("#"):
+                            raise bad_request(f"tool parameters with the $ref '{value}' cannot be combined by "
+                                              f"tool_choice 'required'; use $defs or a named function",
+                                              "tool_choice")
+                    out[key] = value
+                else:
+                    out[key] = rewrite(value)
+            return out
+        if isinstance(node, list):
+            return [rewrite(v) for v in node]
+        return node
+
+    params = rewrite(params)
+    for key in ("$defs", "definitions"):
+        for name, sub in (params.pop(key, None) or {}).items():
+            defs[f"{prefix}{name}"] = sub
     return params
 
 
@@ -123,27 +156,35 @@ def plan_chat(body: ChatCompletionRequest, template_renders_tools: bool) -> Plan
                               f"({', '.join(names) or 'none given'})", "tool_choice")
         found.append(("tool_choice", Constraint("json", check_schema(params[name], "tool_choice"))))
         _one(found)
-        return Plan(found[0][1], "tool_choice", forced="named", function=name)
-    if choice == "required":
+        plan = Plan(found[0][1], "tool_choice", forced="named", function=name)
+    elif choice == "required":
         if not tools:
             raise bad_request("tool_choice 'required' needs tools", "tool_choice")
+        defs: dict = {}
         calls = {"type": "array", "minItems": 1, "items": {"anyOf": [
-            {"type": "object", "properties": {"name": {"enum": [name]}, "parameters": schema},
-             "required": ["name", "parameters"], "additionalProperties": False} for name, schema in params.items()]}}
+            {"type": "object", "properties": {"name": {"enum": [name]},
+                                              "parameters": _hoisted(schema, f"t{i}_", defs)},
+             "required": ["name", "parameters"], "additionalProperties": False}
+            for i, (name, schema) in enumerate(params.items())]}}
+        if defs:
+            calls["$defs"] = defs
         if not body.parallel_tool_calls:
             calls["maxItems"] = 1
         found.append(("tool_choice", Constraint("json", check_schema(calls, "tools"))))
         _one(found)
-        return Plan(found[0][1], "tool_choice", forced="required")
-    _one(found)
-    plan = _plan(found)
-    if choice == "auto" and tools:
-        if not template_renders_tools:
-            raise bad_request("tool_choice 'auto' needs a chat template with its own tool-call format, and this "
-                              "model's renders no tools; use tool_choice 'required' or a named function",
-                              "tool_choice")
-        plan.tools = [t.model_dump(exclude_none=True) for t in tools]
-        plan.parse_calls = plan.constraint is None
+        plan = Plan(found[0][1], "tool_choice", forced="required")
+    else:
+        _one(found)
+        plan = _plan(found)
+        if choice == "auto" and tools:
+            if not template_renders_tools:
+                raise bad_request("tool_choice 'auto' needs a chat template with its own tool-call format, and "
+                                  "this model's renders no tools; use tool_choice 'required' or a named function",
+                                  "tool_choice")
+            plan.parse_calls = plan.constraint is None
+    if choice != "none" and template_renders_tools:  # the model sees the tools it may (or must) call
+        plan.tools = [{"type": "function", "function": {**t.function.model_dump(exclude_none=True),
+                                                         "parameters": params[t.function.name]}} for t in tools]
     return plan
 
 
@@ -152,9 +193,17 @@ def _call(name: str, arguments: str) -> dict:
             "function": {"name": name, "arguments": arguments}}
 
 
+def whole_json(text: str) -> bool:
+    try:
+        json.loads(text)
+        return True
+    except json.JSONDecodeError:
+        return False
+
+
 def tool_calls(plan: Plan, text: str) -> tuple[str | None, list[dict]]:
-    """(content, tool_calls) of a finished answer; a forced call's text that is not whole JSON (cut by max_tokens)
-    stays content, as vLLM leaves it."""
+    """(content, tool_calls) of a finished answer; a `required` answer that is not whole JSON (cut by max_tokens or
+    a stop string) stays content, as vLLM leaves it; a named call keeps its (then partial) arguments."""
     if plan.forced == "named":
         return None, [_call(plan.function, text)]
     if plan.forced == "required":

@@ -15,7 +15,7 @@ from openai_frontend.engine.gateway import Logprobs, TextChunk, TritonGateway
 from openai_frontend.engine.images import ImageService
 from openai_frontend.engine.logprobs import chat_logprobs, legacy_logprobs
 from openai_frontend.engine.responses import response_base
-from openai_frontend.engine.structured import Plan, plan_chat, plan_completion, tool_calls
+from openai_frontend.engine.structured import Plan, plan_chat, plan_completion, tool_calls, whole_json
 from openai_frontend.engine.tokenizers import cached_tokenizer, chat_messages
 from openai_frontend.errors import OpenAIError, bad_request
 from openai_frontend.metrics import FrontendMetrics
@@ -101,11 +101,12 @@ class TextService:
         if options:
             name = next(iter(options))
             raise bad_request(f"{name} is an image option; model '{body.model}' is a text model", name)
-        messages = chat_messages(body.messages)
+        tokenizer = cached_tokenizer(target.base.root)
+        with_tools = renders_tools(tokenizer)
+        messages = chat_messages(body.messages, inline_tool_calls=not with_tools)
         if sum(len(m["content"]) for m in messages) > config.max_prompt_chars:
             raise bad_request(f"messages exceed {config.max_prompt_chars} characters", "messages")
-        tokenizer = cached_tokenizer(target.base.root)
-        plan = plan_chat(body, renders_tools(tokenizer))
+        plan = plan_chat(body, with_tools)
         try:
             prompt = apply_chat_template(messages, tokenizer=tokenizer, tools=plan.tools or None)
         except Exception as exc:  # template errors (e.g. role order) are the request's fault
@@ -130,7 +131,8 @@ class TextService:
                 message["content"], calls = tool_calls(plan, result.text)
                 if calls:
                     message["tool_calls"] = calls
-                    finish = "tool_calls" if finish == "stop" else finish
+                    if finish == "stop" and (plan.forced != "named" or whole_json(result.text)):
+                        finish = "tool_calls"
             choices.append({"index": i, "message": message, "finish_reason": finish,
                             "logprobs": chat_logprobs(tokenizer, result.logprobs) if body.logprobs else None})
         return {**response_base(body.model, "chat"), "object": "chat.completion", "choices": choices,
@@ -278,37 +280,57 @@ class TextService:
         return Stream(payloads())
 
 
+_TAG = "<tool_call>"
+
+
+def _held_back(text: str) -> int:
+    """How many trailing characters of `text` could start a `<tool_call>` tag."""
+    return next((n for n in range(min(len(text), len(_TAG) - 1), 0, -1) if _TAG.startswith(text[-n:])), 0)
+
+
 def _chat_render(plan: Plan) -> Callable[[str, str | None, bool], dict | None]:
     """Streamed chat choices. A named function's arguments stream as `delta.tool_calls` argument fragments (the
-    first one with the call's id, type and name), as vLLM streams them; a `required` or `auto` answer is held until
-    it ends and then sent as whole tool calls (or as content when it holds none)."""
-    held: list[str] = []
+    first one with the call's id, type and name), as vLLM streams them; `auto` streams content until a `<tool_call>`
+    tag starts, then sends the calls whole when the answer ends; a `required` answer (a JSON list of calls) is sent
+    as whole calls when it ends."""
+    text_so_far: list[str] = []
+    sent = 0  # characters of content already streamed (auto)
     started = False
 
     def render(text: str, finish: str | None, role_only: bool) -> dict | None:
-        nonlocal started
+        nonlocal started, sent
         if role_only:
             return {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
                     "logprobs": None}
         delta: dict = {"content": text}
+        text_so_far.append(text)
         if plan.forced == "named":
             call: dict = {"index": 0, "function": {"arguments": text}}
             if not started:
-                whole = tool_calls(plan, "")[1][0]
-                call = {"index": 0, "id": whole["id"], "type": "function",
+                call = {"index": 0, "id": tool_calls(plan, "")[1][0]["id"], "type": "function",
                         "function": {"name": plan.function, "arguments": text}}
                 started = True
             delta = {"tool_calls": [call]}
-            finish = "tool_calls" if finish == "stop" else finish
+            if finish == "stop" and whole_json("".join(text_so_far)):
+                finish = "tool_calls"
         elif plan.tool_calls:
-            held.append(text)
+            whole = "".join(text_so_far)
             if finish is None:
-                return None
-            content, calls = tool_calls(plan, "".join(held))
-            delta = {"content": content}
-            if calls:
-                delta = {"content": content, "tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]}
-                finish = "tool_calls" if finish == "stop" else finish
+                if plan.forced == "required" or _TAG in whole:
+                    return None
+                safe = len(whole) - _held_back(whole)
+                if safe <= sent:
+                    return None
+                delta, sent = {"content": whole[sent:safe]}, safe
+            else:
+                content, calls = tool_calls(plan, whole)
+                if calls:
+                    rest = (content or "")[sent:] if plan.parse_calls else None
+                    delta = {"content": rest or None,
+                             "tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]}
+                    finish = "tool_calls" if finish == "stop" else finish
+                else:
+                    delta = {"content": whole[sent:]}
         return {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
 
     return render

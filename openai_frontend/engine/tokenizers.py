@@ -24,13 +24,19 @@ def _arguments(text: str):
         return text
 
 
-def chat_messages(messages) -> list[dict]:
+def chat_messages(messages, inline_tool_calls: bool = False) -> list[dict]:
     """OpenAI chat messages as chat templates take them (a developer message is a system message; an assistant's
-    tool calls and a tool's answer keep their fields)."""
+    tool calls and a tool's answer keep their fields). `inline_tool_calls`: for a template that renders no tool
+    calls, an assistant's calls join its content as Hermes-style `<tool_call>` blocks instead of vanishing."""
     out = []
     for m in messages:
         message = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-        if m.tool_calls:
+        if m.tool_calls and inline_tool_calls:
+            blocks = [json.dumps({"name": c.function.name, "arguments": _arguments(c.function.arguments)},
+                                 ensure_ascii=False) for c in m.tool_calls]
+            message["content"] = "\n".join([message["content"], *(f"<tool_call>\n{b}\n</tool_call>" for b in blocks)]
+                                           ).strip()
+        elif m.tool_calls:
             message["tool_calls"] = [{"id": c.id, "type": "function", "function": {
                 "name": c.function.name, "arguments": _arguments(c.function.arguments)}} for c in m.tool_calls]
         for key in ("tool_call_id", "name"):

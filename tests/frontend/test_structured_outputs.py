@@ -77,7 +77,7 @@ def test_one_concurrent_batch_of_constrained_and_free_requests(client):
                                                extra_body={"structured_outputs": {"regex": r"\d{3}-\d{4}"}},
                                                **common),
                 client.chat.completions.create(model="llm", messages=ASK, tools=[WEATHER, TIME],
-                                               tool_choice="required", **common),
+                                               tool_choice="required", parallel_tool_calls=False, **common),
             ]
         results = await asyncio.gather(client.chat.completions.create(**free), *jobs)
         return alone, results
@@ -192,6 +192,11 @@ def roomy_frontend(triton_server, tmp_path_factory):
     proc.stop()
 
 
+DEEP: dict = {}
+_node = DEEP
+for _ in range(400):
+    _node["items"] = {}
+    _node = _node["items"]
 CHAT = {"model": "llm", "messages": ASK, "max_tokens": 4}
 BAD = {
     "schema that is not JSON Schema": ({**CHAT, "response_format": {"type": "json_schema", "json_schema": {
@@ -215,6 +220,11 @@ BAD = {
                         "structured_outputs", "send one output constraint: response_format and structured_outputs"),
     "auto tools on a template without tools": ({**CHAT, "tools": [WEATHER]}, "tool_choice",
                                                "renders no tools"),
+    "schema nested too deeply": ({**CHAT, "guided_json": DEEP}, "guided_json", "guided_json is nested too deeply"),
+    "lookaround in a pattern": ({**CHAT, "guided_json": {"type": "string", "pattern": "^(?!admin)[a-z]+$"}},
+                                "guided_json", "lookaround in a pattern"),
+    "allOf splitting constraints": ({**CHAT, "guided_json": {"allOf": [{"type": "integer"}, {"minimum": 5}]}},
+                                    "guided_json", "allOf with more than one part"),
     "1 MB schema": ({**CHAT, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
         "type": "object", "description": "x" * 1_000_000}}}}, "response_format.json_schema.schema",
         "at most 65536 are accepted"),
@@ -242,6 +252,9 @@ def test_offline_generator_takes_structured_output(tmp_path):
                                   structured_output={"json": CITY}, progress=False)
         for out in outs:
             jsonschema.validate(json.loads(out.text), CITY)
+        mixed = generator.generate(["Yes or no?", "A word:"], max_tokens=8, temperature=0, progress=False,
+                                   structured_output=[{"choice": ["yes", "no"]}, None])
+        assert mixed[0].text in ("yes", "no") and mixed[0].finish_reason == "stop"
     finally:
         generator.close()
 
@@ -293,3 +306,65 @@ def test_grammar_metrics_count_compiles_and_cache_hits(sync_client, triton_serve
                                                                          0) == 1
     assert after["multilora_llm_grammar_compile_seconds_total"] > before.get(
         "multilora_llm_grammar_compile_seconds_total", 0)
+
+
+def test_required_tools_with_defs_and_a_non_ascii_choice(sync_client):
+    """pydantic_function_tool's nested models reference `#/$defs/...`: still compiled for tool_choice required;
+    a choice outside the BMP (xgrammar reads JSON's surrogate escapes as two characters) is produced."""
+    class Address(BaseModel):
+        city: str = Field(max_length=16)
+
+    class Ship(BaseModel):
+        to: Address
+        express: bool
+
+    tool = openai.pydantic_function_tool(Ship)
+    assert "$defs" in tool["function"]["parameters"]
+    done = sync_client.chat.completions.create(model="llm", messages=ASK, tools=[tool, TIME], tool_choice="required",
+                                               parallel_tool_calls=False, max_tokens=96, temperature=0)
+    (call,) = done.choices[0].message.tool_calls
+    schemas = {"Ship": tool["function"]["parameters"], "get_time": TIME["function"]["parameters"]}
+    jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+    emoji = sync_client.chat.completions.create(model="llm", messages=ASK, max_tokens=8, temperature=1, seed=2,
+                                                extra_body={"guided_choice": ["🌞 sunny", "🌧 rainy"]})
+    assert emoji.choices[0].message.content in ("🌞 sunny", "🌧 rainy")
+
+
+def test_a_named_call_cut_by_a_stop_string_is_not_labelled_tool_calls(sync_client):
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    cut = sync_client.chat.completions.create(model="llm", messages=ASK, tools=[WEATHER], tool_choice=named,
+                                              max_tokens=48, temperature=0, stop=[","])
+    choice = cut.choices[0]
+    assert choice.finish_reason == "stop" and choice.message.tool_calls[0].function.arguments.startswith("{")
+
+
+def test_auto_streams_content_until_a_tool_call_tag():
+    from openai_frontend.engine.structured import Plan
+    from openai_frontend.engine.text import _chat_render
+
+    render = _chat_render(Plan(parse_calls=True))
+    pieces = ["Let me ", "check. <to", "ol_call>", '{"name": "get_weather", "arguments": {"city": "Paris"}}',
+              "</tool_call>"]
+    out = [render(p, None, False) for p in pieces] + [render("", "stop", False)]
+    streamed = "".join(c["delta"]["content"] for c in out if c and c["delta"].get("content"))
+    assert streamed == "Let me check. "  # the tag's first characters were held back, never streamed
+    final = out[-1]
+    assert final["finish_reason"] == "tool_calls" and final["delta"]["tool_calls"][0]["function"]["name"] == \
+        "get_weather"
+    plain = _chat_render(Plan(parse_calls=True))
+    chunks = [plain("Just text <b>", None, False), plain(" here.", "stop", False)]
+    assert "".join(c["delta"]["content"] for c in chunks if c) == "Just text <b> here."
+
+
+def test_tool_calls_in_the_history_reach_a_template_without_tools():
+    from openai_frontend.engine.tokenizers import chat_messages
+    from openai_frontend.schemas import ChatMessage
+
+    history = [ChatMessage(role="assistant", content=None, tool_calls=[{"id": "call_1", "function": {
+        "name": "get_weather", "arguments": '{"city": "Paris"}'}}]), ChatMessage(role="tool", content="18 C",
+                                                                                  tool_call_id="call_1")]
+    inline = chat_messages(history, inline_tool_calls=True)
+    assert inline[0]["content"] == '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    native = chat_messages(history)
+    assert native[0]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}
+    assert native[1]["tool_call_id"] == "call_1"
