@@ -212,6 +212,21 @@ def test_with_the_store_down_the_registry_reads_its_last_state_and_writes_are_un
         _add(registry, "b")
 
 
+def test_a_name_loaded_a_moment_ago_elsewhere_resolves_at_once_despite_the_polling_ttl(s3):
+    """A replica's backend read "no registry yet" a moment before its frontend wrote the adapter in: the miss
+    re-reads (conditionally, at most every MISS_RECHECK_S) instead of answering 404 until the TTL runs out (a
+    fresh-clone run of test_scale_out caught that 404 right after a 200 load)."""
+    from backends.lora.store.registry import LoRARegistry
+
+    uri = f"s3://{BUCKET}/registries/fresh.json"
+    backend = LoRARegistry(registry_file=uri, allowed_roots=[f"s3://{BUCKET}/reg"])
+    assert backend.file.ttl_s >= 1.0 and backend.known_names() == []  # cached: nothing there
+    _add(S3RegistryObject(uri), "new")
+    assert backend.resolve("new").path == f"s3://{BUCKET}/reg/new"
+    with pytest.raises(NotFound, match="'other' not found; known adapters: \\['new'\\]"):
+        backend.resolve("other")
+
+
 def test_s3_uri_rejects_what_is_not_an_object_location():
     assert S3Uri.parse("s3://my.bucket-1/a/b/").uri == "s3://my.bucket-1/a/b"
     for bad in ("s3://", "s3://x/a", "s3://bucket/a\x00b", "s3://bucket/./a"):

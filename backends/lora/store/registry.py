@@ -45,8 +45,8 @@ class LoRARegistry:
     def version(self) -> int:
         return self.file.read()[0] if self.file else 0
 
-    def _dynamic(self) -> dict[str, AdapterEntry]:
-        return self.file.read()[1] if self.file else {}
+    def _dynamic(self, fresh: bool = False) -> dict[str, AdapterEntry]:
+        return self.file.read(fresh)[1] if self.file else {}
 
     def _resolve_dir(self, name: str) -> AdapterEntry | None:
         if not SAFE_NAME.match(name) or name in (".", ".."):
@@ -60,14 +60,17 @@ class LoRARegistry:
         return None
 
     def resolve(self, name: str) -> AdapterEntry:
-        """Static first, then the dynamic registry, then resolver dirs; NotFound lists the known names."""
+        """Static first, then the dynamic registry, then resolver dirs, then the dynamic registry read afresh (an
+        adapter loaded a moment ago through any replica); NotFound lists the known names."""
         entry = self.static.get(name) or self._dynamic().get(name)
-        if entry is not None:
-            return replace(entry, path=self.paths.check(entry.path))
-        entry = self._resolve_dir(name)
+        if entry is None:
+            entry = self._resolve_dir(name)
+            if entry is not None:
+                return entry
+            entry = self._dynamic(fresh=True).get(name)
         if entry is None:
             raise NotFound(f"LoRA adapter '{name}' not found; known adapters: {self.known_names()}")
-        return entry
+        return replace(entry, path=self.paths.check(entry.path))
 
     def known_names(self) -> list[str]:
         names = set(self.static) | set(self._dynamic())

@@ -37,7 +37,8 @@ class RegistryFile:
             return None
         return (st.st_ino, st.st_mtime_ns, st.st_size)
 
-    def read(self) -> tuple[int, dict[str, AdapterEntry]]:
+    def read(self, fresh: bool = False) -> tuple[int, dict[str, AdapterEntry]]:
+        """Always current (one stat per read); `fresh` is for the S3 registry's interface."""
         with self._lock:
             sig = self._signature()
             if sig == self._sig:

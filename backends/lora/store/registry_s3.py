@@ -66,12 +66,15 @@ class S3RegistryObject:
             raise
         return response["ETag"].strip('"'), response["Body"].read()
 
-    def _refresh(self, force: bool) -> None:
-        """Bring the cached registry up to date (caller holds the lock); unreadable objects keep the last good."""
-        if not force and time.monotonic() - self._checked < self.ttl_s:
+    def _refresh(self, force: bool, since: float | None = None) -> None:
+        """Bring the cached registry up to date (caller holds the lock); unreadable objects keep the last good.
+        `since`: current if read at or after that time, whatever the TTL."""
+        if not force and (self._checked >= since if since is not None else
+                          time.monotonic() - self._checked < self.ttl_s):
             return
+        started = time.monotonic()  # a GET under way when a fresh read was asked for is not fresh enough for it
         etag, body = self._get(None if force else self._etag)
-        self._checked = time.monotonic()
+        self._checked = started
         if etag is None:
             self._etag, self._cached = None, (0, {})
         elif body is not None:
@@ -85,12 +88,16 @@ class S3RegistryObject:
                 self._bad_etag = etag
             self._etag = etag
 
-    def read(self) -> tuple[int, dict[str, AdapterEntry]]:
+    def read(self, fresh: bool = False) -> tuple[int, dict[str, AdapterEntry]]:
+        """The registry, at most `ttl_s` old; `fresh` (a name missed it): read after this call began, so an adapter
+        loaded a moment ago through any replica's frontend resolves at once. Concurrent fresh reads share the GETs
+        made while they waited (one lock), so a flood of unknown names costs one conditional GET at a time."""
+        asked = time.monotonic()
         with self._lock:
             if time.monotonic() < self._retry_at:
                 return self._cached
             try:
-                self._refresh(force=False)
+                self._refresh(force=False, since=asked if fresh else None)
                 self._down_for = 0.0
             except Exception as exc:
                 if not unreachable(exc):
