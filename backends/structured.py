@@ -95,7 +95,10 @@ def check_schema(schema: Any, field: str = "json") -> str:
 
     if not isinstance(schema, dict):
         raise InvalidArgument(f"{field} must be a JSON Schema object, got {type(schema).__name__}")
-    text = json.dumps(schema, sort_keys=True, separators=(",", ":"))
+    try:
+        text = json.dumps(schema, sort_keys=True, separators=(",", ":"))
+    except RecursionError:
+        raise InvalidArgument(f"{field} is nested too deeply") from None
     if len(text) > MAX_CONSTRAINT_CHARS:
         raise InvalidArgument(f"{field} has {len(text)} characters, at most {MAX_CONSTRAINT_CHARS} are accepted")
     try:

@@ -33,6 +33,8 @@ _XGR_PREFIX = re.compile(r"^\[[^\]]*\]\s+\S+:\d+:\s*(Check failed: \(.*?\) is fa
 
 def _reason(exc: Exception) -> str:
     """xgrammar's message without its C++ source location."""
+    if isinstance(exc, UnicodeDecodeError):  # its error text cut a multi-byte character in two
+        return "a syntax error next to a non-ASCII character (xgrammar could not quote it)"
     return _XGR_PREFIX.sub("", str(exc).strip()).strip()
 
 
@@ -103,7 +105,7 @@ class GrammarCompiler:
                 compiled = compiler.compile_grammar(f"root ::= {rule}")
             else:
                 compiled = compiler.compile_grammar(constraint.value)
-        except RuntimeError as exc:
+        except (RuntimeError, ValueError) as exc:  # ValueError: UnicodeDecodeError, see _reason
             with self._lock:  # a failure is not cached: the next request gets its own answer
                 self._cache.pop(constraint, None)
             raise InvalidArgument(f"structured output: the {constraint.kind} constraint does not compile: "

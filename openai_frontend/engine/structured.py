@@ -224,3 +224,54 @@ def tool_calls(plan: Plan, text: str) -> tuple[str | None, list[dict]]:
             content = text[:text.find("<tool_call>")].strip()
             return content or None, calls
     return text, []
+
+
+class RequiredCallsStream:
+    """A `required` answer (xgrammar writes it in the schema's key order: `[{"name": "f", "parameters": {...}}, ...]`)
+    turned into streamed `delta.tool_calls` as it grows: a call's id, type
+    and name once its arguments begin, then its arguments in fragments, as vLLM streams them. Text of another shape
+    (none is expected) streams nothing; the caller then sends the calls whole at the end."""
+
+    _HEAD = re.compile(r'\{\s*"name"\s*:\s*"([^"\\]+)"\s*,\s*"parameters"\s*:\s*')
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.pos = 0  # scanned up to here
+        self.index = -1  # the call whose arguments are streaming (or done)
+        self.depth = 0  # brace depth inside the current arguments (0: between calls)
+        self.in_string = self.escaped = False
+        self.streamed = False  # at least one call was announced
+
+    def feed(self, piece: str) -> list[dict]:
+        self.text += piece
+        out: list[dict] = []
+        while self.pos < len(self.text):
+            if self.depth == 0:  # between calls: a whole head is needed
+                match = self._HEAD.search(self.text, self.pos)
+                if match is None or self.text[self.pos:match.start()].strip("[,}] ") != "":
+                    break
+                self.index += 1
+                self.streamed = True
+                self.pos = match.end()
+                out.append({"index": self.index, **_call(match[1], "")})
+                self.depth = -1  # the arguments' first brace is next
+                continue
+            start = self.pos
+            while self.pos < len(self.text):
+                ch = self.text[self.pos]
+                self.pos += 1
+                if self.in_string:
+                    self.escaped, self.in_string = (False, True) if self.escaped else (ch == "\\", ch != '"')
+                    continue
+                if ch == '"':
+                    self.in_string = True
+                elif ch == "{":
+                    self.depth = 1 if self.depth == -1 else self.depth + 1
+                elif ch == "}":
+                    self.depth -= 1
+                    if self.depth == 0:
+                        break
+            fragment = self.text[start:self.pos]
+            if fragment:
+                out.append({"index": self.index, "function": {"arguments": fragment}})
+        return out

@@ -15,7 +15,14 @@ from openai_frontend.engine.gateway import Logprobs, TextChunk, TritonGateway
 from openai_frontend.engine.images import ImageService
 from openai_frontend.engine.logprobs import chat_logprobs, legacy_logprobs
 from openai_frontend.engine.responses import response_base
-from openai_frontend.engine.structured import Plan, plan_chat, plan_completion, tool_calls, whole_json
+from openai_frontend.engine.structured import (
+    Plan,
+    RequiredCallsStream,
+    plan_chat,
+    plan_completion,
+    tool_calls,
+    whole_json,
+)
 from openai_frontend.engine.tokenizers import cached_tokenizer, chat_messages
 from openai_frontend.errors import OpenAIError, bad_request
 from openai_frontend.metrics import FrontendMetrics
@@ -290,12 +297,13 @@ def _held_back(text: str) -> int:
 
 def _chat_render(plan: Plan) -> Callable[[str, str | None, bool], dict | None]:
     """Streamed chat choices. A named function's arguments stream as `delta.tool_calls` argument fragments (the
-    first one with the call's id, type and name), as vLLM streams them; `auto` streams content until a `<tool_call>`
-    tag starts, then sends the calls whole when the answer ends; a `required` answer (a JSON list of calls) is sent
-    as whole calls when it ends."""
+    first one with the call's id, type and name), as vLLM streams them, and so do a `required` answer's calls (see
+    RequiredCallsStream); `auto` streams content until a `<tool_call>` tag starts, then sends the calls whole when
+    the answer ends."""
     text_so_far: list[str] = []
     sent = 0  # characters of content already streamed (auto)
     started = False
+    calls_stream = RequiredCallsStream() if plan.forced == "required" else None
 
     def render(text: str, finish: str | None, role_only: bool) -> dict | None:
         nonlocal started, sent
@@ -313,10 +321,17 @@ def _chat_render(plan: Plan) -> Callable[[str, str | None, bool], dict | None]:
             delta = {"tool_calls": [call]}
             if finish == "stop" and whole_json("".join(text_so_far)):
                 finish = "tool_calls"
+        elif calls_stream is not None and (calls_stream.streamed or finish is None):
+            deltas = calls_stream.feed(text)
+            if finish is None and not deltas:
+                return None
+            delta = {"tool_calls": deltas} if deltas else {}
+            if finish == "stop" and whole_json("".join(text_so_far)):
+                finish = "tool_calls"
         elif plan.tool_calls:
             whole = "".join(text_so_far)
             if finish is None:
-                if plan.forced == "required" or _TAG in whole:
+                if _TAG in whole:
                     return None
                 safe = len(whole) - _held_back(whole)
                 if safe <= sent:
