@@ -112,5 +112,5 @@ class ImageService:
                   "guidance_scale": body.guidance_scale, "true_cfg_scale": body.true_cfg_scale, "seed": body.seed,
                   "num_images": body.n}
         images = await self.gateway.images(target.base.name, fields, target.lora_parameters())
-        self.metrics.images.labels(body.model).inc(len(images.pngs))
+        self.metrics.images.labels(target.base.name).inc(len(images.pngs))
         return images

@@ -224,6 +224,7 @@ class TextService:
                 "structured_output": plan.constraint.to_json() if plan.constraint else None}
 
     def _record(self, model: str, last: TextChunk | None) -> None:
+        """Counted per base model, as vLLM's model_name: a label per adapter would grow with every adapter seen."""
         if last is not None:
             self.metrics.prompt_tokens.labels(model).inc(last.num_input_tokens)
             self.metrics.completion_tokens.labels(model).inc(last.num_output_tokens)
@@ -238,7 +239,7 @@ class TextService:
             if chunk.logprobs is not None:
                 out.logprobs = chunk.logprobs if out.logprobs is None else out.logprobs + chunk.logprobs
             out.prompt_logprobs = chunk.prompt_logprobs or out.prompt_logprobs
-        self._record(body.model, out.last)
+        self._record(target.base.name, out.last)
         out.text = "".join(text)
         return out
 
@@ -282,7 +283,7 @@ class TextService:
             except OpenAIError as exc:
                 yield exc.body()
             finally:
-                self._record(body.model, last)
+                self._record(target.base.name, last)
 
         return Stream(payloads())
 

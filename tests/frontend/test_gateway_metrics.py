@@ -247,3 +247,36 @@ def test_a_diffusion_batch_counts_its_adapters_while_it_runs(frontend, http_clie
                                                           model="diffusion", adapter="gw-image")] == [("running", 0)]
     assert [s.labels for s in _series(families, "vllm:lora_adapter_loaded", adapter_name="gw-image")] == [
         {"model_name": "diffusion", "adapter_name": "gw-image", "level": "gpu", "pinned": "false"}]
+
+
+def test_per_adapter_series_stay_bounded_however_many_adapters_were_seen(frontend, triton_server, grpc_client,
+                                                                         lora_root):
+    """40 adapters pass through one after another: their request series go idle as each finishes; past 32 idle
+    ones (MAX_IDLE_SERIES in backends/lora/manager/metrics.py) the family is made anew with the live ones only.
+    Before, every adapter ever served kept a series on Triton's port and on /metrics (2,000 adapters: 79 kB)."""
+    names = [f"many-{i}" for i in range(40)]
+    paths = make_random_adapters(load_smollm2, [lora_root / n for n in names], list(range(500, 540)), std=0.05,
+                                 r=4, lora_alpha=8, target_modules=["q_proj"])
+
+    def llm_series(name: str) -> list:
+        text = httpx.get(triton_server.metrics_url, timeout=30).text
+        return [s for f in text_string_to_metric_families(text) for s in f.samples
+                if s.name == name and s.labels.get("model") == "llm"]
+
+    for name, path in zip(names, paths):
+        out = generate(grpc_client, "Hi", max_tokens=1, temperature=0.0, lora_name=name, lora_path=str(path))
+        assert out.error is None, (name, out.error)
+    requests = llm_series("multilora_lora_adapter_requests")
+    assert len(requests) <= 32 and all(s.value == 0 for s in requests), len(requests)
+    assert not any(s.labels["adapter"] == "many-0" for s in requests)  # the first ones went with a renewal
+    # Residency: one series per adapter the cache holds (64 in host memory), not per adapter ever seen.
+    resident = llm_series("multilora_lora_adapter_resident_info")
+    assert {s.labels["adapter"] for s in resident if s.value} >= {"many-39"}
+    assert len(resident) <= 64 + 32
+    # The frontend counts tokens per base model, not per adapter.
+    response = httpx.post(f"{frontend.url}/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+                          json={"model": "uppercase", "prompt": "Hi", "max_tokens": 1}, timeout=60)
+    assert response.status_code == 200, response.text
+    tokens = _series(_scrape(frontend), "multilora_frontend_completion_tokens")
+    assert not {s.labels["model"] for s in tokens} & {"uppercase", *names}, tokens
+    assert any(s.labels["model"] == "llm" and s.value > 0 for s in tokens)

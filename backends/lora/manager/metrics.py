@@ -8,6 +8,7 @@ the backend so that several frontends in front of one Triton all report the same
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import Counter
 from typing import Iterable
@@ -29,25 +30,55 @@ _LORA_COUNTERS = {
     "device_loads": ("multilora_lora_device_loads_total", "LoRA adapters copied into a device slot"),
 }
 DEVICE, HOST = "device", "host"
+MAX_IDLE_SERIES = 32
+MAX_ADAPTER_SERIES = 256
+
+log = logging.getLogger(__name__)
 
 
 class _SeriesSet:
     """A gauge family with series per adapter: `update` sets the given (non-zero) series and zeroes the others.
-    pb_utils cannot delete one series (its MetricFamily holds every Metric it made), so each label set gets one
-    Metric, made on first use and reused: the series grow with the distinct adapters served, not with requests.
-    A value is sent only when it changed: each `set` is a round trip to the Triton process, and the LLM engine
-    reports after every step."""
 
-    def __init__(self, families: dict, name: str, labels: dict[str, str], label_names: tuple[str, ...]):
-        self._families, self._name = families, name  # the family stays its owner's alone (see `close`)
+    pb_utils deletes a series only with its whole family (the family holds every Metric it made), so a series that
+    goes idle is set to 0 and kept for reuse (adapters come back) until more than MAX_IDLE_SERIES have piled up;
+    then the family is made anew holding the live series only. A scrape thus carries at most
+    MAX_ADAPTER_SERIES + MAX_IDLE_SERIES series per family, however many adapters were ever served. A value is
+    sent only when it changed: each `set` is a round trip to the Triton process, and the LLM engine reports after
+    every step."""
+
+    def __init__(self, families: dict, name: str, description: str, labels: dict[str, str],
+                 label_names: tuple[str, ...]):
+        self._families, self._name, self._description = families, name, description  # see TritonLoRAMetrics.close
         self._labels, self._label_names = labels, label_names
         self._metrics: dict[tuple[str, ...], object] = {}  # label values -> Metric
         self._values: dict[tuple[str, ...], float] = {}  # the non-zero series, as last set
+        self._capped = False
+        self._renew()
+
+    def _renew(self) -> None:
+        self._metrics.clear()
+        self._values.clear()
+        self._families.pop(self._name, None)  # the last reference: its series are deleted on Triton's side now
+        self._families[self._name] = pb_utils.MetricFamily(name=self._name, description=self._description,
+                                                           kind=pb_utils.MetricFamily.GAUGE)
 
     def update(self, values: dict[tuple[str, ...], float]) -> None:
-        for gone in self._values.keys() - values.keys():
-            self._metrics[gone].set(0)
-            del self._values[gone]
+        """`values` in priority order: past MAX_ADAPTER_SERIES, the first ones are kept."""
+        if self._name not in self._families:  # closed: the model is going away
+            return
+        capped = len(values) > MAX_ADAPTER_SERIES
+        if capped and not self._capped:
+            log.warning("%s: %d adapters to report, only the first %d get a series (MAX_ADAPTER_SERIES)",
+                        self._name, len(values), MAX_ADAPTER_SERIES)
+        self._capped = capped
+        if capped:
+            values = dict(list(values.items())[:MAX_ADAPTER_SERIES])
+        gone = self._values.keys() - values.keys()
+        if len(self._metrics) - len(self._values) + len(gone) > MAX_IDLE_SERIES:
+            self._renew()
+        for key in gone & self._values.keys():
+            self._metrics[key].set(0)
+            del self._values[key]
         for key, value in values.items():
             if self._values.get(key) != value:
                 self._metric(key).set(value)
@@ -104,8 +135,7 @@ class TritonLoRAMetrics:
         return self._family(name, description, kind).Metric(labels=self._labels)
 
     def _series_set(self, name: str, description: str, label_names: tuple[str, ...]) -> _SeriesSet:
-        self._family(name, description, pb_utils.MetricFamily.GAUGE)
-        return _SeriesSet(self._families, name, self._labels, label_names)
+        return _SeriesSet(self._families, name, description, self._labels, label_names)
 
     def close(self) -> None:
         """Delete this model's series (call it from `finalize`): a MetricFamily deletes its series when it goes,
@@ -131,7 +161,8 @@ class TritonLoRAMetrics:
         """The requests per adapter (one ref per request and adapter), residency, and the cache's counters; the
         per-adapter series first, so that once the slot gauge reads idle the adapter lists do too."""
         running, waiting = list(running), list(waiting)
-        self._requests.update(Counter([(r.name, "running") for r in running] + [(r.name, "waiting") for r in waiting]))
+        counts = Counter([(r.name, "running") for r in running] + [(r.name, "waiting") for r in waiting])
+        self._requests.update(dict(sorted(counts.items(), key=lambda kv: (kv[0][1] != "running", -kv[1]))))
         self._report_residency(set(cache.device_ids()), set(cache.host_ids()), running + waiting)
         stats = cache.stats()
         self._max_loras.set(cache.max_loras)
@@ -155,4 +186,5 @@ class TritonLoRAMetrics:
         for key, name in named:  # one name may have two cache keys (an adapter rewritten on disk): best tier wins
             if tiers.get(name) != DEVICE:
                 tiers[name] = DEVICE if key in device else HOST
-        self._resident_info.update({(name, tier, str(name in self._pinned).lower()): 1 for name, tier in tiers.items()})
+        order = sorted(tiers.items(), key=lambda nt: (nt[0] not in self._pinned, nt[1] != DEVICE))  # stable: LRU
+        self._resident_info.update({(name, tier, str(name in self._pinned).lower()): 1 for name, tier in order})
