@@ -92,7 +92,7 @@ def _engine(runner, selector_config=None, observer=None, **limits):
 
     def setup(engine):
         if selector_config is not None:
-            holder.append(AdapterSelector.build(runner.lora, selector_config, run=engine.call))
+            holder.append(AdapterSelector.build(runner.lora, selector_config))
             return runner, holder[0].cache
         return runner, None
 

@@ -294,7 +294,7 @@ def bench_engine(report: Report, model: Path, adapters: list[Path], device: torc
                                                      enforce_eager=not graphs,
                                                      max_graph_batch=sizes.max_num_seqs))
         config = LoRAServingConfig(max_loras=16, max_cpu_loras=max(16, *sizes.adapter_sets), registry_file=None)
-        engine = LLMEngine(lambda e: (runner, AdapterSelector.build(runner.lora, config, run=e.call).cache))
+        engine = LLMEngine(lambda e: (runner, AdapterSelector.build(runner.lora, config).cache))
         try:
             for n_adapters in sizes.adapter_sets:
                 base_tps = None

@@ -37,7 +37,9 @@ from backends.llm.params import GenerationRequest, SamplingParams, check_context
 from backends.llm.runner import ModelRunner, StepRow
 from backends.llm.sampling import make_generator, sample_next_tokens
 from backends.llm.scheduler import Scheduler, SchedulerLimits, Take
+from backends.lora.adapters.peft import LoRAAdapter
 from backends.lora.manager.cache import LoRACache, NoFreeSlot
+from backends.lora.manager.prefetch import Hold
 from backends.lora.manager.request import AdapterRef
 from backends.lora.ops.batch import RowLoRA
 
@@ -112,6 +114,10 @@ class Sequence:
         self.adapter_keys = frozenset(selection.ref.key for selection in request.lora)
         self.bypassed_steps = 0
         self.row_lora = RowLoRA()
+        # Adapters read for it by the loader thread: their host copies (used if the cache evicted them before
+        # admission) and their places in the loader's window, given back once they are in slots or it ends.
+        self.loaded: dict[int, LoRAAdapter] = {}
+        self.holds: list[Hold] = []
         self.blocks: list[int] = []  # its block table while admitted
         self.computed = 0  # tokens whose keys/values are in its blocks = the position of the next token fed
         self.hashes: list[bytes] | None = None  # its full blocks' prefix-cache hashes, from its admission
@@ -165,6 +171,11 @@ class Sequence:
         if start + count <= len(prompt):
             return list(prompt[start:start + count])
         return (list(prompt) + self.output_ids)[start:start + count]
+
+
+def _outcome(future: Future) -> BaseException | None:
+    """A settled future's error (CancelledError when cancelled), None when it has a result."""
+    return CancelledError() if future.cancelled() else future.exception()
 
 
 def _adapter_refs(seqs: "list[Sequence] | deque[Sequence]") -> list[AdapterRef]:
@@ -319,27 +330,51 @@ class LLMEngine:
         return request
 
     def submit(self, request: GenerationRequest, sink: OutputSink) -> None:
-        """Queue a prepared request. One with a constraint is queued once its grammar is compiled (on the compile
-        thread: other requests go on meanwhile); a constraint that does not compile fails that request alone."""
+        """Queue a prepared request. One whose adapters are being read (on the loader thread) or whose constraint
+        compiles (on the compile thread) is queued once they are ready, other requests going on meanwhile; an
+        adapter that fails to load or a constraint that does not compile fails that request alone."""
         if request.lora and self.lora_cache is None:
             raise Unavailable("LoRA is disabled for this model (max_loras is 0)")
-        if request.constraint is None or request.grammar is not None:
-            self._enqueue(Sequence(request, sink, self.runner.tokenizer, self.runner.eos_token_ids,
-                                   self.runner.device))
+        loading = [(s.ref.key, s.ready) for s in request.lora if s.ready is not None]
+        compiling = (self.grammars.compile(request.constraint)
+                     if request.constraint is not None and request.grammar is None else None)
+        if not loading and compiling is None:
+            self._enqueue(self._sequence(request, sink))
             return
+        futures = [f for _, f in loading] + ([compiling] if compiling is not None else [])
+        left, lock = [len(futures)], threading.Lock()
 
-        def compiled(future: Future) -> None:
+        def settled(_: Future) -> None:
+            with lock:
+                left[0] -= 1
+                if left[0]:
+                    return
+            loaded = {key: f.result() for key, f in loading if _outcome(f) is None}
+            holds = [item.hold for item in loaded.values()]
+            error = next((e for e in map(_outcome, futures) if e is not None), None)
             try:
-                request.grammar = future.result()
-                self.submit(request, sink)
-            except CancelledError:  # shut down while it compiled
-                sink.fail(Unavailable("the model is shutting down; request not finished"))
-            except Exception as exc:  # a bad constraint, or the engine stopped meanwhile: this request's answer
-                if not isinstance(exc, BackendError):
-                    log.exception("request %s: compiling its constraint failed", request.request_id)
+                if error is not None:
+                    raise error
+                if compiling is not None:
+                    request.grammar = compiling.result()
+                seq = self._sequence(request, sink)
+                seq.loaded, seq.holds = {key: item.adapter for key, item in loaded.items()}, holds
+                self._enqueue(seq)
+            except Exception as exc:  # a bad adapter or constraint, or the engine stopped meanwhile
+                for hold in holds:
+                    hold.release()
+                if isinstance(exc, CancelledError):  # shut down while it waited
+                    exc = Unavailable("the model is shutting down; request not finished")
+                elif not isinstance(exc, BackendError):
+                    log.error("request %s: preparing its adapters or constraint failed", request.request_id,
+                              exc_info=exc)
                 sink.fail(exc)
 
-        self.grammars.compile(request.constraint).add_done_callback(compiled)
+        for future in futures:
+            future.add_done_callback(settled)
+
+    def _sequence(self, request: GenerationRequest, sink: OutputSink) -> Sequence:
+        return Sequence(request, sink, self.runner.tokenizer, self.runner.eos_token_ids, self.runner.device)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._closed = True
@@ -551,7 +586,8 @@ class LLMEngine:
         lora = seq.request.lora
         if lora:
             try:
-                slots = self.lora_cache.acquire([selection.ref for selection in lora])
+                slots = self.lora_cache.acquire([selection.ref for selection in lora], seq.loaded)
+                self._drop_holds(seq)  # in its slots now
             except NoFreeSlot:
                 return Take.SKIPPED, 0  # slots pinned elsewhere; it stays waiting
             except Exception as exc:  # e.g. the adapter file vanished since validation
@@ -624,7 +660,14 @@ class LLMEngine:
         if len(keep) != len(self._running):
             self._running = [self._running[i] for i in keep]
 
+    @staticmethod
+    def _drop_holds(seq: Sequence) -> None:
+        for hold in seq.holds:
+            hold.release()
+        seq.holds, seq.loaded = [], {}
+
     def _release(self, seq: Sequence, failed: bool = False) -> None:
+        self._drop_holds(seq)
         if seq.blocks:
             self.runner.kv.pool.release(seq.blocks, keep_cached=not failed)
             seq.blocks = []

@@ -38,7 +38,7 @@ def start_llm(params: dict[str, str], device: str = "cpu", observer: EngineObser
                              settings=settings)
         if not lora.enabled:
             return runner, None
-        service.selector = AdapterSelector.build(runner.lora, lora, run=engine.call)
+        service.selector = AdapterSelector.build(runner.lora, lora, prefetch=True)
         return runner, service.selector.cache
 
     defaults = SchedulerLimits()

@@ -19,6 +19,7 @@ from backends.llm.engine import GenerationChunk
 from backends.llm.metrics import TritonEngineMetrics
 from backends.llm.params import GenerationRequest, build_sampling_params
 from backends.llm.service import start_llm
+from backends.lora.manager.prefetch import abandon
 from backends.lora.manager.selector import select_lora
 from backends.model_params import model_parameters, param_str
 from backends.settings import LLM_MODEL_PATH_ENV, default_llm_model_path
@@ -121,9 +122,9 @@ class TritonLLMModel:
             ignore_eos=tio.get_bool(request, "ignore_eos"),
         )
         stream = tio.get_bool(request, "stream")
-        lora = select_lora(self.service.selector, tio.get_lora_stack(request))
-        self.metrics.note_adapters([selection.ref for selection in lora])
         constraint = parse_constraint(tio.get_string(request, "structured_output"))
+        lora = select_lora(self.service.selector, tio.get_lora_stack(request), wait=False)  # read off this thread
+        self.metrics.note_adapters([selection.ref for selection in lora])
         return GenerationRequest(request.request_id() or "", prompt or "", sampling, stream=bool(stream),
                                  prompt_token_ids=ids or [], lora=lora, constraint=constraint)
 
@@ -137,7 +138,12 @@ class TritonLLMModel:
                                           f"reload")
                     sink.send(GenerationChunk("", None, 0, 0), final=True)
                     continue
-                self.engine.submit(self.engine.prepare(self._parse(request)), sink)
+                parsed = self._parse(request)
+                try:
+                    self.engine.submit(self.engine.prepare(parsed), sink)
+                except BaseException:
+                    abandon(parsed.lora)  # refused after its adapters were selected: their reads' places back
+                    raise
             except BackendError as exc:
                 log.info("rejected request %s: %s", request.request_id(), exc)
                 sink.fail(exc)
@@ -148,4 +154,6 @@ class TritonLLMModel:
 
     def finalize(self) -> None:
         self.engine.shutdown()
+        if self.service.selector is not None:
+            self.service.selector.close()
         self.metrics.close()

@@ -60,7 +60,7 @@ def _engine(runner, observer=None, pinned: bool = False) -> LLMEngine:
     ) if pinned else ())
 
     def setup(engine):
-        return runner, AdapterSelector.build(runner.lora, config, run=engine.call).cache
+        return runner, AdapterSelector.build(runner.lora, config).cache
 
     return LLMEngine(setup, observer=observer)
 

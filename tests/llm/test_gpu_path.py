@@ -100,7 +100,7 @@ def _assert_same_greedy(ours: list[int], reference_model, prompt: list[int], dev
 
 def _engine(runner, adapters=()) -> LLMEngine:
     config = LoRAServingConfig(max_loras=4, max_cpu_loras=8, registry_file=None)
-    return LLMEngine(lambda e: (runner, AdapterSelector.build(runner.lora, config, run=e.call).cache))
+    return LLMEngine(lambda e: (runner, AdapterSelector.build(runner.lora, config).cache))
 
 
 def _generate(engine, prompts, adapters=(), max_tokens=16, ids=False, **sampling) -> list:

@@ -74,7 +74,7 @@ def _engine(runner, observer=None, roots=(), **limits) -> tuple[LLMEngine, list]
                                allowed_roots=(adapters_dir(), *roots))
 
     def setup(engine):
-        holder.append(AdapterSelector.build(runner.lora, config, run=engine.call))
+        holder.append(AdapterSelector.build(runner.lora, config))
         return runner, holder[0].cache
 
     return LLMEngine(setup, observer=observer, limits=SchedulerLimits(**{"max_num_seqs": 16, **limits})), holder

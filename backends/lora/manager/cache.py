@@ -17,7 +17,7 @@ import time
 from collections import Counter, OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 from backends.errors import InvalidArgument, Unavailable
 from backends.lora.adapters.peft import LoRAAdapter
@@ -148,14 +148,15 @@ class LoRACache:
                         len(self._host), self._host_bytes, len(self._pinned))
 
     # -- device tier -------------------------------------------------------------------------------------------
-    def acquire(self, refs: Sequence[AdapterRef]) -> list[int]:
-        """Slots for `refs` (one per ref, repeats allowed), held until `release(refs)`. All or nothing."""
+    def acquire(self, refs: Sequence[AdapterRef], loaded: Mapping[int, LoRAAdapter] | None = None) -> list[int]:
+        """Slots for `refs` (one per ref, repeats allowed), held until `release(refs)`. All or nothing. `loaded`:
+        host copies already read (cache key -> adapter), used when the host tier evicted them meanwhile."""
         distinct = list(dict.fromkeys(r.key for r in refs))
         if len(distinct) > self.max_loras:
             raise InvalidArgument(f"{len(distinct)} distinct LoRA adapters in one batch, max_loras is "
                                   f"{self.max_loras}")
         by_id = {r.key: r for r in refs}
-        adapters: dict[int, LoRAAdapter] = {}
+        adapters: dict[int, LoRAAdapter] = {k: a for k, a in (loaded or {}).items() if k in by_id}
         while True:
             # Disk/host work happens outside the lock; a host copy stays referenced here even if evicted meanwhile.
             for int_id in distinct:

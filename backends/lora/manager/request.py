@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from backends.errors import InvalidArgument
@@ -59,10 +60,12 @@ class AdapterRef:
 
 @dataclass(frozen=True)
 class LoRASelection:
-    """One adapter of a request, validated and in host memory, with its scale."""
+    """One adapter of a request with its scale: validated and in host memory, or being read (`ready`, see
+    `AdapterSelector.select`)."""
 
     ref: AdapterRef
     scale: float
+    ready: Future | None = field(default=None, compare=False, repr=False)  # of a prefetch.Loaded (torch-free here)
 
 
 def parameter_list(params: dict[str, Any], name: str, kind: type, nullable: bool = False) -> list | None:
@@ -102,9 +105,9 @@ def fields_from_lists(names: Sequence[str] | None, paths: Sequence[str] | None, 
     if names and paths and len(names) != len(paths):
         raise InvalidArgument(f"lora_name has {len(names)} entries but lora_path has {len(paths)}: give one of "
                               f"each per adapter")
-    for field, values in (("lora_scale", scales), ("lora_int_id", int_ids)):
+    for what, values in (("lora_scale", scales), ("lora_int_id", int_ids)):
         if values and count and len(values) != count:
-            raise InvalidArgument(f"{field} has {len(values)} entries for {count} LoRA adapters: give one per "
+            raise InvalidArgument(f"{what} has {len(values)} entries for {count} LoRA adapters: give one per "
                                   f"adapter")
     if count == 0:  # a scale or id without an adapter: the selector names the mistake
         if int_ids and int_ids[0] is None:

@@ -20,6 +20,7 @@ from backends.lora.adapters.peft import LoRAAdapter, load_adapter
 from backends.lora.layers.context import LoRAContext
 from backends.lora.manager.cache import LoRACache
 from backends.lora.manager.config import LoRAServingConfig
+from backends.lora.manager.prefetch import Prefetcher, abandon
 from backends.lora.manager.request import DEFAULT_MAX_LORAS_PER_REQUEST, AdapterRef, LoRAFields, LoRASelection
 from backends.lora.store.downloads import downloads, version_of
 from backends.lora.store.entries import STATIC, check_name
@@ -66,13 +67,13 @@ class _Loaded:
 
 class AdapterSelector:
     def __init__(self, registry: LoRARegistry, cache: LoRACache, ids: IdBook | None = None,
-                 run: Callable[[Callable], object] = lambda fn: fn(),
+                 prefetcher: Prefetcher | None = None,
                  max_per_request: int = DEFAULT_MAX_LORAS_PER_REQUEST):
         self.registry = registry
         self.cache = cache
         self.max_per_request = max_per_request  # adapters in one request's LoRA stack
         self.ids = ids or IdBook(resident=self._resident_ids)
-        self._run = run  # where cold loads execute (the thread that owns torch work, for the LLM engine)
+        self.prefetcher = prefetcher  # reads cold adapters off the caller's thread (`select(wait=False)`)
         self._lock = threading.Lock()
         self._seen_version = registry.version
         self._loaded: dict[int, tuple[AdapterRef, _Loaded]] = {}  # cache key -> what was loaded under it
@@ -80,23 +81,29 @@ class AdapterSelector:
         self._static: list[AdapterRef] = []
 
     @classmethod
-    def build(cls, context: LoRAContext, config: LoRAServingConfig,
-              run: Callable[[Callable], object] = lambda fn: fn(),
+    def build(cls, context: LoRAContext, config: LoRAServingConfig, prefetch: bool = False,
               load: Callable[[str], LoRAAdapter] | None = None) -> "AdapterSelector":
         """Registry + cache + selector over a patched model's context; static adapters are loaded and pinned.
 
-        `run` executes adapter loads: models that keep all torch work on one thread pass its hand-over. `load`
-        reads one adapter (path -> validated adapter); default: a PEFT folder for `context`."""
+        `prefetch`: a loader thread reads cold adapters for `select(wait=False)`, at most `max_cpu_loras` of them
+        waiting for a slot at once. `load` reads one adapter (path -> validated adapter); default: a PEFT folder
+        for `context`."""
         spec = context.spec
         load = load or (lambda path: load_adapter(path, spec, config.max_lora_rank, dtype=context.dtype))
         registry = LoRARegistry(config.static, config.registry_file, config.resolver_dirs, config.allowed_roots)
         cache = LoRACache(context, lambda ref: load(ref.path), config.max_cpu_loras, config.max_cpu_lora_bytes)
-        selector = cls(registry, cache, run=run, max_per_request=config.max_loras_per_request)
+        selector = cls(registry, cache, prefetcher=Prefetcher(config.max_cpu_loras) if prefetch else None,
+                       max_per_request=config.max_loras_per_request)
         selector.pin_static()
         log.info("LoRA: %d slots, max rank %d, host cache %d adapters; registry %s; allowed roots %s",
                  config.max_loras, config.max_lora_rank, config.max_cpu_loras, config.registry_file,
                  registry.paths.roots)
         return selector
+
+    def close(self) -> None:
+        """Stop the loader thread; reads not started fail their requests with Unavailable."""
+        if self.prefetcher is not None:
+            self.prefetcher.shutdown()
 
     def _resident_ids(self) -> set[int]:
         with self._lock:
@@ -115,8 +122,10 @@ class AdapterSelector:
         self._static = refs
         return refs
 
-    def select(self, fields: LoRAFields) -> LoRASelection | None:
-        """None for a base-model request; raises InvalidArgument / NotFound with the reason otherwise."""
+    def select(self, fields: LoRAFields, wait: bool = True) -> LoRASelection | None:
+        """None for a base-model request; raises InvalidArgument / NotFound with the reason otherwise. A cold
+        adapter is read here, unless `wait` is False and there is a prefetcher: then the selection's `ready`
+        future settles once the loader thread has read it (or failed, with the reason)."""
         if fields.empty:
             if fields.scale is not None:
                 raise InvalidArgument("lora_scale was given without lora_name or lora_path")
@@ -156,26 +165,41 @@ class AdapterSelector:
         # rewritten adapter is a new cache entry.
         ref = AdapterRef(int_id, name, path, 0 if static else version(where, path))
         self.cache.check_admissible(ref)
-        if self.cache.lookup(ref) is None:  # validate a cold adapter now: a broken one never reaches a batch
-            try:
-                self._run(lambda: self.cache.get(ref))
-            except BackendError as exc:
-                if path == where:
-                    raise
-                message = str(exc).replace(path, where)  # name the object, not our download of it
-                raise same_kind(exc, message if where in message else f"LoRA adapter '{where}': {message}") from None
-            cached = set(self.cache.host_ids()) | set(self.cache.device_ids())
-            with self._lock:
-                for key, (old, _) in list(self._loaded.items()):
-                    if old.int_id == ref.int_id and key != ref.key:
-                        self._stale.add(key)  # an older version of the same files
-                        log.info("LoRA adapter '%s' (%s) changed on disk; the new files are loaded", name, path)
-                    elif key not in cached and key not in self._stale:
-                        del self._loaded[key]  # evicted by the cache's LRU meanwhile
+        entry = _Loaded(name, where, by_name)
+        if self.cache.lookup(ref) is not None:
+            self._note_loaded(ref, entry, static)
+            return LoRASelection(ref, scale)
+        if wait or self.prefetcher is None:  # validate a cold adapter now: a broken one never reaches a batch
+            self._load(ref, entry, static)
+            return LoRASelection(ref, scale)
+        return LoRASelection(ref, scale, ready=self.prefetcher.submit(lambda: self._load(ref, entry, static)))
+
+    def _load(self, ref: AdapterRef, entry: _Loaded, static: bool) -> LoRAAdapter:
+        """Read a cold adapter into the cache (on the caller's or the loader's thread); errors name its location."""
+        try:
+            adapter = self.cache.get(ref)
+        except BackendError as exc:
+            if ref.path == entry.location:
+                raise
+            message = str(exc).replace(ref.path, entry.location)  # name the object, not our download of it
+            raise same_kind(exc, message if entry.location in message else
+                            f"LoRA adapter '{entry.location}': {message}") from None
+        cached = set(self.cache.host_ids()) | set(self.cache.device_ids())
+        with self._lock:
+            for key, (old, _) in list(self._loaded.items()):
+                if old.int_id == ref.int_id and key != ref.key:
+                    self._stale.add(key)  # an older version of the same files
+                    log.info("LoRA adapter '%s' (%s) changed on disk; the new files are loaded", entry.name,
+                             ref.path)
+                elif key not in cached and key not in self._stale:
+                    del self._loaded[key]  # evicted by the cache's LRU meanwhile
+        self._note_loaded(ref, entry, static)
+        return adapter
+
+    def _note_loaded(self, ref: AdapterRef, entry: _Loaded, static: bool) -> None:
         if not static:
             with self._lock:
-                self._loaded.setdefault(ref.key, (ref, _Loaded(name, where, by_name)))
-        return LoRASelection(ref, scale)
+                self._loaded.setdefault(ref.key, (ref, entry))
 
     def _resident(self, where: str) -> AdapterRef | None:
         """The newest loaded version of the adapter at `where` still in the cache."""
@@ -185,13 +209,24 @@ class AdapterSelector:
                      if loaded.location == where and key in cached and key not in self._stale]
         return found[-1] if found else None
 
-    def select_stack(self, stack: Sequence[LoRAFields]) -> tuple[LoRASelection, ...]:
+    def select_stack(self, stack: Sequence[LoRAFields], wait: bool = True) -> tuple[LoRASelection, ...]:
         """A request's adapters (() = base model); refuses more than `max_per_request`, one adapter twice, and a
         stack that could never hold its slots at once."""
         if len(stack) > self.max_per_request:
             raise InvalidArgument(f"{len(stack)} LoRA adapters in one request, max_loras_per_request is "
                                   f"{self.max_per_request}")
-        selections = tuple(s for s in (self.select(fields) for fields in stack) if s is not None)
+        selections: list[LoRASelection] = []
+        try:
+            for fields in stack:
+                if (selection := self.select(fields, wait)) is not None:
+                    selections.append(selection)
+            self._check_stack(selections)
+        except BaseException:
+            abandon(selections)
+            raise
+        return tuple(selections)
+
+    def _check_stack(self, selections: list[LoRASelection]) -> None:
         seen: dict[int, str] = {}
         for selection in selections:
             ref = selection.ref
@@ -203,7 +238,6 @@ class AdapterSelector:
             raise InvalidArgument(f"the LoRA stack {[s.ref.name for s in selections]} needs {len(selections)} "
                                   f"adapter slots at once, more than max_loras ({self.cache.max_loras}) leaves "
                                   f"free next to the pinned adapters")
-        return selections
 
     def sync(self) -> None:
         """Drop older versions of rewritten adapters, and after a registry change, the adapters whose registry
@@ -236,10 +270,11 @@ class AdapterSelector:
                          ref.int_id)
 
 
-def select_lora(selector: AdapterSelector | None, stack: Sequence[LoRAFields]) -> tuple[LoRASelection, ...]:
+def select_lora(selector: AdapterSelector | None, stack: Sequence[LoRAFields],
+                wait: bool = True) -> tuple[LoRASelection, ...]:
     """A request's LoRA stack -> selections (() = base model); a model without LoRA (max_loras 0) refuses any."""
     if selector is not None:
-        return selector.select_stack(stack)
+        return selector.select_stack(stack, wait)
     if any(not fields.empty for fields in stack):
         raise InvalidArgument("this model serves no LoRA adapters (max_loras is 0)")
     return ()
