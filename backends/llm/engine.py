@@ -90,8 +90,10 @@ class EngineObserver(Protocol):
     def on_grammar(self, seconds: float | None) -> None:
         """A structured-output constraint compiled in `seconds`, or (None) found compiled in the cache."""
 
-    def on_lora(self, cache: LoRACache, running: list[AdapterRef], waiting: list[AdapterRef]) -> None:
-        """After every step: the cache, and one adapter ref per request and adapter running / waiting."""
+    def on_lora(self, cache: LoRACache, running: list[AdapterRef], waiting: list[AdapterRef], slot_wait: float,
+                rotations: int) -> None:
+        """After every step: the cache, one adapter ref per request and adapter running / waiting, how long the
+        oldest request passed over for want of a LoRA slot has waited (0: none), and the scheduler's rotations."""
 
 
 class Sequence:
@@ -395,7 +397,10 @@ class LLMEngine:
             running = [*self._running, *self._admitting]
             # The adapters first: once the queue gauges read idle, the adapter lists do too.
             if self.lora_cache is not None:
-                self._observer.on_lora(self.lora_cache, _adapter_refs(running), _adapter_refs(self._waiting))
+                now = time.monotonic()
+                slot_wait = max((now - seq.started for seq in self._waiting if seq.bypassed_steps), default=0.0)
+                self._observer.on_lora(self.lora_cache, _adapter_refs(running), _adapter_refs(self._waiting),
+                                       slot_wait, self.scheduler.rotations)
             self._observer.on_queue(len(self._waiting) + self._queue.qsize(), len(running), self.runner.kv.usage)
 
     def _pull_requests(self) -> bool:

@@ -96,8 +96,10 @@ class TritonEngineMetrics:
             self._grammar_compiles.increment(1)
             self._grammar_seconds.increment(seconds)
 
-    def on_lora(self, cache: LoRACache, running: list[AdapterRef], waiting: list[AdapterRef]) -> None:
+    def on_lora(self, cache: LoRACache, running: list[AdapterRef], waiting: list[AdapterRef], slot_wait: float,
+                rotations: int) -> None:
         self._lora.report(cache, running, waiting)
+        self._lora.report_admission(slot_wait, rotations)
 
     def on_started(self, kv: PagedKVCache, selector: AdapterSelector | None) -> None:
         """What a router reads before any traffic: the KV cache's shape and the static (pinned) adapters."""

@@ -229,6 +229,31 @@ def test_more_distinct_adapters_than_slots_queue_and_none_fail(grpc_client, trit
     assert _metric(triton_server.metrics_url, "multilora_lora_slots_in_use", tight_model) == 0
 
 
+def test_an_adapter_waiting_for_a_slot_is_rotated_in_and_its_wait_is_a_metric(triton_server, adapters, tight_model):
+    """Two long streams hold both slots; a third adapter's request waits past max_bypass_steps, is counted as a
+    rotation, shows its wait in multilora_lora_slot_wait_seconds, and is answered; the gauge reads 0 after."""
+    url = triton_server.metrics_url
+    rotations = _metric(url, "multilora_lora_rotations_total", tight_model)
+    long = dict(max_tokens=60, ignore_eos=True)
+    with ThreadPoolExecutor(3) as pool:
+        holders = [pool.submit(concurrently, triton_server, [(PROMPTS[1], {"lora_path": str(adapters[f"rand_{c}"]),
+                                                                          **long})], tight_model) for c in "ab"]
+        deadline = time.monotonic() + 30
+        while _metric(url, "multilora_lora_slots_in_use", tight_model) < 2:
+            assert time.monotonic() < deadline and not any(h.done() for h in holders), "no two slots held"
+            time.sleep(0.05)
+        waiter = pool.submit(concurrently, triton_server, [(CAPITAL, {"lora_path": str(adapters["rand_c"])})],
+                             tight_model)
+        waits = []
+        while not waiter.done():
+            waits.append(_metric(url, "multilora_lora_slot_wait_seconds", tight_model))
+            time.sleep(0.05)
+        assert waiter.result()[0] and all(h.result()[0] for h in holders)
+    assert max(waits) > 0, "the slot wait never showed"
+    assert _metric(url, "multilora_lora_rotations_total", tight_model) >= rotations + 1
+    assert _metric(url, "multilora_lora_slot_wait_seconds", tight_model) == 0
+
+
 def test_cancelled_lora_stream_frees_its_slot(grpc_client, triton_server, adapters, tight_model):
     url = triton_server.metrics_url
     out = generate(grpc_client, PROMPTS[1], model=tight_model, temperature=0.0, max_tokens=2000, stream=True,

@@ -12,7 +12,7 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 _DTYPES = {
     "max_tokens": np.int32, "top_k": np.int32, "seed": np.int64,
-    "temperature": np.float32, "top_p": np.float32, "stream": np.bool_,
+    "temperature": np.float32, "top_p": np.float32, "stream": np.bool_, "ignore_eos": np.bool_,
     "lora_scale": np.float32, "lora_int_id": np.int64, "logprobs": np.int32, "prompt_logprobs": np.int32,
 }
 _STRINGS = {"lora_name", "lora_path"}

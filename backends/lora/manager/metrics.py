@@ -111,6 +111,14 @@ class TritonLoRAMetrics:
         resident = self._family(
             "multilora_lora_adapters_resident", "LoRA adapters resident per tier: device = in a slot (pinned, "
             "running or idle), host = in host memory (an adapter is usually in both)", pb_utils.MetricFamily.GAUGE)
+        self._slot_wait = self._metric(
+            "multilora_lora_slot_wait_seconds", "How long the oldest request passed over for want of a LoRA slot has "
+            "waited so far (0 when none waits for a slot); bounded by the scheduler's rotation",
+            pb_utils.MetricFamily.GAUGE)
+        self._rotations = self._metric(
+            "multilora_lora_rotations_total", "Requests that waited max_bypass_steps for a LoRA slot, for which "
+            "running adapters were closed to new requests until they drained", pb_utils.MetricFamily.COUNTER)
+        self._admission_seen = (0.0, 0)
         self._resident = {tier: resident.Metric(labels={**self._labels, "tier": tier}) for tier in (DEVICE, HOST)}
         self._resident_counts: dict[str, int] = {}
         self._resident_info = self._series_set(
@@ -172,6 +180,15 @@ class TritonLoRAMetrics:
                 metric.increment(delta)
         self._seen = stats
         self._slots_in_use.set(cache.slots_in_use())
+
+    def report_admission(self, slot_wait: float, rotations: int) -> None:
+        slot_wait = round(slot_wait, 2)  # a set is a round trip to Triton: not for every millisecond
+        last_wait, last_rotations = self._admission_seen
+        if slot_wait != last_wait:
+            self._slot_wait.set(slot_wait)
+        if rotations > last_rotations:
+            self._rotations.increment(rotations - last_rotations)
+        self._admission_seen = (slot_wait, rotations)
 
     def _report_residency(self, device: set[int], host: set[int], queued: list[AdapterRef]) -> None:
         for tier, count in ((DEVICE, len(device)), (HOST, len(host))):
