@@ -48,13 +48,21 @@ class GraphedLoRAForward:
         self._inputs: dict[int, dict[str, torch.Tensor]] = {}
         self._rows: dict[int, LoRABatch] = {}  # the fixed batch of each bucket
         self._graphs: dict[tuple[int, bool], _Captured] = {}
-        pool = torch.cuda.graph_pool_handle()  # all graphs share one memory pool: they never run at once
+        pool = self._pool = torch.cuda.graph_pool_handle()  # all graphs share one pool: they never run at once
+        self._warmup = warmup
+        # DoRA buffers are made when a DoRA adapter first lands on a layer: graphs captured before never run them.
+        self._dora_version = context.dora_version if context is not None else 0
         for size in reversed(self.buckets):  # largest first, so smaller graphs reuse its pool blocks
             self._inputs[size] = make_inputs(size)
             if context is not None:
                 self._rows[size] = context.ops.fixed_batch(size)
                 self._graphs[size, True] = self._capture(size, True, warmup, pool)
             self._graphs[size, False] = self._capture(size, False, warmup, pool)
+
+    def _recapture_lora(self) -> None:
+        self._dora_version = self.context.dora_version
+        for size in reversed(self.buckets):
+            self._graphs[size, True] = self._capture(size, True, self._warmup, self._pool)
 
     def _run(self, size: int, lora: bool) -> torch.Tensor:
         if not lora:
@@ -93,6 +101,8 @@ class GraphedLoRAForward:
             static[:rows].copy_(value, non_blocking=True)
             static[rows:].fill_(self.pad_values.get(name, 0))
         lora = self.context is not None and not batch.empty
+        if lora and self.context.dora_version != self._dora_version:
+            self._recapture_lora()
         if lora:
             self._rows[size].write(batch)
         captured = self._graphs[size, lora]

@@ -81,11 +81,64 @@ def test_unknown_modules_incomplete_pairs_and_rank_are_listed_together(tmp_path,
         PipelineLoRA(load_pipeline(str(fixtures_dir() / TINY_SD3)), 1, 4).load(str(A / "tiny-sd3-b"))
 
 
-def test_dora_pickle_nan_and_missing_files_are_refused(tmp_path, sd3_lora):
+def _dora_state(seed: int = 0) -> dict:
+    """tiny-sd3-b (transformer + text encoders) as DoRA: a magnitude per targeted transformer linear, near the
+    base rows' norms, as diffusers' save_lora_weights writes a PEFT DoRA adapter."""
+    state = load_file(A / "tiny-sd3-b" / "pytorch_lora_weights.safetensors")
+    transformer = load_pipeline(str(fixtures_dir() / TINY_SD3)).pipe.transformer
+    gen = torch.Generator().manual_seed(seed)
+    for key in [k for k in state if k.startswith("transformer.") and ".lora_A." in k]:
+        module = key.removeprefix("transformer.").split(".lora_A.")[0]
+        norm = transformer.get_submodule(module).weight.detach().norm(dim=1)
+        state[f"transformer.{module}.lora_magnitude_vector"] = norm * (1 + 0.3 * torch.randn(norm.shape, generator=gen))
+    return state
+
+
+def test_dora_rows_match_diffusers_load_lora_weights(tmp_path):
+    """A DoRA row (per-row scale 1), a base row and a scale-0 DoRA row in one batch, against diffusers + PEFT's DoRA
+    on the same file."""
+    global A
+    folder = _write(tmp_path / "tiny-sd3-dora", _dora_state())
+    saved, A = A, tmp_path
+    try:
+        prompts = ["a red cat", "a blue dog", "a red cat"]
+        got = _ours(TINY_SD3, folder.name, [(0, 1.0), (-1, 0.0), (0, 0.0)], prompts)
+        with_dora = _diffusers(TINY_SD3, folder.name, prompts[0], 0)
+    finally:
+        A = saved
+    np.testing.assert_allclose(got[0], with_dora, atol=1e-5)
+    np.testing.assert_allclose(got[1], _diffusers(TINY_SD3, None, prompts[1], 1), atol=1e-5)
+    # scale 0 = base (bit for bit in one batch: tests/lora/test_dora.py; a batch of 1 rounds differently)
+    np.testing.assert_allclose(got[2], _diffusers(TINY_SD3, None, prompts[2], 2), atol=1e-5)
+    plain = _diffusers(TINY_SD3, "tiny-sd3-b", prompts[0], 0)
+    assert np.abs(with_dora - plain).max() > 0.01, "the magnitudes changed nothing"
+
+
+def test_bad_dora_files_are_refused_naming_the_problem(tmp_path, sd3_lora):
+    state = _dora_state()
+    key = next(k for k in state if k.endswith("lora_magnitude_vector"))
+    module = key.removesuffix(".lora_magnitude_vector")
+    with pytest.raises(AdapterError, match=rf"{module}: lora_magnitude_vector \[3\], expected \[\d+\]"):
+        PipelineLoRA(load_pipeline(str(fixtures_dir() / TINY_SD3)), 1, 16).load(
+            str(_write(tmp_path / "shape", {**state, key: torch.ones(3)})))
+    kohya = load_file(A / "tiny-sd3-a-diffusers" / "pytorch_lora_weights.safetensors")
+    with pytest.raises(AdapterError, match=r"kohya DoRA weights \(dora_scale\) are not supported"):
+        sd3_lora.load(str(_write(tmp_path / "k", {**kohya, "lora_unet_x.dora_scale": torch.ones(32)})))
+
+
+def test_dora_on_a_unet_convolution_is_refused_naming_it(tmp_path):
+    lora = PipelineLoRA(load_pipeline(str(fixtures_dir() / TINY_SD15)), 1, 16)
+    conv = next(n for n in lora.context.spec.kernels)
+    channels, kh, kw = lora.context.spec.kernels[conv]
+    out = lora.context.spec.modules[conv][1]
+    state = {f"{conv}.lora_A.weight": torch.randn(2, channels, kh, kw),
+             f"{conv}.lora_B.weight": torch.randn(out, 2, 1, 1), f"{conv}.lora_magnitude_vector": torch.ones(1, out, 1, 1)}
+    with pytest.raises(AdapterError, match=rf"DoRA is served on linear layers only, not on the convolutions {conv}"):
+        lora.load(str(_write(tmp_path / "c", state)))
+
+
+def test_pickle_nan_and_missing_files_are_refused(tmp_path, sd3_lora):
     state = load_file(A / "tiny-sd3-a-diffusers" / "pytorch_lora_weights.safetensors")
-    dora = {**state, "transformer.transformer_blocks.0.attn.to_q.lora_magnitude_vector": torch.ones(32)}
-    with pytest.raises(AdapterError, match="DoRA"):
-        sd3_lora.load(str(_write(tmp_path / "d", dora)))
     nan = {k: (torch.full_like(v, float("nan")) if i == 0 else v) for i, (k, v) in enumerate(state.items())}
     with pytest.raises(AdapterError, match="NaN or Inf"):
         sd3_lora.load(str(_write(tmp_path / "n", nan)))

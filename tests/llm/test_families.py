@@ -219,6 +219,15 @@ def test_split_adapter_missing_a_layers_parts_is_refused(phi3):
         load_adapter(folder, phi3.runner.lora.spec, 16)
 
 
+def test_dora_on_the_parts_of_a_fused_layer_is_refused_naming_it(phi3):
+    """A layer kind DoRA is not served on: Phi-3's fused qkv_proj (the parts' norms would have to be kept apart)."""
+    llama = lambda: _phi3_as_llama(load_family(phi3.folder))  # noqa: E731
+    folder = make_random_adapter(llama, phi3.tmp / "dora", seed=8, r=2, lora_alpha=4,
+                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], use_dora=True)
+    with pytest.raises(AdapterError, match=r"DoRA is not served on the fused layer model.layers.0.self_attn.qkv_proj"):
+        load_adapter(folder, phi3.runner.lora.spec, 16)
+
+
 def test_adapter_naming_a_fused_layer_and_its_parts_is_refused(phi3):
     from safetensors.torch import load_file, save_file
 

@@ -218,6 +218,34 @@ def tight_model(http_client):
     http_client.unload_model(TIGHT_MODEL)
 
 
+def test_dora_adapter_is_served_in_a_mixed_batch_as_peft_generates(grpc_client, triton_server, lora_root, adapters):
+    """A PEFT DoRA adapter: greedy tokens as PEFT's DoRA forward generates them, the same next to base, plain LoRA
+    and scale-0 rows in one batch; in a LoRA stack it is refused naming it."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    dora = _random(lora_root, "dora", seed=21, use_dora=True)
+    tokenizer = AutoTokenizer.from_pretrained(default_llm_model_path())
+    ids = tokenizer(CAPITAL, return_tensors="pt", add_special_tokens=False).input_ids
+    reference = PeftModel.from_pretrained(load_smollm2(), dora).eval()
+    with torch.no_grad():
+        expected = tokenizer.decode(reference.generate(ids, max_new_tokens=16, do_sample=False)[0, ids.shape[1]:],
+                                    skip_special_tokens=True)
+    alone = _ok(grpc_client, CAPITAL, lora_path=str(dora)).text
+    assert alone == expected
+    base = _ok(grpc_client, CAPITAL).text
+    assert alone != base
+    plain = _ok(grpc_client, PROMPTS[1], lora_path=str(adapters["rand_a"])).text
+    jobs = [(CAPITAL, {"lora_path": str(dora)}), (CAPITAL, {}), (PROMPTS[1], {"lora_path": str(adapters["rand_a"])}),
+            (CAPITAL, {"lora_path": str(dora), "lora_scale": 0.0}), (CAPITAL, {"lora_path": str(dora)})]
+    assert concurrently(triton_server, jobs) == [alone, base, plain, base, alone]
+    out = generate(grpc_client, CAPITAL, lora_path=[str(dora), str(adapters["rand_a"])], **GREEDY)
+    assert out.error is not None and "is a DoRA adapter (use_dora): DoRA adapters are served alone, not in a LoRA " \
+        "stack" in out.error.message()
+    assert _ok(grpc_client, CAPITAL, lora_path=str(dora)).text == alone  # nothing held by the refused stack
+
+
 def test_more_distinct_adapters_than_slots_queue_and_none_fail(grpc_client, triton_server, adapters, tight_model):
     loras = [{"lora_path": str(adapters[f"rand_{c}"])} for c in "abcd"] + [{}]
     jobs = [(prompt, lora) for lora in loras for prompt in PROMPTS[:2]]

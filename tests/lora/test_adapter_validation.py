@@ -112,9 +112,11 @@ def test_rank_above_max(bad, spec):
     refused(bad, spec, "rank 8 exceeds max_lora_rank 4", max_rank=4)
 
 
-def test_dora_and_modules_to_save_refused(bad, spec):
-    edit_config(bad, use_dora=True, modules_to_save=["lm_head"])
-    refused(bad, spec, "DoRA", "modules_to_save")
+def test_modules_to_save_and_use_dora_without_magnitudes_refused(bad, spec):
+    edit_config(bad, modules_to_save=["lm_head"])
+    refused(bad, spec, "modules_to_save")
+    edit_config(bad, modules_to_save=None, use_dora=True)
+    refused(bad, spec, "use_dora is true but lora_magnitude_vector is missing for 14 targeted modules")
 
 
 def test_missing_and_extra_tensors(bad, spec):

@@ -27,6 +27,7 @@ class LoRAConfig:
     layers_pattern: tuple[str, ...] | None = None
     fan_in_fan_out: bool = False
     base_model_name_or_path: str | None = None
+    use_dora: bool = False  # DoRA: each targeted module also holds a magnitude vector (lora_magnitude_vector)
 
     def targets(self, module: str) -> bool:
         """PEFT's rule: a regex string must match the whole name; list entries match the name or its suffix,
@@ -81,8 +82,6 @@ def parse_config(raw: Any, problems: list[str]) -> LoRAConfig | None:
         problems.append(f"'r' must be a positive integer, got {r!r}")
     if alpha is not None and (not isinstance(alpha, (int, float)) or isinstance(alpha, bool)):
         problems.append(f"'lora_alpha' must be a number, got {alpha!r}")
-    if raw.get("use_dora"):
-        problems.append("DoRA adapters (use_dora: true) are not supported")
     if raw.get("modules_to_save"):
         problems.append(f"modules_to_save {raw['modules_to_save']} is not supported (only LoRA deltas are served)")
     if (raw.get("bias") or "none") != "none":
@@ -114,6 +113,7 @@ def parse_config(raw: Any, problems: list[str]) -> LoRAConfig | None:
         layers_pattern=(pattern,) if isinstance(pattern, str) else tuple(pattern) if pattern else None,
         fan_in_fan_out=bool(raw.get("fan_in_fan_out")),
         base_model_name_or_path=raw.get("base_model_name_or_path"),
+        use_dora=bool(raw.get("use_dora")),
     )
 
 

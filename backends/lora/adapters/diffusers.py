@@ -34,7 +34,14 @@ from backends.lora.adapters.files import (
     AdapterNotFoundError,
     listed,
 )
-from backends.lora.adapters.peft import LoRAAdapter, PairRules, load_adapter, read_safetensors, validate_pairs
+from backends.lora.adapters.peft import (
+    MAGNITUDE,
+    LoRAAdapter,
+    PairRules,
+    load_adapter,
+    read_safetensors,
+    validate_pairs,
+)
 from backends.lora.adapters.targets import TargetSpec
 
 _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[A-Za-z0-9_-]+)?\.weight$")
@@ -58,7 +65,8 @@ def file_format(state: dict, denoiser: str) -> str:
     """A single file's keys: already PEFT names under our component names, or anything diffusers converts
     (kohya/A1111, diffusers' older `lora.down/up` keys, PEFT names under diffusers' component names)."""
     components = (denoiser, *TEXT_ENCODERS)
-    if all(k.endswith(".alpha") or (_KEY.match(k) and k.split(".", 1)[0] in components) for k in state):
+    if all(k.endswith(".alpha") or ((_KEY.match(k) or MAGNITUDE.match(k)) and k.split(".", 1)[0] in components)
+           for k in state):
         return PEFT_NAMES
     return DIFFUSERS
 
@@ -124,10 +132,14 @@ def _load_single_file(file: Path, spec: TargetSpec, denoiser: str, pipeline_cls,
     raw = read_safetensors(file, problems)
     if raw is None:
         raise AdapterError(file, problems)
-    if any("dora_scale" in k or "lora_magnitude_vector" in k for k in raw):
-        raise AdapterError(file, ["DoRA weights (dora_scale) are not supported"])
+    if any("dora_scale" in k for k in raw):
+        raise AdapterError(file, ["kohya DoRA weights (dora_scale) are not supported: DoRA is read from PEFT-named "
+                                  "files (<module>.lora_magnitude_vector), as diffusers' save_lora_weights writes"])
     if file_format(raw, denoiser) == PEFT_NAMES:
         state, alphas = raw, {}
+    elif any("lora_magnitude_vector" in k for k in raw):
+        raise AdapterError(file, ["DoRA magnitudes (lora_magnitude_vector) are read from PEFT-named files only (keys "
+                                  "'<component>.<module>.lora_A.weight'), not next to diffusers/kohya names"])
     else:
         state, alphas = _convert_diffusers_to_peft(raw, pipeline_cls, denoiser, state_dict_kwargs, file)
     # Alphas left as tensors in a PEFT-style file ("<module>.alpha") count as alphas too.
@@ -138,13 +150,13 @@ def _load_single_file(file: Path, spec: TargetSpec, denoiser: str, pipeline_cls,
     file_name: dict[str, str] = {}  # served module name -> the file's (metadata patterns use the file's names)
     unexpected = []
     for key, tensor in state.items():
-        match = _KEY.match(key)
+        match = _KEY.match(key) or MAGNITUDE.match(key)
         if match is None or not isinstance(tensor, torch.Tensor):
             unexpected.append(key)
         else:
             served = _served_name(match["module"], spec)
             file_name[served] = match["module"]
-            found.setdefault(served, {})[match["ab"]] = tensor
+            found.setdefault(served, {})[match.groupdict().get("ab") or "M"] = tensor
     if unexpected:
         problems.append(f"unexpected tensors (not LoRA down/up weights): {listed(unexpected)}")
     alpha_of = {}
@@ -164,7 +176,7 @@ def _load_single_file(file: Path, spec: TargetSpec, denoiser: str, pipeline_cls,
         problems.append(f"weights for modules this pipeline does not have or does not LoRA-enable (only linear "
                         f"layers of the denoiser and text encoders, and a UNet's convolutions, are): "
                         f"{listed(unknown)}{hint}")
-    incomplete = {m for m, ab in found.items() if set(ab) != {"A", "B"}}
+    incomplete = {m for m, ab in found.items() if not {"A", "B"} <= set(ab)}
     if incomplete:
         problems.append(f"down/up (lora_A/lora_B) pair incomplete for {len(incomplete)} modules: "
                         f"{listed(incomplete)}")

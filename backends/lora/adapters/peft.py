@@ -2,7 +2,8 @@
 
 Every problem found is collected and raised together in one `AdapterError` naming the adapter folder, so a user
 fixes a broken adapter in one round. The result holds, per target module, `A` [r, in] and `Bt` = B^T [r, out]
-with alpha/r (alpha/sqrt(r) for rsLoRA) already multiplied in.
+with alpha/r (alpha/sqrt(r) for rsLoRA) already multiplied in; a DoRA adapter (`use_dora`) also holds each
+module's `magnitude` [out] (PEFT's `lora_magnitude_vector`), served by `backends/lora/layers/dora.py`.
 
 `validate_pairs` is the one validation every format ends in (diffusers and kohya files too, see `diffusers.py`):
 the (lora_A, lora_B) pairs against the served layers' shapes, ranks against `max_lora_rank`, the scaling folded in,
@@ -37,6 +38,8 @@ log = logging.getLogger(__name__)
 # safetensors refuses headers above 100 MB; a larger length field is garbage or an attack, not an adapter.
 MAX_HEADER_BYTES = 100_000_000
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[A-Za-z0-9_-]+)?\.weight$")
+# DoRA's per-output magnitude; PEFT 0.21 saves "<module>.lora_magnitude_vector", older ones "...vector.weight".
+MAGNITUDE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_magnitude_vector(?:\.weight)?$")
 # PEFT saves the base weight of an lm_head it targets (save_embedding_layers="auto"): a copy, not a delta.
 _BASE_COPY = re.compile(r"^(?:base_model\.model\.)?(?P<module>(?:.+\.)?lm_head)\.base_layer\.weight$")
 
@@ -45,6 +48,7 @@ _BASE_COPY = re.compile(r"^(?:base_model\.model\.)?(?P<module>(?:.+\.)?lm_head)\
 class ModuleLoRA:
     A: torch.Tensor  # [r, in]
     Bt: torch.Tensor  # [r, out]: B transposed (the slot buffers' layout), scaling folded in
+    magnitude: torch.Tensor | None = None  # DoRA: [out] float32; None: plain LoRA
 
 
 @dataclass
@@ -52,6 +56,10 @@ class LoRAAdapter:
     path: Path
     config: LoRAConfig
     modules: dict[str, ModuleLoRA]
+
+    @property
+    def dora(self) -> bool:
+        return any(m.magnitude is not None for m in self.modules.values())
 
     @property
     def rank(self) -> int:
@@ -65,14 +73,16 @@ class LoRAAdapter:
         h = hashlib.blake2b(digest_size=16)
         for name in sorted(self.modules):
             h.update(name.encode())
-            for t in (self.modules[name].A, self.modules[name].Bt):
+            module = self.modules[name]
+            for t in (module.A, module.Bt) + ((module.magnitude,) if module.magnitude is not None else ()):
                 h.update(str((t.dtype, tuple(t.shape))).encode())
                 h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
         return h.digest()
 
     @property
     def nbytes(self) -> int:
-        return sum(m.A.nbytes + m.Bt.nbytes for m in self.modules.values())
+        return sum(m.A.nbytes + m.Bt.nbytes + (0 if m.magnitude is None else m.magnitude.nbytes)
+                   for m in self.modules.values())
 
 
 @dataclass(frozen=True)
@@ -136,11 +146,13 @@ def _finalize(modules: dict[str, ModuleLoRA], scaling: Callable[[str], float], d
     """In place: `Bt` (given as B [out, r]) becomes B^T * scaling in `dtype`, `A` contiguous in `dtype`.
     Returns the modules holding NaN/Inf values (checked before any rounding)."""
     not_finite: list[str] = []
-    tensors = [t for m in modules.values() for t in (m.A, m.Bt)]
+    own = lambda m: (m.A, m.Bt) + ((m.magnitude,) if m.magnitude is not None else ())  # noqa: E731
+    tensors = [t for m in modules.values() for t in own(m)]
     if tensors and not bool(torch.isfinite(_magnitudes(tensors)).all()):
-        not_finite = [n for n, m in modules.items()
-                      if not (torch.isfinite(m.A).all() and torch.isfinite(m.Bt).all())]
+        not_finite = [n for n, m in modules.items() if not all(torch.isfinite(t).all() for t in own(m))]
     for name, m in modules.items():
+        if m.magnitude is not None:  # float32 whatever the model's dtype: it divides a norm computed in float32
+            m.magnitude = m.magnitude.to(torch.float32).contiguous()
         m.A = m.A.to(dtype).contiguous()
         # One transposing copy at load (scaling folded in) makes every later host -> slot promotion a memcpy.
         m.Bt = torch.mul(m.Bt.t().to(dtype), scaling(name), out=torch.empty(m.Bt.shape[::-1], dtype=dtype))
@@ -168,12 +180,14 @@ def checked_pair(name: str, a: torch.Tensor, b: torch.Tensor, fan_in: int, fan_o
 def validate_pairs(pairs: Mapping[str, Mapping[str, torch.Tensor]], shapes: Mapping[str, tuple[int, int]],
                    kernels: Mapping[str, tuple[int, int, int]], max_rank: int, dtype: torch.dtype,
                    rules: PairRules) -> tuple[dict[str, ModuleLoRA], list[str]]:
-    """Every module's complete {"A", "B"} pair against its layer's (in, out) in `shapes`: the modules in the slot
-    layout (scaling folded in, `dtype`) and the problems found (shapes, ranks, NaN/Inf), in that order."""
+    """Every module's complete {"A", "B"} pair (and a DoRA module's "M" magnitude) against its layer's (in, out)
+    in `shapes`: the modules in the slot layout (scaling folded in, `dtype`) and the problems found (shapes, ranks,
+    DoRA on a layer it cannot be served on, NaN/Inf), in that order."""
     modules: dict[str, ModuleLoRA] = {}
     scaling: dict[str, float] = {}
     bad_shape: list[str] = []
     too_big: list[str] = []
+    dora_on_conv: list[str] = []
     for name in sorted(pairs):
         pair = checked_pair(name, pairs[name]["A"], pairs[name]["B"], *shapes[name], kernels.get(name),
                             rules.rank(name))
@@ -187,13 +201,25 @@ def validate_pairs(pairs: Mapping[str, Mapping[str, torch.Tensor]], shapes: Mapp
             continue
         if r > max_rank:
             too_big.append(f"{name} (rank {r})")
+        magnitude = pairs[name].get("M")
+        if magnitude is not None:
+            fan_out = shapes[name][1]
+            if name in kernels:
+                dora_on_conv.append(name)
+                continue
+            if tuple(magnitude.shape) != (fan_out,):
+                bad_shape.append(f"{name}: lora_magnitude_vector {list(magnitude.shape)}, expected [{fan_out}] (one "
+                                 f"per output feature of the layer)")
+                continue
         scaling[name] = rules.scaling(name, r)
-        modules[name] = ModuleLoRA(A=a, Bt=b)
+        modules[name] = ModuleLoRA(A=a, Bt=b, magnitude=magnitude)
     not_finite = _finalize(modules, scaling.__getitem__, dtype)
     problems = []
     if bad_shape:
         problems.append(f"shape mismatch with the served {rules.served} at {len(bad_shape)} modules, e.g. "
                         f"{bad_shape[0]}")
+    if dora_on_conv:
+        problems.append(f"DoRA is served on linear layers only, not on the convolutions {listed(dora_on_conv)}")
     if too_big and rules.report_too_big:
         problems.append(f"{rules.too_big} max_lora_rank {max_rank}: {listed(too_big)}")
     if not_finite:
@@ -208,6 +234,10 @@ def fuse_parts(modules: dict[str, ModuleLoRA], spec: TargetSpec, max_rank: int) 
     for fused, parts in spec.packed.items():
         present = [p for p in parts if p.name in modules]
         if not present:
+            continue
+        if any(modules[p.name].magnitude is not None for p in present):
+            problems.append(f"DoRA is not served on the fused layer {fused} (its parts "
+                            f"{listed([p.name for p in present])} carry magnitudes)")
             continue
         pieces = [modules.pop(p.name) for p in present]
         ranks = [m.A.shape[0] for m in pieces]
@@ -268,6 +298,9 @@ def load_adapter(
     unexpected: list[str] = []
     for key, tensor in _read_state(path, problems).items():
         match = _KEY.match(key)
+        if match is None and (magnitude := MAGNITUDE.match(key)) and config.use_dora:
+            found.setdefault(magnitude["module"], {})["M"] = tensor
+            continue
         if match is None:
             if (copy := _BASE_COPY.match(key)) and copy["module"] in spec.modules:
                 fan_in, fan_out = spec.modules[copy["module"]]
@@ -302,9 +335,15 @@ def load_adapter(
     not_targeted = (set(found) & set(nameable)) - expected
     if not_targeted:
         problems.append(f"tensors for modules outside target_modules: {listed(not_targeted)}")
-    missing = {m for m in expected if set(found.get(m, {})) != {"A", "B"}}
+    missing = {m for m in expected if not {"A", "B"} <= set(found.get(m, {}))}
     if expected and missing:
         problems.append(f"lora_A/lora_B tensors missing for {len(missing)} targeted modules: {listed(missing)}")
+    if config.use_dora:
+        no_magnitude = {m for m in expected - missing if "M" not in found[m]}
+        if no_magnitude:
+            problems.append(f"use_dora is true but lora_magnitude_vector is missing for {len(no_magnitude)} "
+                            f"targeted modules: {listed(no_magnitude)}")
+            missing |= no_magnitude
 
     rules = PairRules("model", rank=lambda name: config.rank_and_alpha(name)[0],
                       scaling=lambda name, _r: config.scaling(name), too_big="rank_pattern ranks exceed",

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from backends.lora.layers.context import LoRAContext
+from backends.lora.layers.dora import DoraSlots
 from backends.lora.ops.base import LoRAOps
 
 
@@ -32,6 +33,7 @@ class SlotLayer(nn.Module):
         # Slots holding weights for this layer: a batch whose adapters all skip it costs nothing here (adapters
         # usually target a subset, e.g. only attention, of the patched layers).
         self.loaded_slots: set[int] = set()
+        self.dora: DoraSlots | None = None  # made when a DoRA adapter first lands here (linear layers only)
 
     @property
     def ops(self) -> LoRAOps:

@@ -15,6 +15,7 @@ from torch import nn
 
 from backends.lora.adapters.peft import LoRAAdapter
 from backends.lora.adapters.targets import PackedPart, TargetSpec
+from backends.lora.layers.dora import DoraSlots
 from backends.lora.ops import make_ops
 from backends.lora.ops.batch import LoRABatch
 
@@ -31,6 +32,8 @@ class LoRAContext:
         # Fused layers (Phi-3 qkv_proj, ...) -> their parts, so adapters trained on the parts load onto them.
         self.packed: dict[str, tuple[PackedPart, ...]] = {}
         self.ops = make_ops(max_loras, max_rank, self.device, dtype)
+        # Bumped when a layer first gets DoRA buffers: CUDA graphs captured before it never run them.
+        self.dora_version = 0
 
     @property
     def spec(self) -> TargetSpec:
@@ -67,6 +70,17 @@ class LoRAContext:
                 layer.lora_A[slot, r:].zero_()
                 layer.lora_B[slot, r:].zero_()
             (layer.loaded_slots.add if r else layer.loaded_slots.discard)(slot)
+            self._load_dora(layer, slot, weights if r else None)
+
+    def _load_dora(self, layer: nn.Module, slot: int, weights) -> None:
+        if weights is None or weights.magnitude is None:
+            if layer.dora is not None:
+                layer.dora.clear(slot)
+            return
+        if layer.dora is None:
+            layer.dora = DoraSlots(layer.weight, self.max_loras)
+            self.dora_version += 1
+        layer.dora.load(slot, layer.weight, weights.A, weights.Bt, weights.magnitude)
 
     @torch.no_grad()
     def clear_slot(self, slot: int) -> None:
@@ -75,3 +89,5 @@ class LoRAContext:
             layer.lora_A[slot].zero_()
             layer.lora_B[slot].zero_()
             layer.loaded_slots.discard(slot)
+            if layer.dora is not None:
+                layer.dora.clear(slot)

@@ -17,7 +17,8 @@ class LoRALinear(SlotLayer):
         super().__init__(base, context, name, base.in_features, base.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ops.add_linear(self.base(x), x, self)
+        y = self.ops.add_linear(self.base(x), x, self)
+        return y if self.dora is None else self.ops.rescale_dora(y, self)
 
 
 def patch_model(

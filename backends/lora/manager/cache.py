@@ -67,6 +67,7 @@ class LoRACache:
         self._host_bytes = 0
         self._loading: dict[int, Future] = {}
         self._slot_of: OrderedDict[int, int] = OrderedDict()  # int_id -> slot, LRU order
+        self._dora_in_slots: set[int] = set()  # int_ids in slots that are DoRA adapters (never stacked)
         # A heap: the lowest free slot is taken first, which keeps the span of slots a batch uses short (the dense
         # decode shrink reads every slot from the lowest to the highest one in use).
         self._free_slots = list(range(self.max_loras))
@@ -165,6 +166,8 @@ class LoRACache:
             with self._lock:
                 if any(i not in self._slot_of and i not in adapters for i in distinct):
                     continue  # a slot was evicted between the two steps: fetch its host copy, then retry
+                if len(distinct) > 1:
+                    self._refuse_dora_stack(distinct, adapters, by_id)
                 taken: list[int] = []
                 try:
                     for int_id in distinct:
@@ -180,6 +183,15 @@ class LoRACache:
                     raise
                 return [self._slot_of[r.key] for r in refs]
 
+    def _refuse_dora_stack(self, distinct: list[int], adapters: Mapping[int, LoRAAdapter],
+                           by_id: Mapping[int, AdapterRef]) -> None:
+        """DoRA rescales a layer's whole output by its own norms: two adapters' rescalings do not compose (PEFT's
+        result depends on the order it applies them), so a DoRA adapter is served alone."""
+        dora = [by_id[i].name for i in distinct if (adapters[i].dora if i in adapters else i in self._dora_in_slots)]
+        if dora:
+            raise InvalidArgument(f"LoRA adapter '{dora[0]}' is a DoRA adapter (use_dora): DoRA adapters are served "
+                                  f"alone, not in a LoRA stack")
+
     def _place(self, int_id: int, adapter: LoRAAdapter) -> None:
         if self._free_slots:
             slot = heapq.heappop(self._free_slots)
@@ -188,9 +200,12 @@ class LoRACache:
             if victim is None:
                 raise NoFreeSlot(f"all {self.max_loras} LoRA slots are in use by running batches or pinned")
             slot = self._slot_of.pop(victim)
+            self._dora_in_slots.discard(victim)
             self._stats.device_evictions += 1
         self.context.load_slot(slot, adapter)
         self._slot_of[int_id] = slot
+        if adapter.dora:
+            self._dora_in_slots.add(int_id)
         self._stats.device_loads += 1
 
     def release(self, refs: Sequence[AdapterRef]) -> None:
@@ -241,6 +256,7 @@ class LoRACache:
                 self._host_bytes -= self._host.pop(key).nbytes
                 found = True
             slot = self._slot_of.pop(key, None)
+            self._dora_in_slots.discard(key)
             if slot is not None:
                 self.context.clear_slot(slot)
                 heapq.heappush(self._free_slots, slot)

@@ -58,6 +58,43 @@ class LoRAOps(ABC):
     def _prepare(self, batch: LoRABatch) -> None:
         """Refresh a backend's metadata that must follow a fixed batch in place (eager plans are built lazily)."""
 
+    def rescale_dora(self, y: torch.Tensor, layer: SlotWeights) -> torch.Tensor:
+        """Semantics: rows whose adapter (one per row: DoRA is never stacked) holds DoRA weights in this layer get
+        y[i] <- bias + g(s_i, c_i) * (y[i] - bias) after `add_linear` (`backends/lora/layers/dora.py`), in place;
+        other rows, and scale 0, are untouched. Shared by every backend: a few element-wise ops per layer."""
+        dora, batch = getattr(layer, "dora", None), self.batch
+        if dora is None or batch is None or not dora.slots:
+            return y
+        y2 = y.view(-1, layer.out_features)
+        if batch.fixed:
+            dora.rescale_fixed(y2, batch.slots[:, 0], batch.scales[:, 0], layer.bias)
+            return y
+        if dora.slots.isdisjoint(batch.live_slots):
+            return y
+        rows, slots, scales = self._live_rows(y2.shape[0])
+        keep = dora.on.index_select(0, slots).nonzero().view(-1)
+        if keep.numel():
+            dora.rescale_rows(y2, rows.index_select(0, keep), slots.index_select(0, keep),
+                              scales.index_select(0, keep), layer.bias)
+        return y
+
+    def _live_rows(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For a layer input of n rows (the batch's S rows or S x T tokens): the rows whose first pair is live,
+        with its slot and scale, on the device (memoised on the batch)."""
+        key = ("live_rows", n, self.device)
+        found = self.batch.memo.get(key)
+        if found is None:
+            batch = self.batch
+            s = batch.num_seqs
+            if n % s:
+                raise ValueError(f"LoRA batch maps {s} sequences but the layer output has {n} rows")
+            seq = torch.arange(n) // (n // s)
+            slots, scales = batch.slots[seq, 0], batch.scales[seq, 0]
+            rows = (scales != 0).nonzero().view(-1)
+            found = batch.memo[key] = (rows.to(self.device), slots[rows].to(self.device),
+                                       scales[rows].to(self.device))
+        return found
+
     @abstractmethod
     def add_linear(self, y: torch.Tensor, x: torch.Tensor, layer: SlotWeights) -> torch.Tensor:
         """Semantics: y[i] += sum_j c_ij * (x[i] @ A[s_ij].T) @ Bt[s_ij], in place, for x [..., in] and y
