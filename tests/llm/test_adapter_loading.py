@@ -158,3 +158,63 @@ def test_a_stack_refused_after_its_reads_began_gives_their_places_back(runner, t
     finally:
         engine.shutdown()
         selector.close()
+
+
+def test_a_burst_of_ten_thousand_distinct_adapter_paths_is_answered_in_bounded_memory(tmp_path_factory):
+    """10,000 requests, each naming its own adapter folder, submitted at once to a one-layer SmolLM2-shaped model
+    with 16 slots and 64 adapters in host memory: every request is answered, the loader never holds more than its
+    window, the host tier never more than max_cpu_loras, and the process grows by a bounded amount (not by 10,000
+    adapters' worth of requests and copies)."""
+    import os
+
+    import psutil
+
+    from tools.fixtures.adapters import make_random_adapter, random_smollm2
+
+    root = tmp_path_factory.mktemp("burst")
+    model_dir = random_smollm2(root / "model", num_layers=1)
+    load = lambda: __import__("transformers").AutoModelForCausalLM.from_pretrained(model_dir).eval()  # noqa: E731
+    template = make_random_adapter(load, root / "template", seed=1, r=4, lora_alpha=8, target_modules=["q_proj"])
+    n = 10_000
+    folders = []
+    for i in range(n):  # distinct folders (distinct ids and cache entries), hard links to one adapter's files
+        folder = root / "adapters" / f"a{i:05d}"
+        folder.mkdir(parents=True)
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            os.link(template / name, folder / name)
+        folders.append(folder)
+    runner = ModelRunner(model_dir, lora=LoRAServingConfig(max_loras=16, max_lora_rank=8),
+                         settings=RunnerSettings(dtype="float32", max_model_len=128, max_num_seqs=32))
+    config = LoRAServingConfig(max_loras=16, max_cpu_loras=64, registry_file=None, allowed_roots=(root,))
+    holder = []
+
+    def setup(engine):
+        holder.append(AdapterSelector.build(runner.lora, config, prefetch=True))
+        return runner, holder[0].cache
+
+    engine = LLMEngine(setup, limits=SchedulerLimits(max_num_seqs=32))
+    selector = holder[0]
+    process = psutil.Process()
+    before = process.memory_info().rss
+    prompt = apply_chat_template([{"role": "user", "content": "Hi"}])
+    try:
+        sinks = []
+        most_cached = 0
+        for folder in folders:
+            lora = selector.select_stack([LoRAFields(path=str(folder))], wait=False)
+            sink = Collect()
+            engine.submit(request_for(engine, prompt, lora=lora, max_tokens=1), sink)
+            sinks.append(sink)
+        for i, sink in enumerate(sinks):
+            assert sink.wait(600).error is None, (folders[i], sink.error)
+            if i % 500 == 0:
+                most_cached = max(most_cached, len(selector.cache.host_ids()))
+        assert all(s.chunks for s in sinks)
+        assert selector.prefetcher.max_held <= selector.prefetcher.window == 64
+        assert selector.prefetcher.held == 0
+        assert most_cached <= 64 and len(selector.cache.host_ids()) <= 64
+        grown = (process.memory_info().rss - before) / 2**20
+        assert grown < 400, f"the process grew by {grown:.0f} MB for 10,000 small adapters"
+    finally:
+        engine.shutdown()
+        selector.close()
