@@ -73,6 +73,8 @@ class GraphedLoRAForward:
 
     @torch.inference_mode()
     def _capture(self, size: int, lora: bool, warmup: int, pool) -> _Captured:
+        if self.context is not None:
+            self.context.wait_for_copies()  # an event recorded outside a capture cannot be waited on inside it
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
@@ -101,6 +103,8 @@ class GraphedLoRAForward:
             static[:rows].copy_(value, non_blocking=True)
             static[rows:].fill_(self.pad_values.get(name, 0))
         lora = self.context is not None and not batch.empty
+        if lora:  # a replay does not pass through `context.use`: wait for slot copies here
+            self.context.wait_for_copies()
         if lora and self.context.dora_version != self._dora_version:
             self._recapture_lora()
         if lora:

@@ -61,3 +61,36 @@ def test_cuda_graph_of_patched_linears_matches_eager():
     with torch.inference_mode(), ctx.use(LoRABatch.build(slots, scales)):
         eager = model(x)
     torch.testing.assert_close(replayed, eager, atol=1e-4, rtol=1e-4)
+
+
+def test_dora_rows_on_cuda_match_peft_eager_and_in_graphs_loaded_after_capture(tmp_path):
+    """DoRA on the device: eager rows against PEFT's DoRA forward, and CUDA graphs captured before any DoRA adapter
+    was loaded (recaptured when its buffers appear) equal to eager; slot copies ran on the side stream."""
+    from peft import PeftModel
+
+    dora = make_random_adapter(tiny_llama, tmp_path / "dora", seed=4, std=0.1, r=4, lora_alpha=8,
+                               target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True)
+    plain = make_random_adapter(tiny_llama, tmp_path / "plain", seed=5, r=4, lora_alpha=8,
+                                target_modules=ALL_PROJECTIONS)
+    model = tiny_llama().to("cuda")
+    ctx = patch_model(model, max_loras=4, max_rank=8)
+    ctx.load_slot(0, load_adapter(plain, ctx.spec, max_rank=8))
+
+    def forward(inputs):
+        return model(input_ids=inputs["input_ids"], use_cache=False).logits
+
+    graphed = GraphedLoRAForward(ctx, "cuda", forward, lambda n: {"input_ids": torch.zeros(n, 1, dtype=torch.long,
+                                                                                   device="cuda")}, buckets=(4,))
+    ctx.load_slot(2, load_adapter(dora, ctx.spec, max_rank=8))
+    ids = torch.randint(0, 256, (4, 1), generator=torch.Generator().manual_seed(0)).cuda()
+    batch = LoRABatch.build([2, 0, -1, 2], [1.0, 1.0, 1.0, 0.0])
+    with torch.inference_mode(), ctx.use(batch):
+        eager = forward({"input_ids": ids})
+    replayed = graphed({"input_ids": ids}, batch).clone()
+    torch.testing.assert_close(replayed, eager, atol=1e-4, rtol=0)
+    reference = PeftModel.from_pretrained(tiny_llama(), dora).cuda().eval()
+    with torch.inference_mode():
+        want = reference(input_ids=ids[:1]).logits
+        base = tiny_llama().cuda()(input_ids=ids[3:]).logits
+    torch.testing.assert_close(eager[:1], want, atol=1e-4, rtol=0)
+    torch.testing.assert_close(eager[3:], base, atol=1e-5, rtol=0)

@@ -34,6 +34,10 @@ class LoRAContext:
         self.ops = make_ops(max_loras, max_rank, self.device, dtype)
         # Bumped when a layer first gets DoRA buffers: CUDA graphs captured before it never run them.
         self.dora_version = 0
+        # CUDA: slot copies run on a side stream (from pinned host copies) and the forwards wait for their event,
+        # so a copy overlaps the work queued before it instead of sitting in the compute stream's queue.
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._copied: torch.cuda.Event | None = None
 
     @property
     def spec(self) -> TargetSpec:
@@ -43,11 +47,19 @@ class LoRAContext:
     @contextlib.contextmanager
     def use(self, batch: LoRABatch) -> Iterator[None]:
         """Forwards within the block run `batch` (layers see [S, ...] or [S, T, ...] inputs)."""
+        if not (self._copy_stream is not None and torch.cuda.is_current_stream_capturing()):
+            self.wait_for_copies()
         self.ops.set_batch(batch)
         try:
             yield
         finally:
             self.ops.clear()
+
+    def wait_for_copies(self) -> None:
+        """Order the current stream after the slot copies in flight (CUDA; a no-op elsewhere)."""
+        if self._copied is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._copied)
+            self._copied = None
 
     # -- slot contents ---------------------------------------------------------------------------------------
     def _check_slot(self, slot: int) -> None:
@@ -58,6 +70,17 @@ class LoRAContext:
     def load_slot(self, slot: int, adapter: LoRAAdapter) -> None:
         """Copy an adapter into `slot` of every layer (zero-padded to max_rank; untargeted layers zeroed)."""
         self._check_slot(slot)
+        if self._copy_stream is None:
+            self._load_slot(slot, adapter)
+            return
+        # The slot's old contents may still be read by forwards queued before: the copy waits for them.
+        self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._copy_stream):
+            self._load_slot(slot, adapter)
+            self._copied = torch.cuda.Event()
+            self._copied.record(self._copy_stream)
+
+    def _load_slot(self, slot: int, adapter: LoRAAdapter) -> None:
         for name, layer in self.layers.items():
             weights = adapter.modules.get(name)
             r = 0 if weights is None else weights.A.shape[0]
@@ -85,6 +108,7 @@ class LoRAContext:
     @torch.no_grad()
     def clear_slot(self, slot: int) -> None:
         self._check_slot(slot)
+        self.wait_for_copies()
         for layer in self.layers.values():
             layer.lora_A[slot].zero_()
             layer.lora_B[slot].zero_()

@@ -111,6 +111,8 @@ class LoRACache:
             if self.context.device.type == "cuda":  # pinned host memory: fast, async host -> device copies
                 for m in adapter.modules.values():
                     m.A, m.Bt = m.A.pin_memory(), m.Bt.pin_memory()
+                    if m.magnitude is not None:
+                        m.magnitude = m.magnitude.pin_memory()
         except BaseException as exc:
             with self._lock:
                 del self._loading[ref.key]
