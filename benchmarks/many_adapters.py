@@ -9,8 +9,9 @@ Adapters: one random PEFT adapter made by PEFT (r 8 on q_proj), and --adapters c
 random weights (distinct contents: no two share a prefix-cache entry), cached under .cache/bench/many_adapters.
 All are registered through `/v1/load_lora_adapter` and asked for by name (`model=<adapter>`), as a vLLM user does.
 Every request streams exactly --max-tokens tokens (`ignore_eos`) from a distinct prompt. One tritonserver (`llm`
-with its defaults: 16 slots, 64 adapters in host memory) and one frontend serve every case; cases take turns
---rounds times and each keeps its best round (the least disturbed one on a shared machine).
+with its defaults, 16 slots and 64 adapters in host memory, but without the static demo adapters: pinned, they
+would hold 2 slots that nobody here asks for; `--keep-static` keeps them) and one frontend serve every case; cases
+take turns --rounds times and each keeps its best round (the least disturbed one on a shared machine).
 
 Cases: base (no adapter); uniform over 64 adapters; Zipf(--alpha) over all adapters (request share of adapter i ~
 1 / i ** alpha, so most requests go to a few and the tail is cold). Then: cold TTFT (an idle server, a request for a
@@ -235,7 +236,10 @@ async def run(args) -> None:
     registry = work / "registry.json"
     env = {**os.environ, ALLOWED_LORA_ROOTS_ENV: str(root), LORA_REGISTRY_ENV: str(registry)}
     repo = work / "repo"
-    copy_model(repo, "llm", "llm", {"lora_registry_file": str(registry), "allowed_lora_roots": str(root)})
+    params = {"lora_registry_file": str(registry), "allowed_lora_roots": str(root), "max_loras": str(args.max_loras)}
+    if not args.keep_static:
+        params["lora_modules"] = ""  # the demo adapters would hold 2 of the slots (pinned) for nobody here
+    copy_model(repo, "llm", "llm", params)
     server = TritonServer(model_repository=repo, models=["llm"], http_port=free_port(), grpc_port=free_port(),
                           metrics_port=free_port(), log_file=work / "tritonserver.log", env=env)
     server.start(600)
@@ -330,6 +334,9 @@ def main() -> None:
     parser.add_argument("--cold", type=int, default=8)
     parser.add_argument("--itl-seconds", type=float, default=20.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-loras", type=int, default=16)
+    parser.add_argument("--keep-static", action="store_true",
+                        help="keep the model's static (pinned) demo adapters: they hold 2 of the slots")
     parser.add_argument("--out", default=str(cache_dir() / "bench" / "many_adapters.csv"))
     asyncio.run(run(parser.parse_args()))
 

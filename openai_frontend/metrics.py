@@ -4,7 +4,8 @@ route a request to the replica that already holds its adapter.
 
 Every gateway series is built from the scrape of Triton's metrics port at the time of the request, never from
 this process's own counts: several frontends in front of one Triton then all report the same queues and adapters.
-The endpoint picker reads one series per name, so the models on the port are folded into one replica's view."""
+The endpoint picker reads one series per name, so the models on the port are folded into one replica's view.
+Per-adapter residency is carried once, as `vllm:lora_adapter_loaded` (Triton's port keeps the raw family)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,9 @@ _COUNTERS = {"multilora_llm_prefix_cache_queries_total": "prefix_cache_queries",
              "multilora_llm_num_preemptions_total": "num_preemptions"}
 # Our residency tiers under the names vLLM's proposed residency metrics use (vllm-project/vllm#54830).
 _LEVELS = {"device": "gpu", "host": "cpu"}
+# Families of Triton's port that /metrics carries only under their vLLM names (vllm:lora_adapter_loaded): one
+# series per resident adapter is the largest part of a scrape, and twice would be twice the bytes.
+_NOT_REEXPORTED = ("multilora_lora_adapter_resident_info",)
 
 
 @dataclass
@@ -188,4 +192,12 @@ class FrontendMetrics:
     async def render(self) -> bytes:
         triton = await self._triton_text()
         self._set_gateway_series(BackendState.parse(triton))
-        return generate_latest(self.registry) + triton.encode()
+        return generate_latest(self.registry) + _without(triton, _NOT_REEXPORTED).encode()
+
+
+def _without(text: str, families: tuple[str, ...]) -> str:
+    """Prometheus text without the samples and HELP/TYPE lines of `families`."""
+    def kept(line: str) -> bool:
+        name = line.split(" ", 3)[2] if line.startswith("# ") and line.count(" ") >= 2 else line
+        return not any(name.startswith(f) and name[len(f):len(f) + 1] in ("", "{", " ") for f in families)
+    return "".join(line for line in text.splitlines(keepends=True) if kept(line))

@@ -30,7 +30,7 @@ _LORA_COUNTERS = {
     "device_loads": ("multilora_lora_device_loads_total", "LoRA adapters copied into a device slot"),
 }
 DEVICE, HOST = "device", "host"
-MAX_IDLE_SERIES = 32
+MAX_IDLE_SERIES = 16
 MAX_ADAPTER_SERIES = 256
 
 log = logging.getLogger(__name__)
