@@ -223,6 +223,10 @@ class LLMEngine:
         self._on_dead = on_dead
         self._accept_lock = threading.Lock()  # orders `submit` against the thread's death
         self._admitting: list[Sequence] = []  # admitted this step, not yet running (failed with the step)
+        # Requests whose adapters are being read or whose constraint compiles (not queued yet): they count as
+        # waiting in the metrics, so a router sees an adapter's request from the moment it arrives.
+        self._preparing: dict[int, GenerationRequest] = {}
+        self._preparing_lock = threading.Lock()
         self._stalled = False  # requests wait but none could be admitted: wait for news instead of spinning
         self._setup_done: Future = Future()
         self._thread = threading.Thread(target=self._main, args=(setup,), name="llm-engine", daemon=True)
@@ -345,12 +349,18 @@ class LLMEngine:
             return
         futures = [f for _, f in loading] + ([compiling] if compiling is not None else [])
         left, lock = [len(futures)], threading.Lock()
+        with self._preparing_lock:
+            self._preparing[id(request)] = request
+        if self._observer is not None:  # wake an idle engine thread so that it reports the request as waiting
+            self._queue.put(_Call(lambda: None, Future()))
 
         def settled(_: Future) -> None:
             with lock:
                 left[0] -= 1
                 if left[0]:
                     return
+            with self._preparing_lock:
+                self._preparing.pop(id(request), None)
             loaded = {key: f.result() for key, f in loading if _outcome(f) is None}
             holds = [item.hold for item in loaded.values()]
             error = next((e for e in map(_outcome, futures) if e is not None), None)
@@ -395,13 +405,17 @@ class LLMEngine:
     def _observe_queue(self) -> None:
         if self._observer:
             running = [*self._running, *self._admitting]
+            with self._preparing_lock:
+                preparing = list(self._preparing.values())
             # The adapters first: once the queue gauges read idle, the adapter lists do too.
             if self.lora_cache is not None:
                 now = time.monotonic()
                 slot_wait = max((now - seq.started for seq in self._waiting if seq.bypassed_steps), default=0.0)
-                self._observer.on_lora(self.lora_cache, _adapter_refs(running), _adapter_refs(self._waiting),
-                                       slot_wait, self.scheduler.rotations)
-            self._observer.on_queue(len(self._waiting) + self._queue.qsize(), len(running), self.runner.kv.usage)
+                waiting = _adapter_refs(self._waiting) + [s.ref for r in preparing for s in r.lora]
+                self._observer.on_lora(self.lora_cache, _adapter_refs(running), waiting, slot_wait,
+                                       self.scheduler.rotations)
+            self._observer.on_queue(len(self._waiting) + self._queue.qsize() + len(preparing), len(running),
+                                    self.runner.kv.usage)
 
     def _pull_requests(self) -> bool:
         """Move queued requests to `waiting` and run handed-over calls, blocking while there is nothing to do.
@@ -418,9 +432,9 @@ class LLMEngine:
             if item is None:
                 return False
             if isinstance(item, _Call):
-                item.run()
-                continue
-            self._waiting.append(item)
+                item.run()  # then report: a handed-over call may change what the metrics show (see `submit`)
+            else:
+                self._waiting.append(item)
             block = False
 
     def _loop(self) -> None:

@@ -43,7 +43,7 @@ def runner():
                        settings=RunnerSettings(dtype="float32", max_model_len=512, max_num_seqs=16))
 
 
-def _engine(runner, root, load=None) -> tuple[LLMEngine, AdapterSelector]:
+def _engine(runner, root, load=None, observer=None) -> tuple[LLMEngine, AdapterSelector]:
     config = LoRAServingConfig(max_loras=2, max_cpu_loras=4, registry_file=None, allowed_roots=(root,))
     holder = []
 
@@ -51,7 +51,7 @@ def _engine(runner, root, load=None) -> tuple[LLMEngine, AdapterSelector]:
         holder.append(AdapterSelector.build(runner.lora, config, prefetch=True, load=load))
         return runner, holder[0].cache
 
-    engine = LLMEngine(setup, limits=SchedulerLimits(max_num_seqs=16))
+    engine = LLMEngine(setup, limits=SchedulerLimits(max_num_seqs=16), observer=observer)
     return engine, holder[0]
 
 
@@ -94,6 +94,49 @@ def test_a_cold_adapter_is_read_on_the_loader_thread_while_other_rows_decode(run
         assert max(gaps) < 1.0, max(gaps)
         warm, lora = _submit(engine, selector, path, max_tokens=8)
         assert lora[0].ready is None and _text(warm.wait(60)) == _text(cold)  # the same adapter, now cached
+    finally:
+        engine.shutdown()
+        selector.close()
+
+
+class QueueWatch:
+    """An engine observer keeping the last queue report (waiting count, waiting adapters' names)."""
+
+    def __init__(self):
+        self.waiting, self.waiting_adapters = 0, []
+
+    def on_queue(self, waiting, running, kv_usage):
+        self.waiting = waiting
+
+    def on_lora(self, cache, running, waiting, slot_wait, rotations):
+        self.waiting_adapters = [ref.name for ref in waiting]
+
+    def __getattr__(self, name):  # the other EngineObserver calls
+        return lambda *args: None
+
+
+def test_a_request_whose_adapter_is_being_read_counts_as_waiting_in_the_metrics(runner, tmp_path):
+    """Before, an idle engine reported nothing until the read ended: a router saw no request for the adapter."""
+    (path,) = _copies(tmp_path, 1)
+    reading = threading.Event()
+
+    def slow_load(where):
+        reading.set()
+        time.sleep(1.5)
+        return load_adapter(where, runner.lora.spec, 16, dtype=runner.lora.dtype)
+
+    watch = QueueWatch()
+    engine, selector = _engine(runner, tmp_path, slow_load, watch)
+    try:
+        sink, _ = _submit(engine, selector, path, max_tokens=2)
+        assert reading.wait(30)
+        time.sleep(0.3)
+        assert watch.waiting == 1 and watch.waiting_adapters == [path.name], vars(watch)
+        assert sink.wait(60).error is None
+        deadline = time.monotonic() + 10
+        while (watch.waiting or watch.waiting_adapters) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert watch.waiting == 0 and watch.waiting_adapters == []
     finally:
         engine.shutdown()
         selector.close()

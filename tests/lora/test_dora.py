@@ -127,6 +127,12 @@ def test_varlen_step_rows_fixed_batches_and_slot_reuse(bias):
         torch.testing.assert_close(eager[0], _reference(layer, x[:1], dora, 0.7)[0].float(), atol=1e-5, rtol=0)
         assert torch.equal(graphed[1], base[1]) and torch.equal(graphed[2], base[2])
 
+        # Another DoRA adapter in the same slot, the same batch composition: the cached gains are not reused.
+        other = _dora_module(layer, ctx, 2, seed=7)
+        with ctx.use(decode):
+            torch.testing.assert_close(layer(x[:3])[0], _reference(layer, x[:1], other, 0.7)[0].float(), atol=1e-5,
+                                       rtol=0)
+
         from backends.lora.adapters.config import LoRAConfig
         from backends.lora.adapters.peft import LoRAAdapter, ModuleLoRA
         plain = ModuleLoRA(A=dora.A, Bt=dora.Bt)

@@ -16,6 +16,8 @@ float32, whatever the model's dtype.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 
 
@@ -29,6 +31,8 @@ class DoraSlots:
         self.u = torch.zeros(max_loras, out, **kw)
         self.on = torch.zeros(max_loras, dtype=torch.bool, device=weight.device)  # slots holding DoRA here
         self.slots: set[int] = set()
+        # Gains per batch composition: decode steps repeat the same (slot, scale) pairs step after step.
+        self._gains: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 
     @torch.no_grad()
     def load(self, slot: int, weight: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, magnitude: torch.Tensor) -> None:
@@ -39,11 +43,13 @@ class DoraSlots:
         self.magnitude[slot].copy_(magnitude, non_blocking=True)
         self.on[slot] = True
         self.slots.add(slot)
+        self._gains.clear()
 
     def clear(self, slot: int) -> None:
         if slot in self.slots:
             self.on[slot] = False
             self.slots.discard(slot)
+            self._gains.clear()
 
     def gain(self, slots: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         """g [n, out] for rows using `slots` [n] at scales `scales` [n]."""
@@ -51,17 +57,33 @@ class DoraSlots:
         norm2 = self.p + 2 * c * self.q.index_select(0, slots) + c * c * self.u.index_select(0, slots)
         return self.magnitude.index_select(0, slots) * norm2.rsqrt()
 
-    def rescale_rows(self, y: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, scales: torch.Tensor,
-                     bias: torch.Tensor | None) -> None:
-        """In place: y[rows] <- bias + g * (y[rows] - bias) for rows [k] (those with a live pair on a DoRA slot)."""
-        yr = y.index_select(0, rows).float()
-        g = self.gain(slots, scales)
-        if bias is None:
-            yr.mul_(g)
+    def pair_gains(self, pairs: tuple, slots: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """[1 + E, out] in `dtype`: row 0 all ones (rows without a DoRA pair), then the gain of each (slot, scale)
+        pair (`pairs`, as `slots` and `scales` tensors too), 1 where the slot holds no DoRA weights in this layer.
+        Ones stay exactly 1, so y * g leaves those rows bit for bit. Kept for the last 8 compositions."""
+        key = (pairs, dtype)
+        found = self._gains.get(key)
+        if found is None:
+            found = self._gains[key] = self._pair_gains(slots, scales, dtype)
+            while len(self._gains) > 8:
+                self._gains.popitem(last=False)
         else:
-            b = bias.float()
-            yr.sub_(b).mul_(g).add_(b)
-        y.index_copy_(0, rows, yr.to(y.dtype))
+            self._gains.move_to_end(key)
+        return found
+
+    def _pair_gains(self, slots: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        g = torch.where(self.on.index_select(0, slots).unsqueeze(1), self.gain(slots, scales),
+                        torch.ones((), device=self.p.device))
+        return torch.cat([torch.ones(1, g.shape[1], device=g.device), g]).to(dtype)
+
+    @staticmethod
+    def apply(y: torch.Tensor, g: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """In place: y <- bias + g * (y - bias), with g broadcast over y's leading dims; where g is 1, y stays bit
+        for bit (y + 0 * (y - bias) = y)."""
+        if bias is None:
+            y.mul_(g)
+        else:
+            y.add_((y - bias).mul_(g - 1))
 
     def rescale_fixed(self, y: torch.Tensor, slots: torch.Tensor, scales: torch.Tensor,
                       bias: torch.Tensor | None) -> None:

@@ -61,7 +61,8 @@ class LoRAOps(ABC):
     def rescale_dora(self, y: torch.Tensor, layer: SlotWeights) -> torch.Tensor:
         """Semantics: rows whose adapter (one per row: DoRA is never stacked) holds DoRA weights in this layer get
         y[i] <- bias + g(s_i, c_i) * (y[i] - bias) after `add_linear` (`backends/lora/layers/dora.py`), in place;
-        other rows, and scale 0, are untouched. Shared by every backend: a few element-wise ops per layer."""
+        other rows, and scale 0, are untouched. Shared by every backend: one gain per (slot, scale) pair of the
+        batch, broadcast over the rows (a sequence's T tokens share its gain row), one multiply."""
         dora, batch = getattr(layer, "dora", None), self.batch
         if dora is None or batch is None or not dora.slots:
             return y
@@ -71,28 +72,33 @@ class LoRAOps(ABC):
             return y
         if dora.slots.isdisjoint(batch.live_slots):
             return y
-        rows, slots, scales = self._live_rows(y2.shape[0])
-        keep = dora.on.index_select(0, slots).nonzero().view(-1)
-        if keep.numel():
-            dora.rescale_rows(y2, rows.index_select(0, keep), slots.index_select(0, keep),
-                              scales.index_select(0, keep), layer.bias)
+        pairs, pair_slots, pair_scales, row_pair = self._dora_pairs()
+        g = dora.pair_gains(pairs, pair_slots, pair_scales, y.dtype)
+        bias = None if layer.bias is None else layer.bias.to(y.dtype)
+        n, s = y2.shape[0], batch.num_seqs
+        if n % s:
+            raise ValueError(f"LoRA batch maps {s} sequences but the layer output has {n} rows")
+        # S rows (a varlen engine step has one batch row per token), or S sequences of T tokens each.
+        dora.apply(y2.view(s, n // s, -1), g.index_select(0, row_pair).unsqueeze(1), bias)
         return y
 
-    def _live_rows(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """For a layer input of n rows (the batch's S rows or S x T tokens): the rows whose first pair is live,
-        with its slot and scale, on the device (memoised on the batch)."""
-        key = ("live_rows", n, self.device)
+    def _dora_pairs(self) -> tuple[tuple, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The batch's distinct live (slot, scale) pairs of its rows' first adapter and each row's pair (1-based;
+        0: none), on the device, memoised on the batch."""
+        key = ("dora_pairs", self.device)
         found = self.batch.memo.get(key)
         if found is None:
             batch = self.batch
-            s = batch.num_seqs
-            if n % s:
-                raise ValueError(f"LoRA batch maps {s} sequences but the layer output has {n} rows")
-            seq = torch.arange(n) // (n // s)
-            slots, scales = batch.slots[seq, 0], batch.scales[seq, 0]
-            rows = (scales != 0).nonzero().view(-1)
-            found = batch.memo[key] = (rows.to(self.device), slots[rows].to(self.device),
-                                       scales[rows].to(self.device))
+            slots, scales = batch.slots[:, 0], batch.scales[:, 0]
+            live = scales != 0
+            pairs = sorted({(int(a), float(c)) for a, c in zip(slots[live].tolist(), scales[live].tolist())})
+            index = {pair: i + 1 for i, pair in enumerate(pairs)}
+            row_pair = torch.tensor([index.get((int(a), float(c)), 0) for a, c in zip(slots.tolist(),
+                                                                                      scales.tolist())])
+            found = batch.memo[key] = (
+                tuple(pairs), torch.tensor([a for a, _ in pairs], dtype=torch.long, device=self.device),
+                torch.tensor([c for _, c in pairs], dtype=torch.float32, device=self.device),
+                row_pair.to(self.device))
         return found
 
     @abstractmethod
