@@ -206,8 +206,8 @@ def test_a_stack_refused_after_its_reads_began_gives_their_places_back(runner, t
 def test_a_burst_of_ten_thousand_distinct_adapter_paths_is_answered_in_bounded_memory(tmp_path_factory):
     """10,000 requests, each naming its own adapter folder, submitted at once to a one-layer SmolLM2-shaped model
     with 16 slots and 64 adapters in host memory: every request is answered, the loader never holds more than its
-    window, the host tier never more than max_cpu_loras, and the process grows by a bounded amount (not by 10,000
-    adapters' worth of requests and copies)."""
+    window, the host tier never more than max_cpu_loras, and memory stays flat once warm (it does not grow with
+    the number of adapters seen)."""
     import os
 
     import psutil
@@ -248,16 +248,23 @@ def test_a_burst_of_ten_thousand_distinct_adapter_paths_is_answered_in_bounded_m
             sink = Collect()
             engine.submit(request_for(engine, prompt, lora=lora, max_tokens=1), sink)
             sinks.append(sink)
+        rss = {}
         for i, sink in enumerate(sinks):
             assert sink.wait(600).error is None, (folders[i], sink.error)
             if i % 500 == 0:
                 most_cached = max(most_cached, len(selector.cache.host_ids()))
+            if i + 1 in (n // 2, n):
+                rss[i + 1] = process.memory_info().rss
         assert all(s.chunks for s in sinks)
         assert selector.prefetcher.max_held <= selector.prefetcher.window == 64
         assert selector.prefetcher.held == 0
         assert most_cached <= 64 and len(selector.cache.host_ids()) <= 64
-        grown = (process.memory_info().rss - before) / 2**20
-        assert grown < 400, f"the process grew by {grown:.0f} MB for 10,000 small adapters"
+        # Flat once warm: the second 5,000 adapters (90 MB of host copies, were they kept) add next to nothing.
+        # (Measured here: +363 MB overall, mostly the first forwards and the 10,000 queued requests; +8 MB over
+        # the second half.)
+        late = (rss[n] - rss[n // 2]) / 2**20
+        assert late < 48, f"the process grew by {late:.0f} MB over the last 5,000 adapters"
+        assert (rss[n] - before) / 2**20 < 800
     finally:
         engine.shutdown()
         selector.close()
