@@ -363,6 +363,7 @@ class LLMEngine:
                 self._preparing.pop(id(request), None)
             loaded = {key: f.result() for key, f in loading if _outcome(f) is None}
             holds = [item.hold for item in loaded.values()]
+            adapters = {key: item.take() for key, item in loaded.items()}
             error = next((e for e in map(_outcome, futures) if e is not None), None)
             try:
                 if error is not None:
@@ -370,7 +371,7 @@ class LLMEngine:
                 if compiling is not None:
                     request.grammar = compiling.result()
                 seq = self._sequence(request, sink)
-                seq.loaded, seq.holds = {key: item.adapter for key, item in loaded.items()}, holds
+                seq.loaded, seq.holds = adapters, holds
                 self._enqueue(seq)
             except Exception as exc:  # a bad adapter or constraint, or the engine stopped meanwhile
                 for hold in holds:

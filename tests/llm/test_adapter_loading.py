@@ -208,9 +208,12 @@ def test_a_burst_of_ten_thousand_distinct_adapter_paths_is_answered_in_bounded_m
     with 16 slots and 64 adapters in host memory: every request is answered, the loader never holds more than its
     window, the host tier never more than max_cpu_loras, and memory stays flat once warm (it does not grow with
     the number of adapters seen)."""
+    import gc
     import os
 
     import psutil
+
+    from backends.lora.adapters.peft import LoRAAdapter
 
     from tools.fixtures.adapters import make_random_adapter, random_smollm2
 
@@ -248,23 +251,23 @@ def test_a_burst_of_ten_thousand_distinct_adapter_paths_is_answered_in_bounded_m
             sink = Collect()
             engine.submit(request_for(engine, prompt, lora=lora, max_tokens=1), sink)
             sinks.append(sink)
-        rss = {}
+        rss, copies = {}, {}
         for i, sink in enumerate(sinks):
             assert sink.wait(600).error is None, (folders[i], sink.error)
             if i % 500 == 0:
                 most_cached = max(most_cached, len(selector.cache.host_ids()))
             if i + 1 in (n // 2, n):
                 rss[i + 1] = process.memory_info().rss
+                copies[i + 1] = sum(isinstance(o, LoRAAdapter) for o in gc.get_objects())  # collectable ones too
         assert all(s.chunks for s in sinks)
         assert selector.prefetcher.max_held <= selector.prefetcher.window == 64
         assert selector.prefetcher.held == 0
         assert most_cached <= 64 and len(selector.cache.host_ids()) <= 64
-        # Flat once warm: the second 5,000 adapters (90 MB of host copies, were they kept) add next to nothing.
-        # (Measured here: +363 MB overall, mostly the first forwards and the 10,000 queued requests; +8 MB over
-        # the second half.)
-        late = (rss[n] - rss[n // 2]) / 2**20
-        assert late < 48, f"the process grew by {late:.0f} MB over the last 5,000 adapters"
-        assert (rss[n] - before) / 2**20 < 800
+        # Bounded: the adapter copies alive (host tier, loader window, slots' sources) never pile up with the
+        # adapters seen. RSS alone is too noisy for that inside a long test session (allocator arenas): measured
+        # alone +363 MB overall, mostly the first forwards and the 10,000 queued requests.
+        assert max(copies.values()) <= 64 + 64 + 16, copies
+        assert (rss[n] - before) / 2**20 < 1500
     finally:
         engine.shutdown()
         selector.close()

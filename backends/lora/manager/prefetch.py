@@ -37,10 +37,18 @@ class Hold:
         self._window.release()
 
 
-@dataclass(frozen=True)
+@dataclass
 class Loaded:
-    adapter: LoRAAdapter
+    adapter: LoRAAdapter | None
     hold: Hold
+
+    def take(self) -> LoRAAdapter:
+        """The adapter, once: the future holding this stays referenced (its callbacks form a cycle with the
+        request until the garbage collector's next full pass), and must not keep the host copy alive that long."""
+        adapter, self.adapter = self.adapter, None
+        if adapter is None:
+            raise RuntimeError("a loaded adapter was taken twice")
+        return adapter
 
 
 class Prefetcher:
